@@ -1,0 +1,77 @@
+"""GKD (Agarwal et al. 2024) and the SFT baseline."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Literal
+
+from torch import Tensor
+
+from protege.algorithms.divergences import jsd_from_logprobs, masked_mean
+from protege.algorithms.policy_gradient import token_logprobs
+from protege.algorithms.registry import check, register
+from protege.algorithms.teacher_view import paired_logprobs
+from protege.records import RolloutBatch, RolloutPlan
+
+
+@register("gkd")
+@dataclass(frozen=True)
+class GKD:
+    """Generalized knowledge distillation.
+
+    With probability `lmbda` a step trains on the student's own samples (on-policy), else
+    on dataset responses — or teacher-generated ones with `seq_kd`. The loss is the
+    generalized JSD(β) per response token: β = 0 forward KL (λ = 0, β = 0 is supervised
+    KD), β = 1 reverse KL.
+    """
+
+    lmbda: float = 0.5
+    beta: float = 0.5
+    temperature: float = 1.0
+    seq_kd: bool = False
+    teacher_output: Literal["topk", "full"] = "topk"
+    topk: int = 64
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check(0.0 <= self.lmbda <= 1.0, "lmbda", f"must be in [0, 1], got {self.lmbda}")
+        check(0.0 <= self.beta <= 1.0, "beta", f"must be in [0, 1], got {self.beta}")
+        check(self.temperature > 0, "temperature", f"must be > 0, got {self.temperature}")
+        check(self.topk >= 1, "topk", f"must be >= 1, got {self.topk}")
+
+    def plan(self, step: int) -> RolloutPlan:
+        on_policy = random.Random(self.seed * 1_000_003 + step).random() < self.lmbda
+        source = "student" if on_policy else ("teacher" if self.seq_kd else "dataset")
+        return RolloutPlan(
+            source=source,
+            teacher_need=self.teacher_output,
+            topk=self.topk,
+            temperature=self.temperature,
+        )
+
+    def advantages(self, batch: RolloutBatch) -> RolloutBatch:
+        return batch
+
+    def loss(self, student_logits: Tensor, batch: RolloutBatch) -> tuple[Tensor, dict[str, float]]:
+        student_logp, teacher_logp = paired_logprobs(student_logits, batch, self.temperature)
+        per_token = jsd_from_logprobs(student_logp, teacher_logp, self.beta)
+        loss = masked_mean(per_token, batch.response_mask, batch.normaliser())
+        return loss, {"gkd/jsd": loss.item()}
+
+
+@register("sft")
+@dataclass(frozen=True)
+class SFT:
+    """Plain next-token NLL on dataset responses (a baseline; needs no teacher)."""
+
+    def plan(self, step: int) -> RolloutPlan:
+        return RolloutPlan(source="dataset", teacher_need="none")
+
+    def advantages(self, batch: RolloutBatch) -> RolloutBatch:
+        return batch
+
+    def loss(self, student_logits: Tensor, batch: RolloutBatch) -> tuple[Tensor, dict[str, float]]:
+        nll = -token_logprobs(student_logits, batch.response_ids)
+        loss = masked_mean(nll, batch.response_mask, batch.normaliser())
+        return loss, {"sft/nll": loss.item()}

@@ -1,0 +1,32 @@
+"""Policy-gradient surrogates and per-token log-prob helpers: pure tensor functions.
+
+Shapes: B batch, T response tokens, V vocab.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def token_logprobs(logits: Tensor, token_ids: Tensor, temperature: float = 1.0) -> Tensor:
+    """log q(y_t) of the given tokens. logits [B,T,V], token_ids [B,T] -> [B,T]."""
+    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+    return logp.gather(-1, token_ids.unsqueeze(-1)).squeeze(-1)
+
+
+def clipped_surrogate(
+    logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, clip_eps: float
+) -> Tensor:
+    """PPO's clipped objective as a per-token loss. All [B,T] -> [B,T].
+
+    ratio = q_θ/q_old; loss = −min(ratio·A, clip(ratio, 1−ε, 1+ε)·A).
+    """
+    ratio = torch.exp(logprobs - old_logprobs)
+    clipped = ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps)
+    return -torch.minimum(ratio * advantages, clipped * advantages)
+
+
+def importance_sampled_pg(logprobs: Tensor, behaviour_logprobs: Tensor, advantages: Tensor) -> Tensor:
+    """Per-token loss −(q_θ/q_behaviour)·A; its gradient is −ratio·A·∇log q_θ. [B,T] -> [B,T]."""
+    return -torch.exp(logprobs - behaviour_logprobs) * advantages

@@ -1,0 +1,127 @@
+"""The one algorithm registry: a dict and a decorator.
+
+Every algorithm is a frozen dataclass whose fields are its hyper-parameters (validated in
+`__post_init__`) and that answers three questions:
+
+* `plan(step) -> RolloutPlan` — how to sample this step and which teacher outputs to fetch;
+* `advantages(batch) -> RolloutBatch` — per-token advantages before the update (or the
+  batch unchanged for pure-loss algorithms);
+* `loss(student_logits, batch) -> (loss, metrics)` — inside the learner. `student_logits`
+  [B,T,V] predict `batch.response_ids`; the loss is a sum over tokens divided by
+  `batch.normaliser()`, and every metric is normalised the same way, so losses and metrics
+  of micro-batches add up to those of the whole batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from typing import Any, Callable, ClassVar, Protocol, TypeVar, runtime_checkable
+
+from torch import Tensor
+
+from protege.records import RolloutBatch, RolloutPlan
+
+
+@runtime_checkable
+class Algorithm(Protocol):
+    name: ClassVar[str]
+
+    def plan(self, step: int) -> RolloutPlan: ...
+
+    def advantages(self, batch: RolloutBatch) -> RolloutBatch: ...
+
+    def loss(self, student_logits: Tensor, batch: RolloutBatch) -> tuple[Tensor, dict[str, float]]: ...
+
+
+ALGORITHMS: dict[str, type] = {}
+
+A = TypeVar("A", bound=type)
+
+
+def register(name: str) -> Callable[[A], A]:
+    """Class decorator: make a frozen dataclass available under `algorithm.name: <name>`."""
+
+    def decorate(cls: A) -> A:
+        if name in ALGORITHMS:
+            raise ValueError(f"algorithm {name!r} is already registered by {ALGORITHMS[name]}")
+        if not (dataclasses.is_dataclass(cls) and cls.__dataclass_params__.frozen):
+            raise TypeError(f"algorithm {name!r} must be a frozen dataclass")
+        cls.name = name
+        ALGORITHMS[name] = cls
+        return cls
+
+    return decorate
+
+
+class AlgorithmConfigError(ValueError):
+    """A bad algorithm hyper-parameter; `key` is the dotted path under `algorithm`."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(f"algorithm.{key}: {message}" if key else f"algorithm: {message}")
+        self.key = key
+
+
+def build_algorithm(params: dict[str, Any]) -> Algorithm:
+    """Construct the algorithm named by params['name'] from the other keys, checking names,
+    types and ranges; errors name the offending key."""
+    params = dict(params)
+    name = params.pop("name", None)
+    if name not in ALGORITHMS:
+        known = ", ".join(sorted(ALGORITHMS))
+        raise AlgorithmConfigError("name", f"unknown algorithm {name!r}; registered: {known}")
+    cls = ALGORITHMS[name]
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    hints = typing.get_type_hints(cls)
+    for key, value in params.items():
+        if key not in fields:
+            raise AlgorithmConfigError(
+                key, f"unknown key for {name!r}; valid keys: {', '.join(sorted(fields))}"
+            )
+        if not _matches(value, hints[key]):
+            raise AlgorithmConfigError(key, f"expected {_type_name(hints[key])}, got {value!r}")
+    try:
+        return cls(**params)
+    except ValueError as error:
+        raise AlgorithmConfigError(str(getattr(error, "field", "")), str(error)) from None
+
+
+class FieldError(ValueError):
+    """Raised from `__post_init__`: names the field so config errors carry the key path."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field} {message}")
+        self.field = field
+
+
+def check(condition: bool, field: str, message: str) -> None:
+    """`__post_init__` helper: raise FieldError(field, message) unless condition holds."""
+    if not condition:
+        raise FieldError(field, message)
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    origin = typing.get_origin(hint)
+    if origin is typing.Literal:
+        return value in typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, arg) for arg in typing.get_args(hint))
+    if origin in (tuple, list):
+        return isinstance(value, (tuple, list))
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def _type_name(hint: Any) -> str:
+    origin = typing.get_origin(hint)
+    if origin is typing.Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(hint))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(hint))
+    return getattr(hint, "__name__", str(hint))

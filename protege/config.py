@@ -1,0 +1,239 @@
+"""One typed configuration tree: defaults live here and nowhere else.
+
+A run's config is a YAML preset from `configs/` plus `a.b=value` overrides; unknown keys,
+wrong types and out-of-range values fail at load time with the dotted key path.
+The defaults run the built-in tiny task on CPU (`builtin:tiny/...` paths).
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from protege.algorithms import build_algorithm
+from protege.algorithms.registry import Algorithm, AlgorithmConfigError
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message starts with the dotted key path."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class LoraConfig(Section):
+    enabled: bool = False
+    r: int = Field(8, ge=1)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj"]
+    merge_on_save: bool = True
+
+
+class StudentConfig(Section):
+    model: str = "builtin:tiny/student"  # HF directory, hub id or builtin:tiny/student
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    lora: LoraConfig = LoraConfig()
+
+
+class TeacherConfig(Section):
+    model: str = "builtin:tiny/teacher"  # HF directory, hub id, builtin:..., or "self"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    num_workers: int = Field(1, ge=1)
+    micro_batch_size: int = Field(64, ge=1)
+    num_cpus: float = Field(0.25, ge=0)
+    num_gpus: float = Field(0.0, ge=0)
+
+
+class RolloutConfig(Section):
+    backend: Literal["hf", "vllm"] = "hf"
+    num_workers: int = Field(1, ge=1)
+    max_new_tokens: int = Field(8, ge=1)
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    allow_stale_weights: bool = False
+    num_cpus: float = Field(0.25, ge=0)
+    num_gpus: float = Field(0.0, ge=0)
+
+
+class RewardRule(Section):
+    name: Literal["exact_match", "numeric_match", "regex", "length_penalty"]
+    weight: float = 1.0
+    pattern: str | None = None  # for `regex`
+    target_length: int | None = Field(None, ge=0)  # for `length_penalty`
+
+
+class RewardModel(Section):
+    path: str
+    weight: float = 1.0
+
+
+class RewardConfig(Section):
+    rules: list[RewardRule] = []
+    models: list[RewardModel] = []
+    num_cpus: float = Field(0.25, ge=0)
+    num_gpus: float = Field(0.0, ge=0)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.rules or self.models)
+
+
+class LearnerConfig(Section):
+    num_workers: int = Field(1, ge=1)  # data-parallel ranks
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
+    warmup_steps: int = Field(0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    micro_batch_size: int = Field(64, ge=1)
+    zero_stage: int = Field(0, ge=0, le=3)
+    precision: Literal["fp32", "bf16"] = "fp32"
+    num_cpus: float = Field(0.5, ge=0)
+    num_gpus: float = Field(0.0, ge=0)
+
+
+class DataConfig(Section):
+    train: str = "builtin:tiny/train"  # JSONL: prompt, optional completion and answer
+    test: str | None = "builtin:tiny/test"
+    pretrain: str | None = None  # text corpus for MiniLLM's LM term; unset turns it off
+    chat_template: bool = False
+    max_prompt_tokens: int = Field(256, ge=1)
+    shuffle_seed: int = 0
+
+
+class TrainerConfig(Section):
+    steps: int = Field(100, ge=0)
+    batch_size: int = Field(32, ge=1)  # prompts per step
+    seed: int = 0
+    eval_every: int = Field(0, ge=0)  # 0: only before and after training
+    eval_size: int = Field(200, ge=1)
+    save_every: int = Field(0, ge=0)  # 0: no intermediate checkpoints
+    resume: bool = False
+    max_staleness: int = Field(0, ge=0)
+
+
+class LoggingConfig(Section):
+    wandb: Literal["auto", "online", "offline", "disabled"] = "auto"
+    project: str = "protege"
+    run_name: str | None = None
+    progress: bool = True
+
+
+class Config(Section):
+    student: StudentConfig = StudentConfig()
+    teacher: TeacherConfig = TeacherConfig()
+    rollout: RolloutConfig = RolloutConfig()
+    reward: RewardConfig = RewardConfig()
+    learner: LearnerConfig = LearnerConfig()
+    algorithm: dict[str, Any] = {"name": "gkd"}
+    data: DataConfig = DataConfig()
+    trainer: TrainerConfig = TrainerConfig()
+    logging: LoggingConfig = LoggingConfig()
+    output_dir: str = "runs/protege"
+
+    @field_validator("algorithm")
+    @classmethod
+    def _check_algorithm(cls, params: dict[str, Any]) -> dict[str, Any]:
+        build_algorithm(params)  # raises AlgorithmConfigError naming the key
+        return params
+
+    def build_algorithm(self) -> Algorithm:
+        return build_algorithm(self.algorithm)
+
+
+def load_config(preset: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Config from a preset (a path, or a name in configs/) plus `a.b=value` overrides."""
+    tree = _read_preset(preset) if preset else {}
+    for override in overrides:
+        key, value = _parse_override(override)
+        _assign(tree, key, value)
+    return config_from_dict(tree)
+
+
+def config_from_dict(tree: dict[str, Any]) -> Config:
+    algorithm = tree.get("algorithm")
+    if isinstance(algorithm, dict) and "name" not in algorithm:
+        default_name = Config.model_fields["algorithm"].default["name"]
+        tree = {**tree, "algorithm": {"name": default_name, **algorithm}}
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as error:
+        raise ConfigError(_describe(error)) from None
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads `1e-4` as a string; accept exponents without a dot as floats."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
+    list("-+0123456789."),
+)
+
+
+def _read_preset(preset: str | Path) -> dict[str, Any]:
+    path = Path(preset)
+    if not path.exists():
+        path = CONFIG_DIR / f"{preset}.yaml"
+    if not path.exists():
+        known = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
+        raise ConfigError(f"no preset {str(preset)!r}; presets in configs/: {known}")
+    tree = yaml.load(path.read_text(), Loader=_Loader) or {}
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: a preset must be a mapping of sections, got {type(tree).__name__}")
+    return tree
+
+
+def _parse_override(text: str) -> tuple[str, Any]:
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {text!r} is not of the form a.b=value")
+    return key.strip(), yaml.load(raw, Loader=_Loader) if raw.strip() else None
+
+
+def _assign(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = tree
+    for i, part in enumerate(parents):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{'.'.join(parents[: i + 1])}: is a value, cannot set {dotted}")
+        node = child
+    node[leaf] = value
+
+
+def _describe(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        path = ".".join(str(part) for part in item["loc"])
+        cause = item.get("ctx", {}).get("error")
+        if isinstance(cause, AlgorithmConfigError):
+            lines.append(str(cause))
+        elif item["type"] == "extra_forbidden":
+            lines.append(f"{path}: unknown key{_suggest(item['loc'])}")
+        else:
+            lines.append(f"{path}: {item['msg']} (got {item.get('input')!r})")
+    return "invalid config:\n  " + "\n  ".join(lines)
+
+
+def _suggest(loc: tuple) -> str:
+    """' (did you mean ...?)' for a mistyped key, from the fields of its section."""
+    model: type[BaseModel] = Config
+    for part in loc[:-1]:
+        annotation = model.model_fields[part].annotation
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return ""
+        model = annotation
+    close = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=1)
+    valid = ", ".join(model.model_fields)
+    return f" (did you mean {close[0]!r}?)" if close else f" (valid keys: {valid})"

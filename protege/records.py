@@ -1,0 +1,186 @@
+"""Typed records that cross actor boundaries.
+
+Shapes: B batch rows, P prompt tokens, T response tokens, K teacher top-k, V vocab,
+N pre-training rows, L pre-training tokens. Every tensor is on CPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+TeacherNeed = Literal["none", "sampled", "topk", "full"]
+Source = Literal["student", "dataset", "teacher"]
+
+
+class TokenSource(IntEnum):
+    """Who produced a response token (stored per token in `RolloutBatch.token_source`)."""
+
+    STUDENT = 0
+    TEACHER = 1
+    DATASET = 2
+
+
+@dataclass(frozen=True)
+class RewriteSpec:
+    """Gated dual-KL teacher rewrite: a step whose KL(q||p) >= threshold is re-sampled by
+    the teacher (argmax, or nucleus with `top_p`)."""
+
+    threshold: float
+    mode: Literal["argmax", "nucleus"] = "argmax"
+    top_p: float = 0.9
+    step_delimiter_id: int | None = None  # None: every token is a step
+
+
+@dataclass(frozen=True)
+class RolloutPlan:
+    """What one training step needs from the samplers and the teacher; made by `plan(step)`."""
+
+    source: Source = "student"  # who writes the responses
+    teacher_need: TeacherNeed = "sampled"  # which teacher outputs the loss reads
+    topk: int = 0  # K when teacher_need == "topk"
+    temperature: float = 1.0  # temperature the teacher's top-k / full outputs are taken at
+    samples_per_prompt: int = 1  # several samples per prompt share a group id
+    mix_alpha: float = 0.0  # MiniLLM teacher-mixed sampling: p~ = a*p_T + (1-a)*q
+    rewrite: RewriteSpec | None = None  # gated dual-KL teacher rewrite
+    pretrain_weight: float = 0.0  # weight of the LM loss on pre-training text (0 = off)
+
+    @property
+    def needs_teacher_in_decoding(self) -> bool:
+        return self.mix_alpha > 0 or self.rewrite is not None
+
+
+@dataclass(frozen=True)
+class RolloutBatch:
+    """One batch of prompts, responses and everything later stages attach to them."""
+
+    prompt_ids: Tensor  # [B,P] long, left-padded
+    prompt_mask: Tensor  # [B,P] bool
+    response_ids: Tensor  # [B,T] long, right-padded
+    response_mask: Tensor  # [B,T] bool, True on real response tokens (EOS included)
+    token_source: Tensor | None = None  # [B,T] int8 TokenSource
+    behaviour_logprobs: Tensor | None = None  # [B,T] log-prob under the distribution that sampled
+    student_logprobs: Tensor | None = None  # [B,T] log q_old(y_t), the sampling-time student
+    teacher_logprobs: Tensor | None = None  # [B,T] log p_T(y_t) of the response tokens
+    teacher_topk_ids: Tensor | None = None  # [B,T,K] long, teacher's top-k token ids
+    teacher_topk_logprobs: Tensor | None = None  # [B,T,K] their log-probs
+    teacher_tail_logprobs: Tensor | None = None  # [B,T] log of the teacher mass outside top-k
+    teacher_logits: Tensor | None = None  # [B,T,V] full teacher logits
+    rewards: Tensor | None = None  # [B] float, sequence rewards
+    advantages: Tensor | None = None  # [B,T] float, per-token advantages
+    importance_weights: Tensor | None = None  # [B,T] float, detached correction weights
+    group_ids: Tensor | None = None  # [B] long, rows sampled from the same prompt share an id
+    answers: tuple[str | None, ...] = ()  # [B] reference answers for rule rewards
+    pretrain_ids: Tensor | None = None  # [N,L] long, pre-training text (MiniLLM LM loss)
+    pretrain_mask: Tensor | None = None  # [N,L] bool
+    token_count: float | None = None  # response tokens in the global batch (loss normaliser)
+    step: int = 0  # training step this batch belongs to (schedules read it)
+    weights_version: int = 0  # learner version whose weights sampled this batch
+    extras: dict[str, float] = field(default_factory=dict)  # scalar rollout metrics
+
+    def replace(self, **changes) -> RolloutBatch:
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def size(self) -> int:
+        return int(self.response_ids.shape[0])
+
+    @property
+    def num_response_tokens(self) -> float:
+        return float(self.response_mask.sum())
+
+    def normaliser(self) -> float:
+        """Tokens to divide summed losses by: the global count when set (micro-batches and
+        data-parallel ranks then give the gradient of the whole batch), else this batch's."""
+        return self.token_count if self.token_count is not None else self.num_response_tokens
+
+    def select(self, rows: Tensor | slice | list[int]) -> RolloutBatch:
+        """Rows `rows` of every per-row field; scalars and pre-training text are kept."""
+        index = _as_index(rows, self.size)
+        changes = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name in _PER_ROW_TENSORS and value is not None:
+                changes[f.name] = value[index]
+        if self.answers:
+            changes["answers"] = tuple(self.answers[i] for i in index.tolist())
+        return dataclasses.replace(self, **changes)
+
+    def split(self, micro_batch_size: int) -> list[RolloutBatch]:
+        """Micro-batches of at most `micro_batch_size` rows that keep the global normaliser."""
+        if micro_batch_size < 1:
+            raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
+        whole = self.replace(token_count=self.normaliser())
+        return [
+            whole.select(slice(start, start + micro_batch_size))
+            for start in range(0, self.size, micro_batch_size)
+        ]
+
+
+_PER_ROW_TENSORS = frozenset(
+    {
+        "prompt_ids",
+        "prompt_mask",
+        "response_ids",
+        "response_mask",
+        "token_source",
+        "behaviour_logprobs",
+        "student_logprobs",
+        "teacher_logprobs",
+        "teacher_topk_ids",
+        "teacher_topk_logprobs",
+        "teacher_tail_logprobs",
+        "teacher_logits",
+        "rewards",
+        "advantages",
+        "importance_weights",
+        "group_ids",
+    }
+)
+
+
+def _as_index(rows: Tensor | slice | list[int], size: int) -> Tensor:
+    if isinstance(rows, slice):
+        return torch.arange(size)[rows]
+    return torch.as_tensor(rows, dtype=torch.long)
+
+
+def concat(batches: list[RolloutBatch]) -> RolloutBatch:
+    """Stack batches row-wise (right-padding responses, left-padding prompts)."""
+    if len(batches) == 1:
+        return batches[0]
+    first = batches[0]
+    changes: dict[str, object] = {}
+    for name in _PER_ROW_TENSORS:
+        values = [getattr(b, name) for b in batches]
+        if all(v is None for v in values):
+            continue
+        if any(v is None for v in values):
+            raise ValueError(f"cannot concatenate batches where only some have {name!r}")
+        left = name.startswith("prompt")
+        changes[name] = torch.cat(_pad_to_common(values, left=left), dim=0)
+    changes["answers"] = tuple(a for b in batches for a in b.answers)
+    changes["token_count"] = None
+    extras = {k: v for b in batches for k, v in b.extras.items()}
+    return dataclasses.replace(first, extras=extras, **changes)
+
+
+def _pad_to_common(values: list[Tensor], left: bool) -> list[Tensor]:
+    if values[0].dim() < 2:
+        return values
+    width = max(v.shape[1] for v in values)
+    padded = []
+    for v in values:
+        missing = width - v.shape[1]
+        if missing == 0:
+            padded.append(v)
+            continue
+        pad_shape = (v.shape[0], missing, *v.shape[2:])
+        pad = torch.zeros(pad_shape, dtype=v.dtype)
+        padded.append(torch.cat([pad, v] if left else [v, pad], dim=1))
+    return padded
