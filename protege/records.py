@@ -56,6 +56,33 @@ class RolloutPlan:
 
 
 @dataclass(frozen=True)
+class PromptBatch:
+    """Prompts for one step, with what the data source knows about them."""
+
+    prompt_ids: Tensor  # [B,P] long, left-padded
+    prompt_mask: Tensor  # [B,P] bool
+    answers: tuple[str | None, ...] = ()  # [B] reference answers (rule rewards, evaluation)
+    completion_ids: Tensor | None = None  # [B,C] long, dataset responses ending in EOS, right-padded
+    completion_mask: Tensor | None = None  # [B,C] bool
+    pretrain_ids: Tensor | None = None  # [N,L] long, pre-training text for MiniLLM's LM loss
+    pretrain_mask: Tensor | None = None  # [N,L] bool
+    step: int = 0
+
+    @property
+    def size(self) -> int:
+        return int(self.prompt_ids.shape[0])
+
+
+@dataclass(frozen=True)
+class WeightUpdate:
+    """Learner weights for the samplers: the full state dict, or only the LoRA adapter."""
+
+    version: int  # learner updates applied so far
+    tensors: dict[str, Tensor]  # name -> CPU tensor (peft adapter names when lora_only)
+    lora_only: bool = False
+
+
+@dataclass(frozen=True)
 class RolloutBatch:
     """One batch of prompts, responses and everything later stages attach to them."""
 

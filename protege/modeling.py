@@ -1,0 +1,95 @@
+"""Loading HF models/tokenizers and the one forward pass every role shares.
+
+Shapes: B batch, P prompt tokens (left-padded), T response tokens (right-padded), V vocab.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from protege.records import RolloutBatch
+
+BUILTIN_PREFIX = "builtin:"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_path(name: str) -> str:
+    """`builtin:tiny/<what>` -> a path inside the shipped assets; anything else unchanged
+    (an HF directory or hub id)."""
+    if not name.startswith(BUILTIN_PREFIX):
+        return name
+    from protege.tasks import tiny
+
+    builtin = {
+        "tiny/student": tiny.student_path,
+        "tiny/teacher": tiny.teacher_path,
+        "tiny/tokenizer": tiny.tokenizer_path,
+        "tiny/train": tiny.train_path,
+        "tiny/test": tiny.test_path,
+        "tiny/pretrain": tiny.pretrain_path,
+    }
+    key = name[len(BUILTIN_PREFIX) :]
+    if key not in builtin:
+        raise ValueError(f"unknown built-in asset {name!r}; known: {', '.join(builtin)}")
+    return str(builtin[key]())
+
+
+def load_model(name: str, dtype: str = "float32") -> PreTrainedModel:
+    path = resolve_path(name)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
+    model.config.use_cache = False
+    return model
+
+
+def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
+    """Tokenizer with left padding (for generation) and a checked EOS/pad pair."""
+    tokenizer = AutoTokenizer.from_pretrained(resolve_path(name))
+    if tokenizer.eos_token_id is None:
+        raise ValueError(f"tokenizer of {name!r} has no EOS token; responses could never end")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def check_same_vocabulary(student: PreTrainedTokenizerBase, teacher: PreTrainedTokenizerBase) -> None:
+    """Token-level distillation compares distributions id by id: the vocabularies must match."""
+    if student.get_vocab() != teacher.get_vocab():
+        only_student = len(set(student.get_vocab()) - set(teacher.get_vocab()))
+        only_teacher = len(set(teacher.get_vocab()) - set(student.get_vocab()))
+        raise ValueError(
+            "teacher and student tokenizers differ "
+            f"({only_student} tokens only in the student's, {only_teacher} only in the teacher's); "
+            "token-level distillation needs one vocabulary"
+        )
+
+
+def sequence_inputs(batch: RolloutBatch) -> tuple[Tensor, Tensor, Tensor]:
+    """(input_ids, attention_mask, position_ids) of prompt ⧺ response. [B,P+T] each."""
+    input_ids = torch.cat([batch.prompt_ids, batch.response_ids], dim=1)
+    attention_mask = torch.cat([batch.prompt_mask, batch.response_mask], dim=1).long()
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp_min(0)
+    return input_ids, attention_mask, position_ids
+
+
+def response_logits(model: torch.nn.Module, batch: RolloutBatch) -> Tensor:
+    """Logits that predict each response token, from one forward over prompt ⧺ response.
+    [B,T,V]; position t predicts response_ids[:, t]."""
+    input_ids, attention_mask, position_ids = sequence_inputs(batch)
+    device = next(model.parameters()).device
+    out = model(
+        input_ids=input_ids.to(device),
+        attention_mask=attention_mask.to(device),
+        position_ids=position_ids.to(device),
+        use_cache=False,
+    )
+    prompt_len = batch.prompt_ids.shape[1]
+    return out.logits[:, prompt_len - 1 : -1]
+
+
+def vocab_size(model: PreTrainedModel) -> int:
+    return int(model.get_output_embeddings().weight.shape[0])

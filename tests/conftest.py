@@ -1,0 +1,29 @@
+"""Shared fixtures: tiny locally built models (no network), and thread settings."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest
+import torch
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs(tmp_path_factory) -> dict[str, str]:
+    """A character tokenizer and two differently seeded, differently shaped random tiny
+    models (a teacher equal to the student would make 'loss decreases' tests meaningless)."""
+    from protege.tasks.tiny_models import build_char_tokenizer, build_tiny_models
+
+    root = tmp_path_factory.mktemp("tiny")
+    tokenizer = build_char_tokenizer()
+    teacher, student = build_tiny_models(seed=123)
+    dirs = {"teacher": str(root / "teacher"), "student": str(root / "student")}
+    for name, model in (("teacher", teacher), ("student", student)):
+        model.save_pretrained(dirs[name])
+        tokenizer.save_pretrained(dirs[name])
+    dirs["tokenizer"] = dirs["student"]
+    return dirs
