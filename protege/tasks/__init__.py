@@ -1,0 +1,1 @@
+"""Built-in tasks (data, exact-match checkers and shipped tiny models)."""

@@ -1,0 +1,162 @@
+"""Regenerate `protege/assets/tiny/`: data files, tokenizer, trained teacher and weak student.
+
+    python scripts/build_tiny_assets.py            # 3-5 min on 2 CPU cores
+    python scripts/build_tiny_assets.py --skip-headroom-check   # 2-3 min
+
+Deterministic (seeded). Steps and measured times on 2 CPU cores:
+* teacher (4 x 128): 3,000 steps of batch 64 at lr 2e-3 on fresh gold problems (never a
+  test prompt) — 2-3 min, ~100% greedy exact match;
+* student (2 x 64): 300 steps of batch 64 at lr 5e-3 on the 300 labelled rows only
+  (the first 300 of train.jsonl) — a few seconds, ~10%;
+* headroom check (not shipped): the same 2 x 64 student trained like the teacher — ~1 min,
+  proves the student shape can reach ~100% so distillation has room to work.
+Results are written to `protege/assets/tiny/manifest.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import shutil
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from protege.tasks.tiny import (
+    TINY_DIR,
+    build_char_tokenizer,
+    build_tiny_model,
+    greedy_accuracy,
+    make_rows,
+    student_config,
+    teacher_config,
+)
+
+TEST_SEED, TRAIN_SEED, PRETRAIN_SEED = 1, 2, 3
+NUM_TEST, NUM_TRAIN, NUM_LABELLED, NUM_PRETRAIN = 200, 2000, 300, 2000
+BATCH_SIZE = 64
+
+Rows = list[dict[str, str]]
+
+
+def write_data(test_rows: Rows, train_rows: Rows, pretrain_rows: Rows) -> None:
+    for name, rows in (("test.jsonl", test_rows), ("train.jsonl", train_rows)):
+        with open(TINY_DIR / name, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(row) + "\n" for row in rows)
+    with open(TINY_DIR / "pretrain.txt", "w", encoding="utf-8") as f:
+        f.writelines(row["prompt"] + row["answer"] + "\n" for row in pretrain_rows)
+
+
+def sft_batch(tokenizer, rows: Rows) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded ids [B,T], attention mask [B,T], and a loss mask [B,T] over completions."""
+    prompt_lengths = [
+        len(tokenizer(r["prompt"], add_special_tokens=False)["input_ids"]) for r in rows
+    ]
+    encoded = tokenizer(
+        [r["prompt"] + r["completion"] for r in rows],
+        return_tensors="pt",
+        padding=True,
+        padding_side="right",
+        add_special_tokens=False,
+    )
+    positions = torch.arange(encoded["input_ids"].shape[1])[None]
+    loss_mask = (positions >= torch.tensor(prompt_lengths)[:, None]) & encoded[
+        "attention_mask"
+    ].bool()
+    return encoded["input_ids"], encoded["attention_mask"], loss_mask
+
+
+def train(
+    model, tokenizer, next_rows: Callable[[int], Rows], steps: int, lr: float, name: str
+) -> float:
+    """Completion-only cross-entropy with AdamW, 50 warm-up steps and linear decay.
+    Returns the wall time in seconds."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / 50) * max(0.05, 1 - s / steps)
+    )
+    model.train()
+    start = time.time()
+    for step in range(steps):
+        input_ids, attention_mask, loss_mask = sft_batch(tokenizer, next_rows(step))
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
+        token_loss = F.cross_entropy(logits.transpose(1, 2), input_ids[:, 1:], reduction="none")
+        target_mask = loss_mask[:, 1:].float()
+        loss = (token_loss * target_mask).sum() / target_mask.sum().clamp(min=1)
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        if (step + 1) % 500 == 0 or step + 1 == steps:
+            print(f"{name} step {step + 1}/{steps} loss {loss.item():.4f}", flush=True)
+    model.eval()
+    return time.time() - start
+
+
+def gold_stream(exclude: frozenset[str], seed: int) -> Callable[[int], Rows]:
+    """Fresh gold problems every step, never a test prompt."""
+    return lambda step: make_rows(BATCH_SIZE, seed * 1_000_003 + step, exclude=exclude)
+
+
+def labelled_stream(rows: Rows, seed: int) -> Callable[[int], Rows]:
+    rng = random.Random(seed)
+    return lambda step: rng.sample(rows, min(BATCH_SIZE, len(rows)))
+
+
+def save(model, tokenizer, name: str) -> None:
+    out = TINY_DIR / name
+    shutil.rmtree(out, ignore_errors=True)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--skip-headroom-check", action="store_true")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    TINY_DIR.mkdir(parents=True, exist_ok=True)
+
+    test_rows = make_rows(NUM_TEST, TEST_SEED)
+    test_prompts = frozenset(r["prompt"] for r in test_rows)
+    train_rows = make_rows(NUM_TRAIN, TRAIN_SEED, exclude=test_prompts)
+    write_data(test_rows, train_rows, make_rows(NUM_PRETRAIN, PRETRAIN_SEED, exclude=test_prompts))
+
+    tokenizer = build_char_tokenizer()
+    shutil.rmtree(TINY_DIR / "tokenizer", ignore_errors=True)
+    tokenizer.save_pretrained(TINY_DIR / "tokenizer")
+    manifest: dict[str, dict[str, float]] = {}
+
+    def run(name: str, config, seed: int, stream, steps: int, lr: float):
+        model = build_tiny_model(config, seed)
+        seconds = train(model, tokenizer, stream, steps, lr, name)
+        accuracy = greedy_accuracy(model, tokenizer, test_rows)
+        manifest[name] = {
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "steps": steps,
+            "lr": lr,
+            "train_seconds": round(seconds, 1),
+            "test_accuracy": accuracy,
+        }
+        print(f"{name}: test accuracy {accuracy:.3f} after {seconds:.0f} s", flush=True)
+        return model
+
+    student = run(
+        "student", student_config(), 11, labelled_stream(train_rows[:NUM_LABELLED], 12), 300, 5e-3
+    )
+    save(student, tokenizer, "student")
+    teacher = run("teacher", teacher_config(), 21, gold_stream(test_prompts, 22), 3000, 2e-3)
+    save(teacher, tokenizer, "teacher")
+    if not args.skip_headroom_check:
+        run("student_on_gold", student_config(), 31, gold_stream(test_prompts, 32), 3000, 2e-3)
+    with open(TINY_DIR / "manifest.json", "w", encoding="utf-8") as f:
+        json.dump(manifest, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
