@@ -1,0 +1,500 @@
+"""Rollout sampling on the HF backend (CPU, or one GPU without vLLM).
+
+One token-by-token loop with a KV cache covers every way a plan can ask responses to be
+written: student sampling, teacher-written responses (SeqKD), teacher-mixed sampling
+(MiniLLM) and gated teacher rewrite (gated dual-KL). Each token keeps its log-prob under
+the distribution that actually drew it (`behaviour_logprobs`) and under the plain student
+at temperature 1 (`student_logprobs`, the policy the learner trains).
+Shapes: B rows, P prompt tokens, T response tokens, V vocab.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import torch
+from torch import Tensor
+
+from protege.algorithms.divergences import kl_from_logprobs, log_probs
+from protege.config import LoraConfig, RolloutConfig
+from protege.modeling import check_same_vocabulary, load_model, load_tokenizer, response_logits
+from protege.records import PromptBatch, RolloutBatch, RolloutPlan, TokenSource, WeightUpdate
+
+SELF_TEACHER = "self"  # teacher.model value: the student's base model with the LoRA adapter off
+Replica = tuple[torch.nn.Module, Callable | None]  # (model, context factory switching LoRA off)
+
+
+class HFSampler:
+    """Samples responses with HF models; holds the student (LoRA-wrapped when `lora` is
+    enabled) and, when a plan needs one while decoding, a teacher replica (loaded at first
+    use)."""
+
+    def __init__(
+        self,
+        student_model: str,
+        rollout: RolloutConfig,
+        teacher_model: str | None = None,
+        dtype: str = "float32",
+        seed: int = 0,
+        lora: LoraConfig | None = None,
+    ) -> None:
+        self.rollout = rollout
+        self.dtype = dtype
+        self.tokenizer = load_tokenizer(student_model)
+        self.student = load_model(student_model, dtype).eval().requires_grad_(False)
+        lora_on = lora is not None and lora.enabled
+        self.peft_model = _wrap_lora(self.student, lora) if lora_on else None
+        self.teacher_model = teacher_model
+        self._teacher: Replica | None = None
+        self.pad_id = int(self.tokenizer.pad_token_id)
+        self.eos_ids = torch.tensor(_eos_ids(self.tokenizer, self.student), device=self.device)
+        self.seed = seed
+        self.generator = torch.Generator(device=self.device)
+        self._version = 0
+
+    @property
+    def version(self) -> int:
+        """Learner version of the weights the sampler holds (0: the initial student)."""
+        return self._version
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The student module the sampler decodes with (LoRA layers injected when enabled)."""
+        return self.student
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.student.parameters()).device
+
+    @staticmethod
+    def supports(plan: RolloutPlan) -> str | None:
+        """None when this backend can run `plan`, else why not (a vLLM backend answers the
+        same question with its own limits)."""
+        if plan.samples_per_prompt < 1:
+            return f"samples_per_prompt must be >= 1, got {plan.samples_per_prompt}"
+        if not 0.0 <= plan.mix_alpha <= 1.0:
+            return f"mix_alpha must be in [0, 1], got {plan.mix_alpha}"
+        if plan.source != "student" and plan.needs_teacher_in_decoding:
+            return (
+                "teacher-mixed sampling and teacher rewrite steer student sampling; they cannot "
+                f"apply to responses from source={plan.source!r}"
+            )
+        if plan.rewrite is not None and not 0.0 < plan.rewrite.top_p <= 1.0:
+            return f"rewrite top_p must be in (0, 1], got {plan.rewrite.top_p}"
+        return None
+
+    def generate(self, prompts: PromptBatch, plan: RolloutPlan) -> RolloutBatch:
+        """Responses to `prompts` (each repeated `plan.samples_per_prompt` times), written
+        as the plan says, with their behaviour and student log-probs."""
+        started = time.perf_counter()
+        reason = self.supports(plan)
+        if reason is not None:
+            raise ValueError(f"the HF sampler cannot run this plan: {reason}")
+        # Seeded by (seed, step), not by history: a resumed run samples what the
+        # uninterrupted one did, with no sampler state in the checkpoint.
+        self.generator.manual_seed(_step_seed(self.seed, prompts.step))
+        n = plan.samples_per_prompt
+        prompt_ids = prompts.prompt_ids.repeat_interleave(n, dim=0)
+        prompt_mask = prompts.prompt_mask.bool().repeat_interleave(n, dim=0)
+        with torch.inference_mode():
+            if plan.source == "dataset":
+                fields = self._dataset_responses(prompts, prompt_ids, prompt_mask, n)
+            else:
+                ids, mask = prompt_ids.to(self.device), prompt_mask.to(self.device)
+                fields = self._decode(ids, mask, plan, self.rollout.max_new_tokens)
+        extras = fields.pop("extras")
+        # Cloned outside inference mode: an in-process learner may differentiate through them.
+        fields = {name: value.cpu().clone() for name, value in fields.items()}
+        lengths = fields["response_mask"].sum(-1).float()
+        extras["rollout/response_length"] = float(lengths.mean()) if len(lengths) else 0.0
+        extras["rollout/seconds"] = time.perf_counter() - started
+        return RolloutBatch(
+            prompt_ids=prompt_ids,
+            prompt_mask=prompt_mask,
+            group_ids=torch.arange(prompts.size).repeat_interleave(n),
+            answers=tuple(a for a in prompts.answers for _ in range(n)),
+            pretrain_ids=prompts.pretrain_ids,
+            pretrain_mask=prompts.pretrain_mask,
+            step=prompts.step,
+            weights_version=self._version,
+            extras=extras,
+            **fields,
+        )
+
+    def greedy_texts(self, prompts: PromptBatch, max_new_tokens: int) -> list[str]:
+        """The current student's greedy responses as text, up to EOS with special tokens
+        dropped (evaluation). Draws no random numbers, so sampling streams are unaffected."""
+        plan = RolloutPlan(teacher_need="none")
+        with torch.inference_mode():
+            ids, mask = (
+                prompts.prompt_ids.to(self.device),
+                prompts.prompt_mask.bool().to(self.device),
+            )
+            fields = self._decode(ids, mask, plan, max_new_tokens, greedy=True)
+        ids = torch.where(fields["response_mask"], fields["response_ids"], self.pad_id)
+        return self.tokenizer.batch_decode(ids.cpu(), skip_special_tokens=True)
+
+    def load_weights(self, update: WeightUpdate) -> None:
+        """Take the learner's weights: the full state dict, or the LoRA adapter only."""
+        if update.version < self._version:
+            raise ValueError(
+                f"stale weight update: version {update.version} is older than the sampler's "
+                f"version {self._version}"
+            )
+        if update.lora_only:
+            self._load_adapter(update.tensors)
+        elif self.peft_model is not None:
+            raise ValueError(
+                "full weight update sent to a sampler holding a LoRA adapter; send lora_only "
+                "updates, or disable student.lora"
+            )
+        else:
+            self.student.load_state_dict(update.tensors, strict=True)
+        self._version = update.version
+
+    def _load_adapter(self, tensors: dict[str, Tensor]) -> None:
+        from peft import set_peft_model_state_dict
+
+        if self.peft_model is None:
+            raise ValueError(
+                "a lora_only weight update needs a sampler built with student.lora.enabled"
+            )
+        result = set_peft_model_state_dict(self.peft_model, tensors)
+        missing = [key for key in result.missing_keys if "lora_" in key]
+        if result.unexpected_keys or missing:
+            raise ValueError(
+                "LoRA update does not match the sampler's adapter: "
+                f"unexpected {sorted(result.unexpected_keys)[:4]}, missing {sorted(missing)[:4]} "
+                "(student.lora must be the same on learner and sampler)"
+            )
+
+    # -- decoding -----------------------------------------------------------------------
+
+    def _decode(
+        self,
+        prompt_ids: Tensor,
+        prompt_mask: Tensor,
+        plan: RolloutPlan,
+        max_new_tokens: int,
+        greedy: bool = False,
+    ) -> dict:
+        """The token-by-token loop, one forward per model per token. Every row emits at
+        least one token; a row is done at its first EOS (pad ids follow); the loop ends when
+        all rows are done or after `max_new_tokens`."""
+        teacher = self._teacher_for(plan)
+        student = _Decoder(self.student) if plan.source == "student" else None
+        chooser = _TokenChooser(plan, self.rollout, self.generator, greedy)
+        attention = prompt_mask.long()
+        positions = (attention.cumsum(-1) - 1).clamp_min(0)  # left padding: count real tokens
+        next_position = attention.sum(-1, keepdim=True)
+        inputs = prompt_ids
+        done = torch.zeros(prompt_ids.shape[0], dtype=torch.bool, device=prompt_ids.device)
+        columns: list[_Choice] = []
+        masks: list[Tensor] = []
+        for _ in range(max_new_tokens):
+            student_logits = student.next_logits(inputs, attention, positions) if student else None
+            teacher_logits = teacher.next_logits(inputs, attention, positions) if teacher else None
+            choice = chooser.choose(student_logits, teacher_logits, active=~done)
+            token = torch.where(done, self.pad_id, choice.token)
+            columns.append(replace(choice, token=token))
+            masks.append(~done)
+            done = done | torch.isin(token, self.eos_ids)
+            if bool(done.all()):
+                break
+            inputs = token.unsqueeze(-1)
+            attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=1)
+            positions, next_position = next_position, next_position + 1
+        mask = torch.stack(masks, dim=1)
+        response_ids = torch.stack([c.token for c in columns], dim=1)
+        if student is not None:
+            student_logprobs = torch.stack([c.student for c in columns], dim=1)
+        else:  # the teacher wrote: one teacher-forced student forward, not T incremental ones
+            forced = RolloutBatch(prompt_ids, prompt_mask, response_ids, mask)
+            student_logprobs = self._forced_student_logprobs(forced)
+        fields = {
+            "response_ids": response_ids,
+            "response_mask": mask,
+            "token_source": torch.stack([c.source for c in columns], dim=1).to(torch.int8),
+            "behaviour_logprobs": torch.stack([c.behaviour for c in columns], dim=1),
+            "student_logprobs": student_logprobs,
+        }
+        for name in ("token_source", "behaviour_logprobs", "student_logprobs"):
+            fields[name] = torch.where(mask, fields[name], torch.zeros_like(fields[name]))
+        fields["extras"] = chooser.extras(mask, done, fields["token_source"])
+        return fields
+
+    def _forced_student_logprobs(self, batch: RolloutBatch) -> Tensor:
+        """log q_θ(y_t) [B,T] at temperature 1 from one teacher-forced forward."""
+        logp = torch.log_softmax(response_logits(self.student, batch).float(), dim=-1)
+        return logp.gather(-1, batch.response_ids.unsqueeze(-1)).squeeze(-1)
+
+    def _dataset_responses(
+        self, prompts: PromptBatch, prompt_ids: Tensor, prompt_mask: Tensor, n: int
+    ) -> dict:
+        """GKD's off-policy branch: the dataset's completions, scored by the student. Nothing
+        sampled them, so they have no behaviour log-probs."""
+        if prompts.completion_ids is None or prompts.completion_mask is None:
+            raise ValueError(
+                "plan source='dataset' needs prompts with completions (a 'completion' column)"
+            )
+        mask = prompts.completion_mask.bool().repeat_interleave(n, dim=0)
+        ids = torch.where(mask, prompts.completion_ids.repeat_interleave(n, dim=0), self.pad_id)
+        forced = RolloutBatch(prompt_ids, prompt_mask, ids, mask)
+        student_logprobs = self._forced_student_logprobs(forced).cpu()
+        return {
+            "response_ids": ids,
+            "response_mask": mask,
+            "token_source": torch.full(ids.shape, int(TokenSource.DATASET), dtype=torch.int8),
+            "student_logprobs": torch.where(mask, student_logprobs, 0.0),
+            "extras": {},
+        }
+
+    def _teacher_for(self, plan: RolloutPlan) -> _Decoder | None:
+        """A fresh incremental decoder over the teacher replica, or None when the plan does
+        not need the teacher while decoding."""
+        mode = _teacher_mode(plan)
+        if mode is None:
+            return None
+        if self.teacher_model is None:
+            raise ValueError(
+                f"{mode} needs a teacher replica in the rollout sampler, but no teacher model was "
+                "given; set teacher.model"
+            )
+        if self._teacher is None:  # loaded at first use: most plans never need it here
+            self._teacher = self._load_teacher(self.teacher_model)
+        return _Decoder(*self._teacher)
+
+    def _load_teacher(self, name: str) -> Replica:
+        if name == SELF_TEACHER:
+            if self.peft_model is None:
+                raise ValueError(
+                    "teacher.model='self' needs student.lora.enabled (the base model with the "
+                    "adapter off is the teacher)"
+                )
+            return self.student, self.peft_model.disable_adapter
+        check_same_vocabulary(self.tokenizer, load_tokenizer(name))
+        return load_model(name, self.dtype).eval().requires_grad_(False).to(self.device), None
+
+
+def _teacher_mode(plan: RolloutPlan) -> str | None:
+    """The plan's decoding mode that needs the teacher, named for error messages."""
+    if plan.source == "teacher":
+        return "source='teacher' (teacher-written responses)"
+    if plan.mix_alpha > 0:
+        return f"teacher-mixed sampling (mix_alpha={plan.mix_alpha})"
+    if plan.rewrite is not None:
+        return "teacher rewrite (gated dual-KL)"
+    return None
+
+
+class _Decoder:
+    """One model decoding token by token with its own KV cache."""
+
+    def __init__(self, model: torch.nn.Module, adapter_off: Callable | None = None) -> None:
+        self.model = model
+        self.adapter_off = adapter_off  # peft's disable_adapter, for the LoRA self-teacher
+        self.cache = None
+
+    def next_logits(
+        self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor
+    ) -> Tensor:
+        """Feed the new tokens [B,n]; float32 logits of the next token [B,V]."""
+        context = self.adapter_off() if self.adapter_off is not None else contextlib.nullcontext()
+        with context:
+            out = self.model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                past_key_values=self.cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+        self.cache = out.past_key_values
+        return out.logits[:, -1].float()
+
+
+@dataclass(frozen=True)
+class _Choice:
+    token: Tensor  # [B] long
+    behaviour: Tensor  # [B] log-prob under the distribution that drew the token
+    student: Tensor  # [B] log q_θ(token) at temperature 1 (zeros when the student is not run)
+    source: Tensor  # [B] TokenSource
+
+
+class _TokenChooser:
+    """Picks each step's token from the student's and/or the teacher's next-token logits,
+    as the plan says, and keeps the teacher-rewrite state and counts."""
+
+    def __init__(
+        self, plan: RolloutPlan, rollout: RolloutConfig, generator: torch.Generator, greedy: bool
+    ) -> None:
+        self.plan = plan
+        self.temperature = rollout.temperature
+        self.top_p = rollout.top_p
+        self.generator = generator
+        self.greedy = greedy
+        self.step_start: Tensor | None = None  # [B] bool: the next token opens a step
+        self.teacher_writing: Tensor | None = None  # [B] bool: the teacher writes this step
+        self.steps: list[Tensor] = []  # per token: rows that decided a step there
+        self.rewritten_steps: list[Tensor] = []  # ... and of those, rows the teacher took
+        self.step_kl: list[Tensor] = []  # ... and D_t summed over the deciding rows
+
+    def choose(
+        self, student_logits: Tensor | None, teacher_logits: Tensor | None, active: Tensor
+    ) -> _Choice:
+        if student_logits is None:  # source == "teacher": it samples as the student would
+            draw = nucleus(log_probs(teacher_logits, self.temperature), self.top_p)
+            token = self._draw(draw)
+            zeros = torch.zeros_like(token, dtype=draw.dtype)
+            return _Choice(
+                token, gather(draw, token), zeros, torch.full_like(token, TokenSource.TEACHER)
+            )
+        vocab = student_logits.shape[-1]
+        if teacher_logits is not None:  # ids both models have (padded vocabularies may differ)
+            vocab = min(vocab, teacher_logits.shape[-1])
+            teacher_logits = teacher_logits[:, :vocab]
+        draw = self._proposal(student_logits[:, :vocab], teacher_logits)
+        token = self._draw(draw)
+        behaviour = gather(draw, token)
+        source = torch.full_like(token, TokenSource.STUDENT)
+        if self.plan.rewrite is not None:
+            token, behaviour, source = self._rewrite(
+                student_logits[:, :vocab], teacher_logits, token, behaviour, source, active
+            )
+        student_logp = torch.log_softmax(student_logits, dim=-1)
+        return _Choice(token, behaviour, gather(student_logp, token), source)
+
+    def _draw(self, logp: Tensor) -> Tensor:
+        return logp.argmax(-1) if self.greedy else sample(logp, self.generator)
+
+    def _proposal(self, student_logits: Tensor, teacher_logits: Tensor | None) -> Tensor:
+        """Log-probs [B,V] of the sampling distribution: the tempered student, or MiniLLM's
+        mixture p̃ = α·p_T + (1−α)·q_θ of the tempered pair; then the nucleus (top_p) cut."""
+        student_logp = log_probs(student_logits, self.temperature)
+        alpha = self.plan.mix_alpha
+        if alpha == 0:
+            return nucleus(student_logp, self.top_p)
+        teacher_logp = log_probs(teacher_logits, self.temperature)
+        mixture = torch.logaddexp(teacher_logp + _log(alpha), student_logp + _log(1.0 - alpha))
+        return nucleus(mixture, self.top_p)
+
+    def _rewrite(
+        self,
+        student_logits: Tensor,
+        teacher_logits: Tensor,
+        token: Tensor,
+        behaviour: Tensor,
+        source: Tensor,
+        active: Tensor,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Gated dual-KL rewrite: at the first token of a step, D_t = KL(q_θ‖p_T) at that
+        position (at the plan's temperature, the one the loss's gate uses) decides whether
+        the teacher writes the whole step, up to and including its delimiter."""
+        spec = self.plan.rewrite
+        if self.step_start is None:
+            self.step_start = torch.ones_like(active)
+            self.teacher_writing = torch.zeros_like(active)
+        distance = kl_from_logprobs(
+            log_probs(student_logits, self.plan.temperature),
+            log_probs(teacher_logits, self.plan.temperature),
+        )
+        deciding = self.step_start & active
+        self.teacher_writing = torch.where(
+            self.step_start, distance >= spec.threshold, self.teacher_writing
+        )
+        self.steps.append(deciding.sum())
+        self.rewritten_steps.append((deciding & self.teacher_writing).sum())
+        self.step_kl.append(torch.where(deciding, distance, 0.0).sum())
+        teacher_logp = torch.log_softmax(teacher_logits, dim=-1)
+        if spec.mode == "argmax":
+            teacher_token = teacher_logp.argmax(-1)
+            teacher_behaviour = torch.zeros_like(behaviour)  # a deterministic choice: log 1
+        else:
+            draw = nucleus(teacher_logp, spec.top_p)
+            teacher_token = self._draw(draw)
+            teacher_behaviour = gather(draw, teacher_token)
+        writing = self.teacher_writing
+        token = torch.where(writing, teacher_token, token)
+        behaviour = torch.where(writing, teacher_behaviour, behaviour)
+        source = torch.where(writing, int(TokenSource.TEACHER), source)
+        if spec.step_delimiter_id is not None:
+            self.step_start = token == spec.step_delimiter_id
+        return token, behaviour, source
+
+    def extras(self, mask: Tensor, done: Tensor, token_source: Tensor) -> dict[str, float]:
+        out = {"rollout/truncated_fraction": float((~done).float().mean()) if done.numel() else 0.0}
+        if self.plan.rewrite is not None:
+            steps = max(float(torch.stack(self.steps).sum()), 1.0)
+            rewritten = float(torch.stack(self.rewritten_steps).sum())
+            teacher_tokens = float(((token_source == TokenSource.TEACHER) & mask).sum())
+            out["rollout/rewrite_fraction"] = teacher_tokens / max(float(mask.sum()), 1.0)
+            out["rollout/rewritten_steps"] = rewritten
+            out["rollout/rewrite_step_fraction"] = rewritten / steps
+            out["rollout/step_kl"] = float(torch.stack(self.step_kl).sum()) / steps
+        return out
+
+
+def nucleus(logp: Tensor, top_p: float) -> Tensor:
+    """Log-probs renormalised over the smallest set of most likely tokens whose mass
+    reaches `top_p` (the most likely token is always kept); `logp` itself when top_p >= 1."""
+    if top_p >= 1.0:
+        return logp
+    sorted_logp, order = logp.sort(dim=-1, descending=True)
+    probs = sorted_logp.exp()
+    drop_sorted = probs.cumsum(-1) - probs >= top_p
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    kept = logp.masked_fill(drop, -math.inf)
+    return kept - kept.logsumexp(-1, keepdim=True)
+
+
+def sample(logp: Tensor, generator: torch.Generator) -> Tensor:
+    """One token per row from log-probs [B,V] (exponential race: argmax p/E with E ~ Exp(1)
+    draws from p; zero-probability tokens are never drawn)."""
+    noise = torch.empty_like(logp).exponential_(generator=generator).clamp_min_(1e-30)
+    return (logp.exp() / noise).argmax(-1)
+
+
+def gather(logp: Tensor, token: Tensor) -> Tensor:
+    """logp[b, token[b]]: [B,V], [B] -> [B]."""
+    return logp.gather(-1, token.unsqueeze(-1)).squeeze(-1)
+
+
+def _step_seed(seed: int, step: int) -> int:
+    """A generator seed for (seed, step), distinct for nearby pairs of either."""
+    return (seed * 0x9E3779B97F4A7C15 + step * 0xBF58476D1CE4E5B9 + 1) % (1 << 63)
+
+
+def _log(x: float) -> float:
+    return math.log(x) if x > 0 else -math.inf
+
+
+def _wrap_lora(model: torch.nn.Module, lora: LoraConfig):
+    """Inject a LoRA adapter into `model` in place (its forward then uses the adapter) and
+    return the peft model, through which adapter tensors are loaded."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    config = PeftLoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules),
+    )
+    return get_peft_model(model, config).eval()
+
+
+def _eos_ids(tokenizer, model: torch.nn.Module) -> list[int]:
+    """The tokenizer's EOS plus any the model's generation config lists (chat models often
+    stop on several, e.g. <|im_end|> and <|endoftext|>)."""
+    ids = {int(tokenizer.eos_token_id)}
+    generation = getattr(model, "generation_config", None)
+    extra = getattr(generation, "eos_token_id", None)
+    if isinstance(extra, int):
+        ids.add(extra)
+    elif extra is not None:
+        ids.update(int(i) for i in extra)
+    return sorted(ids)

@@ -1,0 +1,99 @@
+"""Teacher scoring: the teacher's outputs on the responses of a batch (SPEC §2).
+
+`teacher_outputs` is the pure part, shared with the learner's LoRA self-distillation
+(the same base model with the adapter disabled); `TeacherScorer` is the worker class the
+Ray actor wraps. Shapes: B batch, T response tokens, V vocab, K top-k.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from protege.modeling import load_model, response_logits, vocab_size
+from protege.records import RolloutBatch, RolloutPlan
+
+
+def teacher_outputs(
+    model: torch.nn.Module, batch: RolloutBatch, plan: RolloutPlan, micro_batch_size: int
+) -> RolloutBatch:
+    """`batch` with the teacher outputs `plan.teacher_need` asks for.
+
+    Always `teacher_logprobs` [B,T] (log p_T(y_t) at temperature 1, 0 where masked); for
+    "topk" also `teacher_topk_ids`/`teacher_topk_logprobs` [B,T,K] (K = min(topk, V), on
+    log_softmax(logits / plan.temperature)) and `teacher_tail_logprobs` [B,T], the exact
+    log mass outside the top-k (−inf when K = V); for "full" also `teacher_logits` [B,T,V]
+    (float32, untempered). "none" returns `batch` unchanged. `model` is any module that
+    `response_logits` accepts; the caller chooses its mode (eval, adapter disabled, ...).
+    """
+    need = plan.teacher_need
+    if need == "none":
+        return batch
+    if need not in ("sampled", "topk", "full"):
+        raise ValueError(f"unknown teacher_need {need!r}; expected none, sampled, topk or full")
+    if need == "topk" and plan.topk < 1:
+        raise ValueError(f"teacher_need='topk' needs plan.topk >= 1, got {plan.topk}")
+    if micro_batch_size < 1:
+        raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
+    parts: list[dict[str, Tensor]] = []
+    with torch.inference_mode():
+        for start in range(0, batch.size, micro_batch_size):
+            rows = batch.select(slice(start, start + micro_batch_size))
+            parts.append(_score_rows(model, rows, plan))
+    # Cloned outside inference mode: inference tensors cannot be saved for backward, and the
+    # learner differentiates losses that read these (in-process, without Ray's copy).
+    fields = {name: torch.cat([p[name] for p in parts]).clone() for name in parts[0]}
+    return batch.replace(**fields)
+
+
+def _score_rows(model: torch.nn.Module, rows: RolloutBatch, plan: RolloutPlan) -> dict[str, Tensor]:
+    logits = response_logits(model, rows).float().cpu()  # [b,T,V]
+    mask = rows.response_mask
+    logp = torch.log_softmax(logits, dim=-1)
+    sampled = logp.gather(-1, rows.response_ids.unsqueeze(-1)).squeeze(-1)
+    out = {"teacher_logprobs": torch.where(mask, sampled, torch.zeros_like(sampled))}
+    if plan.teacher_need == "topk":
+        tempered = (
+            logp if plan.temperature == 1.0 else torch.log_softmax(logits / plan.temperature, -1)
+        )
+        out.update(_topk_with_tail(tempered, plan.topk))
+    elif plan.teacher_need == "full":
+        out["teacher_logits"] = logits
+    return out
+
+
+def _topk_with_tail(logp: Tensor, topk: int) -> dict[str, Tensor]:
+    """Top-k ids/log-probs [b,T,K] and the log-sum-exp of everything else [b,T]. The tail is
+    taken from the log-probs themselves, not as log(1 − Σ top-k), which cancels badly."""
+    k = min(topk, logp.shape[-1])
+    values, ids = logp.topk(k, dim=-1)
+    if k == logp.shape[-1]:
+        tail = torch.full(logp.shape[:-1], -math.inf)
+    else:
+        tail = logp.scatter(-1, ids, -math.inf).logsumexp(-1)
+    return {"teacher_topk_ids": ids, "teacher_topk_logprobs": values, "teacher_tail_logprobs": tail}
+
+
+class TeacherScorer:
+    """A frozen teacher that scores rollout batches (wrapped as a Ray actor elsewhere)."""
+
+    def __init__(self, model: str, dtype: str = "float32", micro_batch_size: int = 64) -> None:
+        if model == "self":
+            raise ValueError(
+                "teacher.model='self' (LoRA self-distillation) is scored inside the learner with "
+                "the adapter disabled; no TeacherScorer is needed"
+            )
+        if micro_batch_size < 1:
+            raise ValueError(f"teacher.micro_batch_size must be >= 1, got {micro_batch_size}")
+        self.model = load_model(model, dtype).eval()
+        self.model.requires_grad_(False)
+        self.micro_batch_size = micro_batch_size
+
+    @property
+    def vocab_size(self) -> int:
+        return vocab_size(self.model)
+
+    def score(self, batch: RolloutBatch, plan: RolloutPlan) -> RolloutBatch:
+        return teacher_outputs(self.model, batch, plan, self.micro_batch_size)

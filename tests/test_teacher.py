@@ -1,0 +1,133 @@
+"""TeacherScorer / teacher_outputs against brute-force recomputation on tiny random models."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from protege.actors.teacher import TeacherScorer, teacher_outputs
+from protege.modeling import load_model, load_tokenizer, response_logits
+from protege.records import RolloutBatch, RolloutPlan
+
+PROMPTS = ["12+34=", "7+5=", "99+1=", "0+0=", "45+67="]
+
+
+def make_batch(tokenizer_dir: str, response_len: int = 6, seed: int = 0) -> RolloutBatch:
+    """Left-padded prompts and random right-padded responses of varied lengths (>= 1)."""
+    tokenizer = load_tokenizer(tokenizer_dir)
+    enc = tokenizer(PROMPTS, return_tensors="pt", padding=True, add_special_tokens=False)
+    g = torch.Generator().manual_seed(seed)
+    rows = len(PROMPTS)
+    ids = torch.randint(4, len(tokenizer), (rows, response_len), generator=g)
+    lengths = torch.tensor([response_len, 1, 3, response_len - 1, 2])
+    mask = torch.arange(response_len) < lengths[:, None]
+    ids[torch.arange(rows), lengths - 1] = tokenizer.eos_token_id
+    ids = torch.where(mask, ids, tokenizer.pad_token_id)
+    return RolloutBatch(enc["input_ids"], enc["attention_mask"].bool(), ids, mask)
+
+
+@pytest.fixture(scope="module")
+def scorer(tiny_dirs) -> TeacherScorer:
+    return TeacherScorer(tiny_dirs["teacher"], micro_batch_size=2)
+
+
+@pytest.fixture(scope="module")
+def batch(tiny_dirs) -> RolloutBatch:
+    return make_batch(tiny_dirs["tokenizer"])
+
+
+def reference_logits(model, batch) -> torch.Tensor:
+    with torch.no_grad():
+        return response_logits(model, batch).float()
+
+
+def test_sampled_logprobs_are_a_gather_of_the_full_distribution(scorer, batch):
+    out = scorer.score(batch, RolloutPlan(teacher_need="sampled"))
+    logp = torch.log_softmax(reference_logits(scorer.model, batch), -1)
+    expected = logp.gather(-1, batch.response_ids.unsqueeze(-1)).squeeze(-1)
+    mask = batch.response_mask
+    torch.testing.assert_close(out.teacher_logprobs[mask], expected[mask], atol=1e-5, rtol=0)
+    assert (out.teacher_logprobs[~mask] == 0).all()
+    assert out.teacher_topk_ids is None and out.teacher_logits is None
+    assert out.response_ids is batch.response_ids  # everything else passes through
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_topk_matches_torch_topk_and_brute_force_tail(scorer, batch, temperature):
+    k = 5
+    out = scorer.score(batch, RolloutPlan(teacher_need="topk", topk=k, temperature=temperature))
+    logp = torch.log_softmax(reference_logits(scorer.model, batch) / temperature, -1)
+    values, ids = logp.topk(k, dim=-1)
+    assert out.teacher_topk_ids.shape == (batch.size, batch.response_ids.shape[1], k)
+    assert torch.equal(out.teacher_topk_ids, ids)
+    torch.testing.assert_close(out.teacher_topk_logprobs, values, atol=1e-5, rtol=0)
+    tail = torch.log1p(-values.double().exp().sum(-1))  # brute force: log(1 − Σ top-k mass)
+    torch.testing.assert_close(out.teacher_tail_logprobs.double(), tail, atol=1e-5, rtol=0)
+    assert out.teacher_logprobs is not None  # sampled log-probs always come along
+
+
+def test_topk_covering_the_vocabulary_has_an_empty_tail(scorer, batch):
+    out = scorer.score(batch, RolloutPlan(teacher_need="topk", topk=10_000))
+    assert out.teacher_topk_ids.shape[-1] == scorer.vocab_size
+    assert (out.teacher_tail_logprobs == -math.inf).all()
+    mass = out.teacher_topk_logprobs.double().exp().sum(-1)
+    torch.testing.assert_close(mass, torch.ones_like(mass), atol=1e-5, rtol=0)
+
+
+def test_full_logits_equal_response_logits(scorer, batch):
+    out = scorer.score(batch, RolloutPlan(teacher_need="full"))
+    expected = reference_logits(scorer.model, batch)
+    assert out.teacher_logits.dtype == torch.float32
+    assert out.teacher_logits.shape == (batch.size, batch.response_ids.shape[1], scorer.vocab_size)
+    torch.testing.assert_close(out.teacher_logits, expected, atol=1e-5, rtol=0)
+
+
+def test_none_returns_the_batch_unchanged(scorer, batch):
+    assert scorer.score(batch, RolloutPlan(teacher_need="none")) is batch
+
+
+def test_micro_batching_does_not_change_results(tiny_dirs, batch):
+    model = load_model(tiny_dirs["teacher"]).eval()
+    plan = RolloutPlan(teacher_need="topk", topk=4)
+    whole = teacher_outputs(model, batch, plan, micro_batch_size=64)
+    split = teacher_outputs(model, batch, plan, micro_batch_size=2)
+    for name in ("teacher_logprobs", "teacher_topk_logprobs", "teacher_tail_logprobs"):
+        torch.testing.assert_close(getattr(split, name), getattr(whole, name), atol=1e-5, rtol=0)
+
+
+def test_outputs_can_enter_a_differentiated_loss(scorer, batch):
+    """In-process (no Ray copy), a loss the learner differentiates reads these tensors."""
+    out = scorer.score(batch, RolloutPlan(teacher_need="full"))
+    assert not out.teacher_logits.is_inference() and not out.teacher_logprobs.is_inference()
+    student = torch.zeros_like(out.teacher_logits, requires_grad=True)
+    (torch.log_softmax(student, -1) * out.teacher_logits.softmax(-1)).sum().backward()
+    assert student.grad is not None
+
+
+def test_adapter_disabled_peft_model_scores_like_the_base(tiny_dirs, batch):
+    """LoRA self-distillation: the learner scores with the adapter off."""
+    from peft import LoraConfig, get_peft_model
+
+    base = load_model(tiny_dirs["student"]).eval()
+    expected = teacher_outputs(base, batch, RolloutPlan(), 64).teacher_logprobs
+    peft_model = get_peft_model(
+        load_model(tiny_dirs["student"]),
+        LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
+    ).eval()
+    with_adapter = teacher_outputs(peft_model, batch, RolloutPlan(), 64).teacher_logprobs
+    with peft_model.disable_adapter():
+        without = teacher_outputs(peft_model, batch, RolloutPlan(), 64).teacher_logprobs
+    torch.testing.assert_close(without, expected, atol=1e-5, rtol=0)
+    assert not torch.allclose(with_adapter, expected, atol=1e-3)
+
+
+def test_bad_arguments_are_refused(tiny_dirs, scorer, batch):
+    with pytest.raises(ValueError, match="topk"):
+        scorer.score(batch, RolloutPlan(teacher_need="topk", topk=0))
+    with pytest.raises(ValueError, match="self"):
+        TeacherScorer("self")
+    with pytest.raises(ValueError, match="micro_batch_size"):
+        TeacherScorer(tiny_dirs["teacher"], micro_batch_size=0)
+    assert scorer.vocab_size == len(load_tokenizer(tiny_dirs["tokenizer"]))
