@@ -1,0 +1,10 @@
+"""gkd on the built-in tiny task; pass a.b=value overrides, e.g. trainer.steps=10.
+
+    python examples/gkd.py
+    ray job submit --working-dir . -- python examples/gkd.py
+"""
+
+from protege.run import main
+
+if __name__ == "__main__":  # Ray and vLLM spawn processes that re-import this file
+    main("gkd")

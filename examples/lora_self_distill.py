@@ -1,0 +1,10 @@
+"""lora_self_distill on the built-in tiny task; pass a.b=value overrides, e.g. trainer.steps=10.
+
+    python examples/lora_self_distill.py
+    ray job submit --working-dir . -- python examples/lora_self_distill.py
+"""
+
+from protege.run import main
+
+if __name__ == "__main__":  # Ray and vLLM spawn processes that re-import this file
+    main("lora_self_distill")

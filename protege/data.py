@@ -1,0 +1,176 @@
+"""Training data: JSONL prompt rows (with optional completions and answers) and an
+optional pre-training text corpus, served as tokenised `PromptBatch`es.
+
+A row is `{"prompt": str, "completion": str (optional), "answer": str (optional)}`.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from protege.modeling import resolve_path
+from protege.records import PromptBatch
+
+OPTIONAL_TEXT_FIELDS = ("completion", "answer")
+
+
+class DataError(ValueError):
+    """Bad training data; the message names the file and line."""
+
+
+@dataclass(frozen=True)
+class Row:
+    prompt: str
+    completion: str | None = None
+    answer: str | None = None
+
+
+def read_jsonl(name: str) -> list[Row]:
+    """Rows of a JSONL file, validated line by line."""
+    path = Path(resolve_path(name))
+    if not path.is_file():
+        raise DataError(f"{path}: no such data file")
+    rows = []
+    with path.open(encoding="utf-8") as lines:
+        for number, line in enumerate(lines, start=1):
+            if line.strip():
+                rows.append(_parse_row(line, f"{path}:{number}"))
+    if not rows:
+        raise DataError(f"{path}: no rows (empty file)")
+    return rows
+
+
+def _parse_row(line: str, where: str) -> Row:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as error:
+        raise DataError(f"{where}: malformed JSON ({error.msg})") from None
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: a row must be a JSON object, got {type(record).__name__}")
+    prompt = record.get("prompt")
+    if not isinstance(prompt, str) or not prompt:
+        raise DataError(f"{where}: 'prompt' must be a non-empty string, got {prompt!r}")
+    for key in OPTIONAL_TEXT_FIELDS:
+        if key in record and not isinstance(record[key], str):
+            raise DataError(f"{where}: {key!r} must be a string, got {record[key]!r}")
+    return Row(prompt, record.get("completion"), record.get("answer"))
+
+
+def read_text_lines(name: str) -> list[str]:
+    path = Path(resolve_path(name))
+    if not path.is_file():
+        raise DataError(f"{path}: no such pre-training text file")
+    lines = [line.rstrip("\n") for line in path.open(encoding="utf-8") if line.strip()]
+    if not lines:
+        raise DataError(f"{path}: the pre-training corpus is empty")
+    return lines
+
+
+def require_completions(rows: list[Row], name: str, why: str) -> None:
+    for number, row in enumerate(rows, start=1):
+        if row.completion is None:
+            raise DataError(f"{name}: row {number} has no 'completion', which {why} needs")
+
+
+class PromptSource:
+    """Shuffled, epoch-based batches of prompts (with completions and pre-training text).
+
+    Its position is part of a checkpoint (`state_dict`), so a resumed run sees the same
+    prompts in the same order.
+    """
+
+    def __init__(
+        self,
+        rows: list[Row],
+        tokenizer: PreTrainedTokenizerBase,
+        batch_size: int,
+        seed: int = 0,
+        chat_template: bool = False,
+        max_prompt_tokens: int = 256,
+        pretrain: list[str] | None = None,
+    ):
+        self.rows, self.tokenizer, self.batch_size = rows, tokenizer, batch_size
+        self.seed, self.chat_template, self.max_prompt_tokens = seed, chat_template, max_prompt_tokens
+        self.pretrain = pretrain
+        self.position = 0  # rows served so far, over all epochs
+
+    def state_dict(self) -> dict[str, int]:
+        return {"position": self.position}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.position = state["position"]
+
+    def next(self, step: int) -> PromptBatch:
+        rows = [self.rows[i] for i in self._next_indices()]
+        prompt_ids, prompt_mask = self._encode_prompts([row.prompt for row in rows])
+        completion_ids = completion_mask = pretrain_ids = pretrain_mask = None
+        if all(row.completion is not None for row in rows):
+            completion_ids, completion_mask = self._encode_completions([row.completion for row in rows])
+        if self.pretrain:
+            pretrain_ids, pretrain_mask = self._encode_pretrain(step)
+        return PromptBatch(
+            prompt_ids=prompt_ids,
+            prompt_mask=prompt_mask,
+            answers=tuple(row.answer for row in rows),
+            completion_ids=completion_ids,
+            completion_mask=completion_mask,
+            pretrain_ids=pretrain_ids,
+            pretrain_mask=pretrain_mask,
+            step=step,
+        )
+
+    def _next_indices(self) -> list[int]:
+        indices = []
+        while len(indices) < self.batch_size:
+            epoch, offset = divmod(self.position, len(self.rows))
+            order = list(range(len(self.rows)))
+            random.Random(self.seed * 7919 + epoch).shuffle(order)
+            take = min(self.batch_size - len(indices), len(self.rows) - offset)
+            indices.extend(order[offset : offset + take])
+            self.position += take
+        return indices
+
+    def format_prompt(self, prompt: str) -> str:
+        if self.chat_template and self.tokenizer.chat_template:
+            messages = [{"role": "user", "content": prompt}]
+            return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return prompt
+
+    def _encode_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        encoded = self.tokenizer(
+            [self.format_prompt(p) for p in prompts],
+            add_special_tokens=not self.chat_template,
+            truncation=True,
+            max_length=self.max_prompt_tokens,
+        )["input_ids"]
+        return pad(encoded, self.tokenizer.pad_token_id, left=True)
+
+    def _encode_completions(self, completions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        eos = self.tokenizer.eos_token_id
+        encoded = self.tokenizer(completions, add_special_tokens=False)["input_ids"]
+        encoded = [ids if ids and ids[-1] == eos else [*ids, eos] for ids in encoded]
+        return pad(encoded, self.tokenizer.pad_token_id, left=False)
+
+    def _encode_pretrain(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        rng = random.Random(self.seed * 104729 + step)
+        texts = [self.pretrain[rng.randrange(len(self.pretrain))] for _ in range(self.batch_size)]
+        encoded = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        return pad(encoded, self.tokenizer.pad_token_id, left=False)
+
+
+def pad(sequences: list[list[int]], pad_id: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad id lists into ([B,L] long ids, [B,L] bool mask)."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.bool)
+    for i, seq in enumerate(sequences):
+        span = slice(width - len(seq), width) if left else slice(0, len(seq))
+        ids[i, span] = torch.tensor(seq, dtype=torch.long)
+        mask[i, span] = True
+    return ids, mask

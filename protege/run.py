@@ -1,0 +1,95 @@
+"""Build a run from a config and execute it: what every example calls."""
+
+from __future__ import annotations
+
+import socket
+import sys
+
+from protege.actors.sampler import HFSampler
+from protege.algorithms.registry import Algorithm
+from protege.config import Config, load_config
+from protege.controller import Controller
+from protege.data import PromptSource, read_jsonl, read_text_lines, require_completions
+from protege.evaluation import Evaluator
+from protege.metrics_log import MetricsLog
+from protege.modeling import check_same_vocabulary, load_tokenizer
+from protege.workers import LocalLauncher, WorkerGroup
+
+
+def build_controller(config: Config) -> Controller:
+    algorithm = config.build_algorithm()
+    check_setup(config, algorithm)
+    tokenizer = load_tokenizer(config.student.model)
+    if config.teacher.model != "self":
+        check_same_vocabulary(tokenizer, load_tokenizer(config.teacher.model))
+    prompts = PromptSource(
+        read_training_rows(config, algorithm),
+        tokenizer,
+        config.trainer.batch_size,
+        seed=config.data.shuffle_seed,
+        chat_template=config.data.chat_template,
+        max_prompt_tokens=config.data.max_prompt_tokens,
+        pretrain=read_pretrain(config, algorithm),
+    )
+    evaluator = None
+    if config.data.test:
+        rows = read_jsonl(config.data.test)[: config.trainer.eval_size]
+        evaluator = Evaluator(rows, tokenizer, config.rollout.max_new_tokens, chat_template=config.data.chat_template)
+    workers = WorkerGroup(config, make_launcher(config), master_port=free_port())
+    return Controller(config, workers, prompts, algorithm, evaluator, MetricsLog(config))
+
+
+def check_setup(config: Config, algorithm: Algorithm) -> None:
+    """Refuse, before any model loads, what this configuration cannot run."""
+    plans = [algorithm.plan(k) for k in range(max(config.trainer.steps, 1))]
+    for plan in plans:
+        reason = HFSampler.supports(plan) if config.rollout.backend == "hf" else None
+        if reason:
+            raise ValueError(f"rollout.backend={config.rollout.backend!r} cannot run this plan: {reason}")
+    if config.teacher.model == "self":
+        if not config.student.lora.enabled:
+            raise ValueError("teacher.model: self (LoRA self-distillation) needs student.lora.enabled=true")
+        if any(p.needs_teacher_in_decoding or p.source == "teacher" for p in plans):
+            raise ValueError(
+                "teacher.model: self cannot write tokens during sampling (teacher-mixed sampling, "
+                "rewrite, seq_kd); turn those off in the algorithm section"
+            )
+
+
+def read_training_rows(config: Config, algorithm: Algorithm):
+    rows = read_jsonl(config.data.train)
+    if any(algorithm.plan(k).source == "dataset" for k in range(config.trainer.steps)):
+        require_completions(rows, config.data.train, f"algorithm {algorithm.name!r} (dataset responses)")
+    return rows
+
+
+def read_pretrain(config: Config, algorithm: Algorithm) -> list[str] | None:
+    if config.data.pretrain is None or algorithm.plan(0).pretrain_weight == 0:
+        return None
+    return read_text_lines(config.data.pretrain)
+
+
+def make_launcher(config: Config):
+    if config.trainer.workers == "local":
+        return LocalLauncher()
+    from protege.actors.ray_actors import RayLauncher
+
+    return RayLauncher()
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def main(preset: str, argv: list[str] | None = None) -> dict[str, float]:
+    """`python examples/<preset>.py [a.b=value ...]`: train, then print accuracy before/after."""
+    config = load_config(preset, sys.argv[1:] if argv is None else argv)
+    result = build_controller(config).run()
+    if "eval_before/accuracy" in result:
+        print(
+            f"student accuracy: {result['eval_before/accuracy']:.3f} -> {result['eval_after/accuracy']:.3f} "
+            f"({config.algorithm['name']}, {config.trainer.steps} steps; final model in {config.output_dir}/final)"
+        )
+    return result
