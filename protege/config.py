@@ -119,6 +119,7 @@ class TrainerConfig(Section):
     save_every: int = Field(0, ge=0)  # 0: no intermediate checkpoints
     resume: bool = False
     max_staleness: int = Field(0, ge=0)
+    workers: Literal["ray", "local"] = "ray"  # local: every role in this process (tests, debugging)
 
 
 class LoggingConfig(Section):

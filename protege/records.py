@@ -174,7 +174,10 @@ _PER_ROW_TENSORS = frozenset(
 def _as_index(rows: Tensor | slice | list[int], size: int) -> Tensor:
     if isinstance(rows, slice):
         return torch.arange(size)[rows]
-    return torch.as_tensor(rows, dtype=torch.long)
+    index = torch.as_tensor(rows)
+    if index.dtype == torch.bool:  # a row mask, not the indices 0 and 1
+        return index.nonzero().squeeze(-1)
+    return index.long()
 
 
 def concat(batches: list[RolloutBatch]) -> RolloutBatch:

@@ -12,19 +12,24 @@ from torch import Tensor
 from protege.algorithms.divergences import masked_mean
 
 
-def future_returns(rewards: Tensor, mask: Tensor, gamma: float, length_normalise: bool) -> Tensor:
+def future_returns(
+    rewards: Tensor,
+    mask: Tensor,
+    gamma: float,
+    length_normalise: bool,
+    include_current: bool = False,
+) -> Tensor:
     """MiniLLM's long-term return R_{t+1} = Σ_{i>t} γ^{i−t−1} r_i, optionally divided by
     the number of remaining tokens (MiniLLM §2.2: length normalisation, so short responses
     are not favoured). The current token's reward is excluded — the single-step term owns
-    it. Masked rewards count as 0. [B,T] -> [B,T]."""
-    rewards = torch.where(mask.bool(), rewards, torch.zeros_like(rewards))
-    returns = torch.zeros_like(rewards)
-    running = torch.zeros_like(rewards[:, 0])
-    for t in range(rewards.shape[1] - 2, -1, -1):
-        running = rewards[:, t + 1] + gamma * running
-        returns[:, t] = running
+    it; `include_current` gives R_t = Σ_{i≥t} γ^{i−t} r_i instead (no single-step term).
+    Masked rewards count as 0. [B,T] -> [B,T]."""
+    returns = discounted_returns(rewards, mask, gamma)  # Σ_{i≥t}
+    remaining = mask.flip(-1).cumsum(-1).flip(-1).to(rewards.dtype)  # tokens from t on
+    if not include_current:
+        returns = torch.cat([returns[:, 1:], torch.zeros_like(returns[:, :1])], dim=-1)
+        remaining = remaining - 1.0
     if length_normalise:
-        remaining = mask.flip(-1).cumsum(-1).flip(-1).to(rewards.dtype) - 1.0
         returns = returns / remaining.clamp_min(1.0)
     return torch.where(mask.bool(), returns, torch.zeros_like(returns))
 

@@ -90,7 +90,9 @@ def topk_buckets(
     student_logp [B,T,V]; teacher_topk_ids, teacher_topk_logp [B,T,K] -> two [B,T,K+1].
     The student's tail is the exact log-sum-exp of its mass outside the top-k (no clamp).
     The teacher's tail [B,T] is the scorer's exact value when given, else log(1 − Σ top-k
-    mass) with float rounding past 1 zeroed (and exactly −inf when K covers the vocab).
+    mass) floored at the top-k log-probs' rounding precision (exactly −inf when K covers
+    the vocab): a peaked teacher's float32 top-k mass rounds to 1, and a zero tail would
+    make KL(q‖p) infinite wherever the student keeps any mass off the top-k.
     Coarse-graining never increases a divergence, so the top-k value is a lower bound of
     the full-vocabulary one and equals it when the tail holds no mass.
     """
@@ -103,7 +105,8 @@ def topk_buckets(
         teacher_tail = torch.full_like(student_tail, -math.inf)
     else:
         teacher_mass = teacher_topk_logp.double().exp().sum(-1, keepdim=True)
-        teacher_tail = torch.log((1.0 - teacher_mass).clamp_min(0.0))
+        resolution = torch.finfo(teacher_topk_logp.dtype).eps
+        teacher_tail = torch.log((1.0 - teacher_mass).clamp_min(resolution))
     return (
         torch.cat([student_top, student_tail], dim=-1),
         torch.cat([teacher_topk_logp.to(student_logp.dtype), teacher_tail.to(student_logp.dtype)], -1),

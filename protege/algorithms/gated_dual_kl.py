@@ -70,6 +70,8 @@ class GatedDualKL:
         mask, count = batch.response_mask, batch.normaliser()
         student_logp, teacher_logp = paired_logprobs(student_logits, batch, self.temperature)
         if self.support_topk is not None:
+            if batch.teacher_logits is None:  # top-k buckets: the last one is the tail, not a token
+                student_logp, teacher_logp = student_logp[..., :-1], teacher_logp[..., :-1]
             student_logp, teacher_logp = restrict_to_teacher_support(
                 student_logp, teacher_logp, self.support_topk
             )

@@ -72,7 +72,10 @@ class MiniLLM:
         require(batch, "teacher_logprobs", "student_logprobs", "behaviour_logprobs")
         mask = batch.response_mask
         rewards = batch.teacher_logprobs - batch.student_logprobs  # r_t, per token
-        returns = future_returns(rewards, mask, self.gamma, self.length_normalise)
+        # Without the exact single-step term, r_t belongs in the return (R_t, MiniLLM eq. 3).
+        returns = future_returns(
+            rewards, mask, self.gamma, self.length_normalise, include_current=not self.single_step
+        )
         if self.whiten_advantages:
             returns = whiten(returns, mask)
         weights = torch.exp(batch.student_logprobs - batch.behaviour_logprobs)  # q/p̃

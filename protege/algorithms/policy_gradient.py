@@ -8,11 +8,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from protege.algorithms.divergences import log_probs
+
 
 def token_logprobs(logits: Tensor, token_ids: Tensor, temperature: float = 1.0) -> Tensor:
     """log q(y_t) of the given tokens. logits [B,T,V], token_ids [B,T] -> [B,T]."""
-    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
-    return logp.gather(-1, token_ids.unsqueeze(-1)).squeeze(-1)
+    return log_probs(logits, temperature).gather(-1, token_ids.unsqueeze(-1)).squeeze(-1)
 
 
 def clipped_surrogate(

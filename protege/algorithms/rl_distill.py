@@ -114,7 +114,13 @@ class RLDistill:
         logq = token_logprobs(student_logits, batch.response_ids)
         pg = clipped_surrogate(logq, batch.student_logprobs, batch.advantages, self.clip_eps)
         loss = masked_mean(pg, mask, count)
-        metrics = {"rl_distill/pg_loss": loss.item(), "rl_distill/alpha": self.alpha_at(batch.step)}
+        # alpha weighted by this micro-batch's share of the tokens: summed over micro-batches
+        # and ranks, as the learner sums every metric, it reads alpha.
+        share = batch.num_response_tokens / max(count, 1.0)
+        metrics = {
+            "rl_distill/pg_loss": loss.item(),
+            "rl_distill/alpha": self.alpha_at(batch.step) * share,
+        }
         if self.distill == "analytic":
             divergence = jsd_from_logprobs(*paired_logprobs(student_logits, batch), self.beta)
             distill = masked_mean(divergence, mask, count)
