@@ -140,7 +140,7 @@ class WorkerGroup:
         if plan.teacher_need == "none":
             return batch
         if self.self_teacher:
-            return self.launcher.get(self.learners[0].score_as_teacher.remote(batch, plan))
+            return self._on_all_learners(lambda learner: learner.score_as_teacher.remote(batch, plan))
         shards = split_rows(batch, len(self.teachers))
         refs = [t.score.remote(shard, plan) for t, shard in zip(self.teachers, shards)]
         return _reassemble(batch, self.launcher.get(refs))
@@ -154,14 +154,14 @@ class WorkerGroup:
     @phase("learner")
     def train(self, batch: RolloutBatch) -> dict[str, float]:
         batch = batch.replace(token_count=batch.num_response_tokens)  # global normaliser
-        shards = split_rows(batch, len(self.learners))
+        shards = split_rows(batch, len(self.learners), keep_empty=True)  # every rank steps
         results = self.launcher.get([lr.train.remote(s) for lr, s in zip(self.learners, shards)])
         return _sum_metrics(results)
 
     @phase("sync")
     def sync_weights(self) -> int:
         """Push the learner's weights to every sampler; returns the new version."""
-        update = self.launcher.get(self.learners[0].export_weights.remote())
+        update = self._on_all_learners(lambda learner: learner.export_weights.remote())
         shared = self.launcher.put(update)  # one copy in the object store for all samplers
         self.launcher.get([s.load_weights.remote(shared) for s in self.samplers])
         self.version = update.version
@@ -180,7 +180,11 @@ class WorkerGroup:
         self.launcher.get([lr.load_checkpoint.remote(path) for lr in self.learners])
 
     def save_final(self, path: str) -> None:
-        self.launcher.get(self.learners[0].save_final.remote(path))
+        self._on_all_learners(lambda learner: learner.save_final.remote(path))
+
+    def _on_all_learners(self, call: Callable[[Any], Any]) -> Any:
+        """Collective learner calls (ZeRO-3 gathers shards) run on every rank; rank 0 answers."""
+        return self.launcher.get([call(learner) for learner in self.learners])[0]
 
     def take_seconds(self) -> dict[str, float]:
         seconds, self.seconds = self.seconds, {}
@@ -206,9 +210,9 @@ def dataset_batch(prompts: PromptBatch, version: int) -> RolloutBatch:
     )
 
 
-def _row_chunks(size: int, parts: int) -> list[slice]:
+def _row_chunks(size: int, parts: int, keep_empty: bool = False) -> list[slice]:
     bounds = [round(i * size / parts) for i in range(parts + 1)]
-    return [slice(bounds[i], bounds[i + 1]) for i in range(parts) if bounds[i + 1] > bounds[i]]
+    return [slice(bounds[i], bounds[i + 1]) for i in range(parts) if keep_empty or bounds[i + 1] > bounds[i]]
 
 
 def split_prompts(prompts: PromptBatch, parts: int) -> list[PromptBatch]:
@@ -228,8 +232,8 @@ def split_prompts(prompts: PromptBatch, parts: int) -> list[PromptBatch]:
     return shards
 
 
-def split_rows(batch: RolloutBatch, parts: int) -> list[RolloutBatch]:
-    return [batch.select(rows) for rows in _row_chunks(batch.size, parts)]
+def split_rows(batch: RolloutBatch, parts: int, keep_empty: bool = False) -> list[RolloutBatch]:
+    return [batch.select(rows) for rows in _row_chunks(batch.size, parts, keep_empty)]
 
 
 def _reassemble(original: RolloutBatch, shards: list[RolloutBatch]) -> RolloutBatch:
@@ -255,7 +259,9 @@ def _distinct_groups(shards: list[RolloutBatch]) -> list[RolloutBatch]:
 
 # Learner metrics that every rank reports identically (the rest are shares of a global
 # normaliser and add up across ranks).
-SHARED_LEARNER_METRICS = frozenset({"learner/lr", "learner/grad_norm", "learner/skipped", "learner/version"})
+SHARED_LEARNER_METRICS = frozenset(
+    {"learner/lr", "learner/grad_norm", "learner/skipped", "learner/version", "learner/nonfinite", "learner/empty_batch"}
+)
 
 
 def _sum_metrics(results: list[dict[str, float]]) -> dict[str, float]:

@@ -660,7 +660,7 @@ def test_rl_distill_analytic_adds_alpha_times_jsd():
 
 @pytest.mark.parametrize("gamma", [0.0, 0.7])
 def test_opd_advantage_is_negative_log_ratio(gamma):
-    algorithm = make_algorithm("opd", {"gamma": gamma})
+    algorithm = make_algorithm("opd", {"gamma": gamma, "whiten_advantages": False})
     _, batch = make_batch(algorithm, seed=15)
     out = algorithm.advantages(batch).advantages
     for b in range(batch.size):
@@ -676,6 +676,16 @@ def test_opd_advantage_is_negative_log_ratio(gamma):
                 else 0.0
             )
             assert out[b, t].item() == pytest.approx(expected, rel=1e-5, abs=1e-6)
+
+
+def test_opd_whitened_advantages_have_zero_mean_unit_variance():
+    raw = make_algorithm("opd", {"whiten_advantages": False})
+    _, batch = make_batch(raw, seed=15)
+    expected = whiten(raw.advantages(batch).advantages, batch.response_mask)
+    out = make_algorithm("opd", {}).advantages(batch).advantages
+    torch.testing.assert_close(out, expected)
+    values = out[batch.response_mask]
+    assert values.mean().abs() < 1e-5 and (values.var(unbiased=False) - 1).abs() < 1e-3
 
 
 def test_opd_loss_is_importance_weighted_policy_gradient():

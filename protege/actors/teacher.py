@@ -38,13 +38,13 @@ def teacher_outputs(
     if micro_batch_size < 1:
         raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
     parts: list[dict[str, Tensor]] = []
-    with torch.inference_mode():
+    # no_grad rather than inference_mode: under ZeRO-3 the learner's self-teacher pass would
+    # leave DeepSpeed's re-partitioned parameters as inference tensors.
+    with torch.no_grad():
         for start in range(0, batch.size, micro_batch_size):
             rows = batch.select(slice(start, start + micro_batch_size))
             parts.append(_score_rows(model, rows, plan))
-    # Cloned outside inference mode: inference tensors cannot be saved for backward, and the
-    # learner differentiates losses that read these (in-process, without Ray's copy).
-    fields = {name: torch.cat([p[name] for p in parts]).clone() for name in parts[0]}
+    fields = {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
     return batch.replace(**fields)
 
 

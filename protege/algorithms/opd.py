@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from protege.algorithms.advantages import discounted_returns
+from protege.algorithms.advantages import discounted_returns, whiten
 from protege.algorithms.divergences import masked_mean, sampled_reverse_kl
 from protege.algorithms.policy_gradient import (
     clipped_surrogate,
@@ -23,10 +23,13 @@ from protege.records import RolloutBatch, RolloutPlan
 class OPD:
     """Per-token advantage A_t = −(log q_old(y_t) − log p_T(y_t)) (discounted over future
     tokens when `gamma` > 0), trained with an importance-sampled policy gradient against the
-    behaviour log-probs (PPO-clipped when `clip_eps` is set)."""
+    behaviour log-probs (PPO-clipped when `clip_eps` is set). Whitening the advantages over
+    the batch keeps a very confident teacher from pushing every sampled token down at once
+    (measured on the tiny task: without it accuracy collapsed to 0)."""
 
     gamma: float = 0.0
     clip_eps: float | None = None
+    whiten_advantages: bool = True
 
     def __post_init__(self) -> None:
         check(0.0 <= self.gamma <= 1.0, "gamma", f"must be in [0, 1], got {self.gamma}")
@@ -40,6 +43,8 @@ class OPD:
         advantages = -sampled_reverse_kl(batch.student_logprobs, batch.teacher_logprobs, "k1")
         if self.gamma > 0:
             advantages = discounted_returns(advantages, batch.response_mask, self.gamma)
+        if self.whiten_advantages:
+            advantages = whiten(advantages, batch.response_mask)
         return batch.replace(advantages=advantages.masked_fill(~batch.response_mask, 0.0))
 
     def loss(self, student_logits: Tensor, batch: RolloutBatch) -> tuple[Tensor, dict[str, float]]:

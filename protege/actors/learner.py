@@ -1,0 +1,302 @@
+"""The learner: one data-parallel rank of the student's training (a Ray actor wraps it).
+
+Each `train(batch)` is one optimizer step on this rank's shard: the batch is cut into
+micro-batches, every micro-batch's loss (normalised by the global token count, so losses
+add up) is back-propagated, and the accumulated gradient is applied once. DeepSpeed lives
+behind `protege.actors.deepspeed_engine`; this module never imports it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from transformers import PreTrainedModel
+
+from protege.actors.deepspeed_engine import StepResult, TrainingEngine
+from protege.actors.teacher import teacher_outputs
+from protege.config import Config, LoraConfig
+from protege.modeling import load_model, load_tokenizer, response_logits
+from protege.records import RolloutBatch, RolloutPlan, WeightUpdate
+
+Pass = tuple[Tensor, dict[str, float], Tensor]  # (loss, additive metrics, logits)
+
+
+class Learner:
+    """The student under training: DeepSpeed ZeRO, optional LoRA, any registered algorithm."""
+
+    def __init__(
+        self,
+        config: Config,
+        rank: int = 0,
+        world_size: int = 1,
+        master_addr: str = "127.0.0.1",
+        master_port: int = 29500,
+    ):
+        self.config = config
+        self.rank, self.world_size = rank, world_size
+        self.algorithm = config.build_algorithm()
+        model = load_model(config.student.model, config.student.dtype)
+        if config.student.lora.enabled:
+            model = _with_lora(model, config.student.lora, seed=config.trainer.seed)
+        self._model = model  # the (peft-wrapped) student; forwards go through the engine
+        self._engine = TrainingEngine(
+            model, config.learner, config.trainer.steps, rank, world_size, master_addr, master_port
+        )
+        self._engine.module.train()
+        self._version = 0
+
+    @property
+    def version(self) -> int:
+        """Optimizer steps applied so far (skipped steps do not count)."""
+        return self._version
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The live student (peft-wrapped with LoRA; under ZeRO-3 its parameters are shards)."""
+        return self._model
+
+    @property
+    def lora(self) -> bool:
+        return self.config.student.lora.enabled
+
+    # -- training ------------------------------------------------------------------------
+    def train(self, batch: RolloutBatch) -> dict[str, float]:
+        """One optimizer step on this rank's shard; returns loss and algorithm metrics.
+
+        A batch without response tokens, or whose loss or gradient norm is not finite, is a
+        skipped step: the weights and the optimizer state stay untouched.
+        """
+        batch = batch.replace(token_count=self._global_token_count(batch))
+        if batch.normaliser() == 0:
+            return self._metrics(
+                batch, StepResult(applied=False, grad_norm=0.0, lr=self._engine.lr), 0.0, empty=True
+            )
+        passes = [
+            functools.partial(self._loss_pass, micro)
+            for micro in batch.split(self.config.learner.micro_batch_size)
+        ]
+        lm_weight = self._lm_weight(batch)
+        if lm_weight > 0:
+            passes += [
+                functools.partial(self._lm_pass, ids, mask, total, lm_weight)
+                for ids, mask, total in self._pretrain_chunks(batch)
+            ]
+        # ZeRO-2/3 communicate inside forward/backward: every rank runs as many passes.
+        count = int(self._engine.all_reduce(len(passes), "max"))
+        totals: dict[str, float] = {"learner/loss": 0.0}
+        for index in range(count):
+            loss, metrics, logits = passes[index]() if index < len(passes) else self._padding_pass()
+            totals["learner/loss"] += loss.item()
+            if not math.isfinite(totals["learner/loss"]):
+                # Drop the whole step, not just this micro-batch: a NaN gradient makes the
+                # global norm non-finite, so the optimizer guard skips the step on every rank
+                # (under ZeRO-2/3 the other micro-batches' gradients are already reduced).
+                loss = logits.float().sum() * math.nan
+            self._engine.backward(loss)
+            for key, value in metrics.items():
+                totals[key] = totals.get(key, 0.0) + value
+        result = self._engine.step()
+        self._version += int(result.applied)
+        return {**self._metrics(batch, result, totals.pop("learner/loss")), **totals}
+
+    # Each pass returns (loss to back-propagate, its additive metrics, the logits).
+    def _loss_pass(self, micro: RolloutBatch) -> Pass:
+        micro = _on_device(micro, self._device())  # the loss reads teacher outputs, masks, ...
+        logits = response_logits(self._engine.module, micro)
+        loss, metrics = self.algorithm.loss(logits, micro)
+        return loss, metrics, logits
+
+    def _lm_pass(self, ids: Tensor, mask: Tensor, total_tokens: float, weight: float) -> Pass:
+        """MiniLLM's LM term: `weight` × token-mean next-token NLL on pre-training text.
+        Every rank's text gives one estimate; the ranks' estimates are averaged."""
+        nll_sum, logits = self._lm_nll_sum(ids, mask)
+        nll = nll_sum / max(total_tokens, 1.0) / self.world_size
+        return weight * nll, {"learner/lm_loss": nll.item()}, logits
+
+    def _padding_pass(self) -> Pass:
+        """A zero-gradient pass that keeps ZeRO's collectives in step when this rank has
+        fewer micro-batches than another."""
+        logits = self._engine.module(**_padding_inputs(self._device())).logits
+        return logits.sum() * 0.0, {}, logits
+
+    def _lm_weight(self, batch: RolloutBatch) -> float:
+        if batch.pretrain_ids is None:
+            return 0.0
+        return float(self.algorithm.plan(batch.step).pretrain_weight)
+
+    def _pretrain_chunks(self, batch: RolloutBatch) -> Iterator[tuple[Tensor, Tensor, float]]:
+        ids = batch.pretrain_ids
+        mask = (
+            batch.pretrain_mask
+            if batch.pretrain_mask is not None
+            else torch.ones_like(ids, dtype=torch.bool)
+        )
+        total = float(_lm_targets(mask).sum())
+        size = self.config.learner.micro_batch_size
+        for start in range(0, ids.shape[0], size):
+            yield ids[start : start + size], mask[start : start + size], total
+
+    def _lm_nll_sum(self, ids: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        """(summed next-token NLL over the text tokens of [N,L] rows, the logits)."""
+        device = self._device()
+        attention = mask.long()
+        positions = (attention.cumsum(-1) - 1).clamp_min(0)
+        logits = self._engine.module(
+            input_ids=ids.to(device),
+            attention_mask=attention.to(device),
+            position_ids=positions.to(device),
+            use_cache=False,
+        ).logits
+        logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+        nll = -logp.gather(-1, ids[:, 1:].to(device).unsqueeze(-1)).squeeze(-1)
+        return torch.where(_lm_targets(mask).to(device), nll, torch.zeros_like(nll)).sum(), logits
+
+    def _global_token_count(self, batch: RolloutBatch) -> float:
+        if batch.token_count is not None:
+            return float(batch.token_count)
+        return self._engine.all_reduce(batch.num_response_tokens, "sum")
+
+    def _metrics(
+        self, batch: RolloutBatch, step: StepResult, loss: float, empty: bool = False
+    ) -> dict[str, float]:
+        return {
+            "learner/loss": loss,
+            "learner/grad_norm": step.grad_norm,
+            "learner/lr": step.lr,
+            "learner/tokens": batch.num_response_tokens,
+            "learner/skipped": float(not step.applied),
+            "learner/nonfinite": float(not step.applied and not empty),
+            "learner/empty_batch": float(empty),
+            "learner/version": float(self._version),
+        }
+
+    def _device(self) -> torch.device:
+        return next(self._engine.module.parameters()).device
+
+    # -- LoRA self-distillation -----------------------------------------------------------
+    def score_as_teacher(self, batch: RolloutBatch, plan: RolloutPlan) -> RolloutBatch:
+        """Teacher outputs from the student's own base model (LoRA adapter disabled)."""
+        if not self.lora:
+            raise ValueError(
+                "teacher.model='self' needs student.lora.enabled: the teacher is the base "
+                "model with the adapter disabled"
+            )
+        with self._model.disable_adapter(), _eval_mode(self._engine.module):
+            return teacher_outputs(
+                self._engine.module, batch, plan, self.config.teacher.micro_batch_size
+            )
+
+    # -- weights and checkpoints ----------------------------------------------------------
+    def export_weights(self) -> WeightUpdate:
+        """Weights for the samplers: the full state dict (HF names), or with LoRA only the
+        adapter (peft names). Under ZeRO-3 every rank must call it."""
+        if self.lora:
+            return WeightUpdate(
+                version=self._version, tensors=self._adapter_state_dict(), lora_only=True
+            )
+        return WeightUpdate(version=self._version, tensors=self.state_dict())
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """Every weight of the live student as full CPU tensors (peft names with LoRA); under
+        ZeRO-3 every rank must call it."""
+        return self._engine.gathered_state_dict()
+
+    def _adapter_state_dict(self) -> dict[str, Tensor]:
+        from peft import get_peft_model_state_dict
+
+        gathered = self._engine.gathered_state_dict(keep=lambda name: "lora_" in name)
+        return get_peft_model_state_dict(self._model, state_dict=gathered)
+
+    def save_checkpoint(self, path: str) -> None:
+        """Everything needed to resume exactly; every rank must call it."""
+        state = {"version": self._version, "torch_rng": torch.get_rng_state()}
+        self._engine.save_checkpoint(path, state)
+
+    def load_checkpoint(self, path: str) -> None:
+        state = self._engine.load_checkpoint(path)
+        self._version = int(state["version"])
+        torch.set_rng_state(state["torch_rng"])
+
+    def save_final(self, path: str) -> None:
+        """An HF model directory (LoRA merged when `student.lora.merge_on_save`, else a peft
+        adapter directory) plus the student's tokenizer. Under ZeRO-3 every rank must call it."""
+        out = Path(path)
+        out.mkdir(parents=True, exist_ok=True)
+        lora = self.config.student.lora
+        if self.lora and lora.merge_on_save:
+            self._merged_copy().save_pretrained(out)
+        elif self.lora:
+            self._model.save_pretrained(out, state_dict=self._adapter_state_dict())
+        else:
+            self._model.save_pretrained(out, state_dict=self.state_dict())
+        load_tokenizer(self.config.student.model).save_pretrained(out)
+
+    def _merged_copy(self) -> PreTrainedModel:
+        """A fresh base model with the trained adapter merged in; the live model is untouched."""
+        from peft import set_peft_model_state_dict
+
+        student = self.config.student
+        copy = _with_lora(load_model(student.model, student.dtype), student.lora, seed=0)
+        set_peft_model_state_dict(copy, self._adapter_state_dict())
+        return copy.merge_and_unload()
+
+
+def _with_lora(model: PreTrainedModel, lora: LoraConfig, seed: int) -> torch.nn.Module:
+    """The model wrapped with a fresh LoRA adapter: only adapter weights train. Seeded so all
+    data-parallel ranks start from the same adapter."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    peft_config = PeftLoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules),
+        task_type="CAUSAL_LM",
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return get_peft_model(model, peft_config)
+
+
+def _on_device(batch: RolloutBatch, device: torch.device) -> RolloutBatch:
+    if device.type == "cpu":
+        return batch
+    tensors = {
+        f.name: getattr(batch, f.name).to(device, non_blocking=True)
+        for f in dataclasses.fields(batch)
+        if isinstance(getattr(batch, f.name), Tensor)
+    }
+    return batch.replace(**tensors)
+
+
+def _lm_targets(mask: Tensor) -> Tensor:
+    """[N,L] mask -> [N,L-1]: positions whose next token is text and follows text."""
+    return mask[:, 1:] & mask[:, :-1]
+
+
+def _padding_inputs(device: torch.device) -> dict[str, Tensor]:
+    one = torch.zeros(1, 1, dtype=torch.long, device=device)
+    return {
+        "input_ids": one,
+        "attention_mask": torch.ones_like(one),
+        "position_ids": one,
+        "use_cache": False,
+    }
+
+
+@contextlib.contextmanager
+def _eval_mode(module: torch.nn.Module) -> Iterator[None]:
+    was_training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was_training)
