@@ -56,8 +56,10 @@ class Controller:
     def record(self, k: int, metrics: dict[str, float], seconds: float) -> None:
         row = {"step": k, **metrics, **self.workers.take_seconds(), "time/step": seconds}
         self.log.write(row)
-        if not math.isfinite(metrics.get("learner/loss", 0.0)):
-            self.log.warn(f"step {k}: non-finite loss; the update was skipped, weights untouched")
+        if metrics.get("learner/nonfinite") or not math.isfinite(metrics.get("learner/loss", 0.0)):
+            self.log.warning(f"step {k}: non-finite loss or gradient; update skipped, weights untouched")
+        elif metrics.get("learner/empty_batch"):
+            self.log.warning(f"step {k}: every response was empty; update skipped")
         if self.evaluator and self.config.trainer.eval_every and (k + 1) % self.config.trainer.eval_every == 0:
             self.evaluate("eval", step=k)
 
@@ -81,9 +83,9 @@ class Controller:
             return
         path = latest_checkpoint(Path(self.config.output_dir) / "checkpoints")
         if path is None:
-            self.log.warn("trainer.resume is set but no checkpoint exists yet; starting fresh")
+            self.log.warning("trainer.resume is set but no checkpoint exists yet; starting fresh")
             return
         self.workers.load_checkpoint(str(path / "learner"))
         self.start_step, self.algo = load_controller_state(path, self.prompts)
         self.workers.sync_weights()
-        self.log.warn(f"resumed from {path} at step {self.start_step}")
+        self.log.warning(f"resumed from {path} at step {self.start_step}")

@@ -29,7 +29,7 @@ class MetricsLog:
         if self.progress:
             print(_console_line(row), flush=True)
 
-    def warn(self, message: str) -> None:
+    def warning(self, message: str) -> None:
         print(f"[protege] {message}", file=sys.stderr, flush=True)
 
     def close(self) -> None:

@@ -5,11 +5,14 @@ Shapes: B batch, P prompt tokens (left-padded), T response tokens (right-padded)
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from torch import Tensor
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from protege.records import RolloutBatch
 

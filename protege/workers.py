@@ -10,8 +10,9 @@ objects whose methods are called as `handle.method.remote(...)` and resolved wit
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 import torch
 

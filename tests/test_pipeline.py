@@ -74,8 +74,9 @@ def test_resume_reproduces_the_uninterrupted_trajectory(tmp_path):
 
 
 def test_teacher_with_another_vocabulary_is_refused(tmp_path):
-    from protege.tasks.tiny_models import build_char_tokenizer
     from transformers import PreTrainedTokenizerFast
+
+    from protege.tasks.tiny_models import build_char_tokenizer
 
     other = tmp_path / "other_teacher"
     model = AutoModelForCausalLM.from_pretrained(_teacher_dir())

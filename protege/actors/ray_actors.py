@@ -26,11 +26,12 @@ ACTOR_ENV = {
 
 
 def init_ray(address: str | None = None) -> None:
-    """Join the cluster a `ray job submit` runs in (RAY_ADDRESS), or start a local one."""
+    """Join the cluster a `ray job submit` runs in (RAY_ADDRESS), an instance started with
+    `ray start` on this machine, or else a new local one (RAY_ADDRESS=local forces that)."""
     if ray.is_initialized():
         return
     ray.init(
-        address=address or os.environ.get("RAY_ADDRESS"),
+        address=address or os.environ.get("RAY_ADDRESS") or None,
         runtime_env={"env_vars": ACTOR_ENV},
         include_dashboard=False,
         log_to_driver=True,
