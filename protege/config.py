@@ -46,6 +46,7 @@ class StudentConfig(Section):
 
 class TeacherConfig(Section):
     model: str = "builtin:tiny/teacher"  # HF directory, hub id, builtin:..., or "self"
+    backend: Literal["hf", "vllm"] = "hf"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     num_workers: int = Field(1, ge=1)
     micro_batch_size: int = Field(64, ge=1)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 import sys
 
-from protege.actors.sampler import HFSampler
+from protege.actors.backends import sampler_class
 from protege.algorithms.registry import Algorithm
 from protege.config import Config, load_config
 from protege.controller import Controller
@@ -43,7 +43,7 @@ def check_setup(config: Config, algorithm: Algorithm) -> None:
     """Refuse, before any model loads, what this configuration cannot run."""
     plans = [algorithm.plan(k) for k in range(max(config.trainer.steps, 1))]
     for plan in plans:
-        reason = HFSampler.supports(plan) if config.rollout.backend == "hf" else None
+        reason = sampler_class(config.rollout.backend).supports(plan)
         if reason:
             raise ValueError(f"rollout.backend={config.rollout.backend!r} cannot run this plan: {reason}")
     if config.teacher.model == "self":

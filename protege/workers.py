@@ -16,10 +16,9 @@ from typing import Any, Protocol
 
 import torch
 
+from protege.actors.backends import sampler_class, teacher_class
 from protege.actors.learner import Learner
 from protege.actors.reward import RewardScorer
-from protege.actors.sampler import HFSampler
-from protege.actors.teacher import TeacherScorer
 from protege.config import Config
 from protege.records import PromptBatch, RolloutBatch, RolloutPlan, TokenSource, concat
 
@@ -112,12 +111,13 @@ class WorkerGroup:
             (cfg.student.model, cfg.rollout, teacher, cfg.student.dtype, cfg.trainer.seed + 1000 * i, lora)
             for i in range(n)
         ]
-        return self.launcher.spawn("rollout", HFSampler, [res] * n, args)
+        return self.launcher.spawn("rollout", sampler_class(cfg.rollout.backend), [res] * n, args)
 
     def _spawn_teachers(self) -> list[Any]:
         cfg, n = self.config.teacher, self.config.teacher.num_workers
         args = [(cfg.model, cfg.dtype, cfg.micro_batch_size)] * n
-        return self.launcher.spawn("teacher", TeacherScorer, [Resources(cfg.num_cpus, cfg.num_gpus)] * n, args)
+        resources = [Resources(cfg.num_cpus, cfg.num_gpus)] * n
+        return self.launcher.spawn("teacher", teacher_class(cfg.backend), resources, args)
 
     def _spawn_rewarders(self) -> list[Any]:
         cfg = self.config.reward

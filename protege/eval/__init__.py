@@ -1,0 +1,1 @@
+"""Evaluation: task and distribution metrics, A/B comparison with confidence intervals."""
