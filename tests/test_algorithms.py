@@ -715,3 +715,20 @@ def test_losses_keep_float64_and_pass_gradcheck(name, kwargs):
     batch = algorithm.advantages(batch)
     logits = logits.detach().double().requires_grad_(True)
     assert torch.autograd.gradcheck(lambda x: algorithm.loss(x, batch)[0], (logits,))
+
+
+def test_padded_vocabularies_are_cut_to_the_shared_ids():
+    """A teacher whose embedding is padded wider than the student's: the extra columns are
+    dropped and both distributions renormalise over the ids they share."""
+    from protege.algorithms.teacher_view import paired_logprobs
+
+    torch.manual_seed(0)
+    student, teacher = torch.randn(2, 3, 5), torch.randn(2, 3, 8)
+    _, batch = make_batch(make_algorithm("gkd", {}))
+    batch = batch.replace(teacher_logits=teacher)
+    s, t = paired_logprobs(student, batch)
+    assert s.shape == t.shape == (2, 3, 5)
+    assert torch.allclose(t, torch.log_softmax(teacher[..., :5], -1))
+    assert torch.allclose(s.exp().sum(-1), torch.ones(2, 3))
+    with pytest.raises(ValueError, match="different positions"):
+        paired_logprobs(student, batch.replace(teacher_logits=torch.randn(2, 4, 5)))

@@ -13,10 +13,10 @@ def paired_logprobs(
 ) -> tuple[Tensor, Tensor]:
     """(student, teacher) log-probs on a shared support: the full vocabulary when the batch
     has teacher logits, else the teacher's top-k plus one tail bucket. [B,T,V] -> 2×[B,T,S]."""
-    student_logp = log_probs(student_logits, temperature)
     if batch.teacher_logits is not None:
-        _check_vocab(student_logits, batch.teacher_logits)
-        return student_logp, log_probs(batch.teacher_logits, temperature)
+        student_logits, teacher_logits = shared_vocabulary(student_logits, batch.teacher_logits)
+        return log_probs(student_logits, temperature), log_probs(teacher_logits, temperature)
+    student_logp = log_probs(student_logits, temperature)
     if batch.teacher_topk_ids is not None and batch.teacher_topk_logprobs is not None:
         return topk_buckets(
             student_logp,
@@ -30,12 +30,20 @@ def paired_logprobs(
     )
 
 
-def _check_vocab(student_logits: Tensor, teacher_logits: Tensor) -> None:
-    if student_logits.shape != teacher_logits.shape:
+def shared_vocabulary(student_logits: Tensor, teacher_logits: Tensor) -> tuple[Tensor, Tensor]:
+    """Both logits cut to their common width.
+
+    Models that share a tokenizer often pad their embedding matrices to different sizes
+    (e.g. 151936 vs 152064 rows); the extra rows are ids no tokenizer emits, so they are
+    dropped and each distribution renormalises over the shared ids.
+    """
+    if student_logits.shape[:-1] != teacher_logits.shape[:-1]:
         raise ValueError(
             f"student logits {tuple(student_logits.shape)} and teacher logits "
-            f"{tuple(teacher_logits.shape)} differ; teacher and student must share a vocabulary"
+            f"{tuple(teacher_logits.shape)} cover different positions"
         )
+    width = min(student_logits.shape[-1], teacher_logits.shape[-1])
+    return student_logits[..., :width], teacher_logits[..., :width]
 
 
 def require(batch: RolloutBatch, *names: str) -> None:
