@@ -80,6 +80,7 @@ class RewardModel(Section):
 class RewardConfig(Section):
     rules: list[RewardRule] = []
     models: list[RewardModel] = []
+    micro_batch_size: int = Field(64, ge=1)  # reward-model rows per forward
     num_cpus: float = Field(0.25, ge=0)
     num_gpus: float = Field(0.0, ge=0)
 

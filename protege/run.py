@@ -13,6 +13,7 @@ from protege.data import PromptSource, read_jsonl, read_text_lines, require_comp
 from protege.evaluation import Evaluator
 from protege.metrics_log import MetricsLog
 from protege.modeling import check_same_vocabulary, load_tokenizer
+from protege.rewards import check_rules
 from protege.workers import LocalLauncher, WorkerGroup
 
 
@@ -41,6 +42,7 @@ def build_controller(config: Config) -> Controller:
 
 def check_setup(config: Config, algorithm: Algorithm) -> None:
     """Refuse, before any model loads, what this configuration cannot run."""
+    check_rules(config.reward.rules)  # a bad rule fails now, not when the reward worker starts
     plans = [algorithm.plan(k) for k in range(max(config.trainer.steps, 1))]
     for plan in plans:
         reason = sampler_class(config.rollout.backend).supports(plan)

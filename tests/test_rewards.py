@@ -344,3 +344,12 @@ def test_reward_model_and_rule_weights_combine(dirs, tok):
     assert both.extras["reward/model_0"] == pytest.approx(
         2 * float(model_only.rewards.mean()), abs=1e-5
     )
+
+
+def test_bad_rule_is_refused_when_the_run_is_built_not_when_the_worker_starts():
+    from protege.config import load_config
+    from protege.run import check_setup
+
+    config = load_config("rl_distill", ["reward.rules=[{name: regex}]", "trainer.workers=local"])
+    with pytest.raises(ValueError, match=r"reward.rules\[0\].pattern"):
+        check_setup(config, config.build_algorithm())

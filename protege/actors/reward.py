@@ -25,8 +25,8 @@ from protege.rewards import RULES, check_rules
 class RewardScorer:
     """Attaches `rewards` [B] float32 to a batch. `tokenizer` is the student's (it decodes
     the prompt and response ids); each reward model reads the decoded prompt ⧺ response
-    with its own tokenizer. `micro_batch_size` bounds reward-model forwards (None: one
-    forward per model for the whole batch)."""
+    with its own tokenizer. `micro_batch_size` bounds reward-model forwards (None: the
+    config's `reward.micro_batch_size`)."""
 
     def __init__(self, config: RewardConfig, tokenizer: str, micro_batch_size: int | None = None):
         check_rules(config.rules)
@@ -39,7 +39,7 @@ class RewardScorer:
             SequenceRewardModel(spec, f"reward.models[{i}]", self.device)
             for i, spec in enumerate(config.models)
         ]
-        self.micro_batch_size = micro_batch_size
+        self.micro_batch_size = micro_batch_size or config.micro_batch_size
         self.keys = component_keys(config)
 
     def score(self, batch: RolloutBatch) -> RolloutBatch:
