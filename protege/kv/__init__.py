@@ -1,0 +1,1 @@
+"""Multi-teacher KV-cache distillation: extraction, alignment, fusion, masked losses."""
