@@ -118,6 +118,8 @@ class TrainerConfig(Section):
     seed: int = 0
     eval_every: int = Field(0, ge=0)  # 0: only before and after training
     eval_size: int = Field(200, ge=1)
+    eval_samples: int = Field(0, ge=0)  # samples per test prompt (pass@k, entropy, ...); 0: greedy only
+    eval_teacher_kl: bool = False  # with eval_samples: also reverse/forward KL to the teacher
     save_every: int = Field(0, ge=0)  # 0: no intermediate checkpoints
     resume: bool = False
     max_staleness: int = Field(0, ge=0)

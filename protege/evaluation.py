@@ -1,12 +1,29 @@
-"""Task accuracy on held-out prompts, decoded greedily by the rollout workers."""
+"""Held-out evaluation of the current student through the rollout workers.
+
+Always (cheap): greedy exact-match `accuracy`, greedy `response_length` and `distinct_1/2`.
+With `samples` = k > 0: k sampled responses per prompt give `pass_at_1`, `pass_at_k`,
+`entropy` (nats/token), `sample_distinct_1/2`, `self_bleu`, `ece` (calibration of the
+sequence probability against correctness) and `sample_response_length`. With `teacher_kl`
+as well: `reverse_kl` KL(q_θ‖p_T) on the student's samples and `forward_kl` KL(p_T‖q_θ) on
+teacher-written ones (per token, Monte Carlo; exact in expectation at rollout temperature 1).
+
+`workers` is anything with the WorkerGroup's `greedy_texts`, `generate` and `score`: the
+training run's WorkerGroup, or `protege.eval.standalone.LocalModels` for a saved model.
+"""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
+import torch
 from transformers import PreTrainedTokenizerBase
 
 from protege.data import PromptSource, Row
+from protege.eval import metrics as m
+from protege.records import RolloutBatch, RolloutPlan
+
+Checker = Callable[[str, str], bool]
 
 
 def exact_match(prediction: str, answer: str) -> bool:
@@ -15,24 +32,128 @@ def exact_match(prediction: str, answer: str) -> bool:
 
 
 class Evaluator:
-    """Greedy exact-match accuracy of the current student on `rows` (which need answers)."""
+    """Task and distribution metrics of the current student on `rows` (which need answers)."""
 
     def __init__(
         self,
         rows: list[Row],
         tokenizer: PreTrainedTokenizerBase,
         max_new_tokens: int,
-        checker: Callable[[str, str], bool] = exact_match,
+        checker: Checker = exact_match,
         chat_template: bool = False,
+        samples: int = 0,
+        teacher_kl: bool = False,
+        forward_kl: bool = True,
     ):
         missing = [i for i, row in enumerate(rows, start=1) if row.answer is None]
         if missing:
             raise ValueError(f"evaluation rows need an 'answer'; row {missing[0]} has none")
+        if samples < 0:
+            raise ValueError(f"samples must be >= 0, got {samples}")
+        if teacher_kl and samples == 0:
+            raise ValueError(
+                "teacher_kl needs sampled responses: set samples (trainer.eval_samples) >= 1"
+            )
         self.rows, self.max_new_tokens, self.checker = rows, max_new_tokens, checker
+        self.tokenizer, self.samples = tokenizer, samples
+        self.teacher_kl, self.forward_kl = teacher_kl, forward_kl and teacher_kl
+        self.special_ids = frozenset(tokenizer.all_special_ids)
         source = PromptSource(rows, tokenizer, batch_size=len(rows), chat_template=chat_template)
         self.prompts = source.next(step=0)
+        self.last_correct: list[bool] = []
+
+    @classmethod
+    def from_config(cls, rows: list[Row], tokenizer: PreTrainedTokenizerBase, config) -> Evaluator:
+        """The evaluator a training run uses (`trainer.eval_*` keys)."""
+        return cls(
+            rows,
+            tokenizer,
+            config.rollout.max_new_tokens,
+            chat_template=config.data.chat_template,
+            samples=config.trainer.eval_samples,
+            teacher_kl=config.trainer.eval_teacher_kl,
+            forward_kl=config.teacher.model != "self",  # the self-teacher cannot write responses
+        )
 
     def run(self, workers) -> dict[str, float]:
+        seconds = dict(getattr(workers, "seconds", {}))  # evaluation is not a training phase
+        try:
+            result = self.greedy_metrics(workers)
+            if self.samples:
+                result.update(self.sampled_metrics(workers))
+            return result
+        finally:
+            if hasattr(workers, "seconds"):
+                workers.seconds = seconds
+
+    def greedy_metrics(self, workers) -> dict[str, float]:
         texts = workers.greedy_texts(self.prompts, self.max_new_tokens)
-        correct = sum(self.checker(t, a) for t, a in zip(texts, self.prompts.answers))
-        return {"accuracy": correct / len(texts)}
+        correct = [self.checker(t, a) for t, a in zip(texts, self.prompts.answers)]
+        self.last_correct = correct  # per-example, for paired comparisons across runs
+        tokens = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+        return {
+            "accuracy": sum(correct) / len(texts),
+            "response_length": sum(map(len, tokens)) / len(tokens),
+            "distinct_1": m.distinct_n(tokens, 1),
+            "distinct_2": m.distinct_n(tokens, 2),
+        }
+
+    def sampled_metrics(self, workers) -> dict[str, float]:
+        k = self.samples
+        need = "sampled" if self.teacher_kl else "none"
+        plan = RolloutPlan(source="student", teacher_need=need, samples_per_prompt=k)
+        batch = workers.generate(self.prompts, plan)
+        correct, tokens = self._judge(batch)
+        groups = [tokens[i : i + k] for i in range(0, len(tokens), k)]
+        hits = [correct[i : i + k] for i in range(0, len(correct), k)]
+        mask = batch.response_mask
+        confidence = m.sequence_confidence(batch.student_logprobs, mask).tolist()
+        result = {
+            "pass_at_1": m.mean_pass_at_k(hits, 1),
+            "entropy": m.sampled_token_entropy(batch.student_logprobs, mask),
+            "sample_distinct_1": m.distinct_n(tokens, 1),
+            "sample_distinct_2": m.distinct_n(tokens, 2),
+            "self_bleu": m.self_bleu(groups) if k > 1 else float("nan"),
+            "ece": m.expected_calibration_error(confidence, correct),
+            "sample_response_length": batch.num_response_tokens / batch.size,
+        }
+        if k > 1:
+            result[f"pass_at_{k}"] = m.mean_pass_at_k(hits, k)
+        if self.teacher_kl:
+            result.update(self._teacher_agreement(workers, batch, plan))
+        return {key: value for key, value in result.items() if not math.isnan(value)}
+
+    def _teacher_agreement(
+        self, workers, batch: RolloutBatch, plan: RolloutPlan
+    ) -> dict[str, float]:
+        scored = workers.score(batch, plan)
+        result = {
+            "reverse_kl": m.sampled_kl_per_token(
+                batch.student_logprobs, scored.teacher_logprobs, batch.response_mask
+            )
+        }
+        if self.forward_kl:
+            teacher_plan = RolloutPlan(
+                source="teacher", teacher_need="none", samples_per_prompt=self.samples
+            )
+            written = workers.generate(self.prompts, teacher_plan)
+            result["forward_kl"] = m.sampled_kl_per_token(
+                written.behaviour_logprobs, written.student_logprobs, written.response_mask
+            )
+            result["teacher_pass_at_1"] = sum(self._judge(written)[0]) / written.size
+        return result
+
+    def _judge(self, batch: RolloutBatch) -> tuple[list[bool], list[list[int]]]:
+        """Correctness and content token ids (special tokens dropped) of each response."""
+        ids = torch.where(batch.response_mask, batch.response_ids, self.tokenizer.pad_token_id)
+        texts = self.tokenizer.batch_decode(ids, skip_special_tokens=True)
+        correct = [self.checker(t, a) for t, a in zip(texts, batch.answers)]
+        tokens = [
+            [
+                t
+                for t, keep in zip(row.tolist(), mask.tolist())
+                if keep and t not in self.special_ids
+            ]
+            for row, mask in zip(batch.response_ids, batch.response_mask)
+        ]
+        return correct, tokens

@@ -35,7 +35,7 @@ def build_controller(config: Config) -> Controller:
     evaluator = None
     if config.data.test:
         rows = read_jsonl(config.data.test)[: config.trainer.eval_size]
-        evaluator = Evaluator(rows, tokenizer, config.rollout.max_new_tokens, chat_template=config.data.chat_template)
+        evaluator = Evaluator.from_config(rows, tokenizer, config)
     workers = WorkerGroup(config, make_launcher(config), master_port=free_port())
     return Controller(config, workers, prompts, algorithm, evaluator, MetricsLog(config))
 

@@ -1,0 +1,485 @@
+"""Algorithm-comparison benchmark on the built-in tiny task (two-digit addition).
+
+Setting: the 0.8 M-parameter teacher (~99% exact match); the weak 76 K-parameter student,
+SFT'd on a small labelled set L (the first 300 rows of train.jsonl, the ones the shipped
+student was trained on); a pool P of unlabelled prompts (all 2,000 train prompts, no
+completions). Arms that train on dataset responses (SFT, supervised KD, GKD λ = 0.5) use
+L; arms that only need prompts use P. The RL arm's exact-match reward is a verifier that
+knows P's answers; MiniLLM's language-modelling term reads L's text only.
+
+Every arm gets the same budget: 300 optimizer steps of 32 prompts, lr 1e-3 with cosine
+decay (at constant lr the endpoint swings by ±0.2 between evaluations on this task), greedy
+exact match on the 200 held-out test sums every 25 steps, and 4 samples per test prompt for
+pass@4 / entropy / distinct-n.
+
+    python benchmarks/quality.py               # full: 15 arms x 3 seeds (~30 min on 2 cores)
+    python benchmarks/quality.py --controls    # diagnostic arms (data split, lr schedule)
+    python benchmarks/quality.py --smoke       # CI: 4 arms, 4 steps, one seed
+    python benchmarks/quality.py --render benchmarks/results/quality.json   # redraw only
+Writes benchmarks/results/quality{,_controls}.md, .json and _curve.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from protege.eval.ab import seed_overrides
+from protege.eval.stats import bootstrap_ci, paired_test
+
+RESULTS = ROOT / "benchmarks" / "results"
+LABELLED_ROWS = 300
+
+
+@dataclass(frozen=True)
+class Arm:
+    name: str
+    data: str  # "labelled" (L, with completions) or "pool" (P, prompts only)
+    overrides: tuple[str, ...]
+    pretrain: bool = False  # MiniLLM's LM term on L's text
+    notes: str = ""
+    control: bool = False  # a diagnostic arm, run with --controls
+
+
+def gkd(lmbda: float, beta: float, **extra: object) -> tuple[str, ...]:
+    return (
+        "algorithm.name=gkd",
+        f"algorithm.lmbda={lmbda}",
+        f"algorithm.beta={beta}",
+        *(f"algorithm.{k}={v}" for k, v in extra.items()),
+    )
+
+
+ARMS: list[Arm] = [
+    Arm("SFT on L", "labelled", ("algorithm.name=sft",)),
+    Arm("supervised KD (GKD λ=0, β=0)", "labelled", gkd(0.0, 0.0)),
+    Arm("SeqKD (teacher-written, fwd KL)", "pool", gkd(0.0, 0.0, seq_kd="true")),
+    *[Arm(f"GKD λ=0.5, β={b}", "labelled", gkd(0.5, b)) for b in (0.0, 0.5, 1.0)],
+    *[Arm(f"GKD λ=1, β={b}", "pool", gkd(1.0, b)) for b in (0.0, 0.5, 1.0)],
+    Arm(
+        "MiniLLM (mix α=0.2)",
+        "pool",
+        ("algorithm.name=minillm", "algorithm.mix_alpha=0.2", "algorithm.lm_coef=0.5"),
+        True,
+    ),
+    Arm(
+        "MiniLLM (no mix)",
+        "pool",
+        ("algorithm.name=minillm", "algorithm.mix_alpha=0.0", "algorithm.lm_coef=0.5"),
+        True,
+    ),
+    Arm(
+        "gated dual-KL (hard)",
+        "pool",
+        ("algorithm.name=gated_dual_kl", "algorithm.gate=hard", "algorithm.tau=1.0"),
+    ),
+    Arm(
+        "gated dual-KL (soft)",
+        "pool",
+        ("algorithm.name=gated_dual_kl", "algorithm.gate=soft", "algorithm.tau=1.0"),
+    ),
+    Arm("OPD", "pool", ("algorithm.name=opd",)),
+    Arm(
+        "RL+distill (α=0.5, EM reward, 4 samples)",
+        "pool",
+        (
+            "algorithm.name=rl_distill",
+            "algorithm.alpha=0.5",
+            "algorithm.samples_per_prompt=4",
+            "reward.rules=[{name: exact_match}]",
+        ),
+        notes="4 samples per prompt",
+    ),
+]
+CONSTANT_LR = "learner.lr_schedule=constant"
+ARMS += [  # diagnostics: what the data split and the lr schedule do (python quality.py --controls)
+    Arm("control: GKD λ=1, β=0.5 on L", "labelled", gkd(1.0, 0.5), control=True),
+    Arm("control: supervised KD on gold 2,000", "gold", gkd(0.0, 0.0), control=True),
+    Arm("control: GKD λ=0.5, β=0.5 on gold 2,000", "gold", gkd(0.5, 0.5), control=True),
+    Arm(
+        "control: GKD λ=0.5, β=0.5 on gold 2,000, constant lr",
+        "gold",
+        (*gkd(0.5, 0.5), CONSTANT_LR),
+        control=True,
+    ),
+    Arm(
+        "control: GKD λ=1, β=0.5 on P, constant lr",
+        "pool",
+        (*gkd(1.0, 0.5), CONSTANT_LR),
+        control=True,
+    ),
+]
+DATA_NAMES = {"labelled": "L (300 labelled)", "pool": "P (2,000 prompts)", "gold": "2,000 labelled"}
+SMOKE_ARMS = ("SFT on L", "supervised KD (GKD λ=0, β=0)", "GKD λ=1, β=0.5", "MiniLLM (mix α=0.2)")
+
+
+@dataclass
+class Budget:
+    steps: int = 300
+    batch: int = 32
+    eval_every: int = 25
+    eval_size: int = 200
+    eval_samples: int = 4
+    seeds: int = 3
+    lr: float = 1e-3
+    extra: list[str] = field(default_factory=list)
+
+
+def write_data(workdir: Path) -> dict[str, str]:
+    """L (labelled rows), P (unlabelled prompts, answers kept for the RL verifier) and L's
+    text for MiniLLM's LM term, all cut from the shipped train.jsonl."""
+    from protege.tasks.tiny import load_rows, train_path
+
+    rows = load_rows(train_path())
+    workdir.mkdir(parents=True, exist_ok=True)
+    paths = {
+        "labelled": workdir / "labelled.jsonl",
+        "pool": workdir / "pool.jsonl",
+        "text": workdir / "labelled.txt",
+    }
+    labelled = rows[:LABELLED_ROWS]
+    paths["labelled"].write_text("".join(json.dumps(r) + "\n" for r in labelled))
+    paths["pool"].write_text(
+        "".join(json.dumps({"prompt": r["prompt"], "answer": r["answer"]}) + "\n" for r in rows)
+    )
+    paths["text"].write_text("".join(r["prompt"] + r["answer"] + "\n" for r in labelled))
+    return {**{k: str(v) for k, v in paths.items()}, "gold": train_path()}
+
+
+def arm_overrides(arm: Arm, data: dict[str, str], budget: Budget, output_dir: Path) -> list[str]:
+    common = [
+        "trainer.workers=local",
+        "logging.wandb=disabled",
+        "logging.progress=false",
+        f"trainer.steps={budget.steps}",
+        f"trainer.batch_size={budget.batch}",
+        f"trainer.eval_every={budget.eval_every}",
+        f"trainer.eval_size={budget.eval_size}",
+        f"trainer.eval_samples={budget.eval_samples}",
+        f"learner.lr={budget.lr}",
+        "learner.lr_schedule=cosine",
+        "rollout.max_new_tokens=6",
+        "data.test=builtin:tiny/test",
+        f"data.train={data[arm.data]}",
+        f"data.pretrain={data['text'] if arm.pretrain else 'null'}",
+        f"output_dir={output_dir}",
+    ]
+    return [*common, *arm.overrides, *budget.extra]
+
+
+def run_one(arm: Arm, seed: int, data: dict[str, str], budget: Budget, workdir: Path) -> dict:
+    from protege.config import load_config
+    from protege.run import build_controller
+
+    output_dir = workdir / "runs" / slug(arm.name) / f"seed{seed}"
+    overrides = arm_overrides(arm, data, budget, output_dir)
+    name = load_config(None, overrides).algorithm["name"]
+    config = load_config(None, [*overrides, *seed_overrides(name, seed)])
+    if (output_dir / "metrics.jsonl").exists():
+        (output_dir / "metrics.jsonl").unlink()
+    started = time.perf_counter()
+    controller = build_controller(config)
+    result = controller.run()
+    seconds = time.perf_counter() - started
+    rows = [json.loads(line) for line in (output_dir / "metrics.jsonl").open()]
+    curve = sorted(
+        {_curve_step(r, budget.steps): _acc(r) for r in rows if _acc(r) is not None}.items()
+    )
+    return {
+        "seed": seed,
+        "seconds": seconds,
+        "final": {k.split("/", 1)[1]: v for k, v in result.items() if k.startswith("eval_after/")},
+        "before": {
+            k.split("/", 1)[1]: v for k, v in result.items() if k.startswith("eval_before/")
+        },
+        "curve": curve,
+        "correct": [bool(c) for c in controller.evaluator.last_correct],
+    }
+
+
+def _curve_step(row: dict, steps: int) -> int:
+    """Steps trained when the row's evaluation ran (eval_after repeats the last eval)."""
+    if "eval_before/accuracy" in row:
+        return 0
+    return steps if "eval_after/accuracy" in row else row["step"] + 1
+
+
+def _acc(row: dict) -> float | None:
+    for key in ("eval_before/accuracy", "eval/accuracy", "eval_after/accuracy"):
+        if key in row:
+            return row[key]
+    return None
+
+
+def slug(name: str) -> str:
+    keep = "".join(c if c.isalnum() else "_" for c in name.lower())
+    return "_".join(part for part in keep.split("_") if part)[:60]
+
+
+def summarize(results: dict[str, list[dict]]) -> dict[str, dict]:
+    summary = {}
+    for name, runs in results.items():
+        accuracy = [r["final"]["accuracy"] for r in runs]
+        ci = bootstrap_ci(accuracy)
+        summary[name] = {
+            "accuracy": [ci.mean, ci.low, ci.high],
+            "entropy": _mean(r["final"].get("entropy") for r in runs),
+            "distinct_2": _mean(r["final"].get("sample_distinct_2") for r in runs),
+            "pass_at_4": _mean(r["final"].get("pass_at_4") for r in runs),
+            "seconds": _mean(r["seconds"] for r in runs),
+        }
+    return summary
+
+
+def _mean(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def comparisons(results: dict[str, list[dict]]) -> list[dict]:
+    """The orderings the papers predict, each as a paired test: by seed (the i-th run of
+    both arms shares the seed) and by (seed, test example) correctness."""
+    best_on_policy = max(
+        (n for n in results if n.startswith("GKD λ=1")),
+        key=lambda n: _final_mean(results[n]),
+        default=None,
+    )
+    claims = [
+        ("GKD: on-policy ≥ supervised KD", best_on_policy, "supervised KD (GKD λ=0, β=0)"),
+        ("GKD: supervised KD ≥ SFT", "supervised KD (GKD λ=0, β=0)", "SFT on L"),
+        (
+            "on-policy ≥ SeqKD on the same prompts P",
+            best_on_policy,
+            "SeqKD (teacher-written, fwd KL)",
+        ),
+        ("MiniLLM ≥ SeqKD", "MiniLLM (mix α=0.2)", "SeqKD (teacher-written, fwd KL)"),
+        ("MiniLLM (no mix) ≥ SeqKD", "MiniLLM (no mix)", "SeqKD (teacher-written, fwd KL)"),
+    ]
+    out = []
+    for claim, a, b in claims:
+        if a not in results or b not in results:
+            continue
+        by_seed = paired_test(
+            [r["final"]["accuracy"] for r in results[a]],
+            [r["final"]["accuracy"] for r in results[b]],
+        )
+        per_example = paired_test(
+            [float(c) for r in results[a] for c in r["correct"]],
+            [float(c) for r in results[b] for c in r["correct"]],
+        )
+        out.append(
+            {
+                "claim": claim,
+                "a": a,
+                "b": b,
+                "difference": [
+                    by_seed.difference.mean,
+                    by_seed.difference.low,
+                    by_seed.difference.high,
+                ],
+                "p_seed": by_seed.p_value,
+                "p_example": per_example.p_value,
+                "holds": _verdict(by_seed.difference.low, by_seed.difference.high),
+            }
+        )
+    return out
+
+
+def _verdict(low: float, high: float) -> str:
+    """'yes' when the 95% interval of A − B lies above 0, 'no' below 0, else 'tie'."""
+    if low > 0:
+        return "yes"
+    return "no" if high < 0 else "tie"
+
+
+def _p(value: float) -> str:
+    return "< 1e-4" if value == 0 else f"{value:.3g}"
+
+
+def _final_mean(runs: list[dict]) -> float:
+    return sum(r["final"]["accuracy"] for r in runs) / len(runs)
+
+
+def markdown(
+    results: dict[str, list[dict]], summary: dict, claims: list[dict], meta: dict, curve_name: str
+) -> str:
+    before = results[next(iter(results))][0]["before"]
+    budget = meta["budget"]
+    intro = (
+        f"{budget['steps']} steps x {budget['batch']} prompts per arm, {budget['seeds']} seed(s), "
+        f"lr {budget['lr']} with cosine decay; accuracy = greedy exact match on {budget['eval_size']} "
+        "held-out sums (mean over seeds [95% bootstrap CI]); pass@4, entropy (nats/token) and "
+        "distinct-2 from 4 samples per test prompt at temperature 1. Student before training: "
+        f"accuracy {before['accuracy']:.3f}. Wall time per run on {meta['machine']} ({meta['note']})."
+    )
+    lines = [
+        "# Quality benchmark (tiny task)",
+        "",
+        intro,
+        "",
+        "| arm | data | accuracy [95% CI] | pass@4 | entropy | distinct-2 | wall s/run |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    data_of = {arm["name"]: arm["data"] for arm in meta["arms"]}
+    for name, s in summary.items():
+        acc = s["accuracy"]
+        lines.append(
+            f"| {name} | {DATA_NAMES[data_of[name]]} | {acc[0]:.3f} [{acc[1]:.3f}, {acc[2]:.3f}] | {_fmt(s['pass_at_4'])} | "
+            f"{_fmt(s['entropy'])} | {_fmt(s['distinct_2'])} | {s['seconds']:.1f} |"
+        )
+    if claims:
+        lines += [
+            "",
+            CLAIMS_NOTE,
+            "",
+            "| claim | A − B [95% CI] | p (seeds) | p (examples) | holds |",
+        ]
+        lines.append("| --- | --- | --- | --- | --- |")
+    for c in claims:
+        d = c["difference"]
+        lines.append(
+            f"| {c['claim']} ({c['a']} vs {c['b']}) | {d[0]:+.3f} [{d[1]:+.3f}, {d[2]:+.3f}] | "
+            f"{c['p_seed']:.3f} | {_p(c['p_example'])} | {c['holds']} |"
+        )
+    lines += [
+        "",
+        f"Total wall time {meta['total_seconds'] / 60:.1f} min. Curves: {curve_name}.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+CLAIMS_NOTE = (
+    "Expected orderings. A − B: mean over seeds of the paired difference in accuracy, with its "
+    "bootstrap interval; p (seeds): exact sign-flip test over the seeds (with 3 seeds it cannot go "
+    "below 0.25); p (examples): sign-flip test over (seed, test example) pairs of correctness "
+    "(10,000 random flips). holds: yes when the interval is above 0, no when below, tie otherwise."
+)
+
+
+def _fmt(value: float | None) -> str:
+    return "—" if value is None else f"{value:.3f}"
+
+
+def plot(results: dict[str, list[dict]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(10, 6))
+    colours = plt.get_cmap("tab20")
+    for i, (name, runs) in enumerate(results.items()):
+        steps = [s for s, _ in runs[0]["curve"]]
+        means = [sum(dict(r["curve"]).get(s, 0.0) for r in runs) / len(runs) for s in steps]
+        ax.plot(
+            steps,
+            means,
+            label=name,
+            color=colours(i % 20),
+            marker="o",
+            markersize=3,
+            linestyle="--" if i >= 10 else "-",
+        )
+    ax.set_xlabel("training step")
+    ax.set_ylabel("greedy exact match (mean over seeds)")
+    ax.set_title("tiny task: student accuracy vs step")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--smoke", action="store_true", help="CI: 4 arms, 4 steps, 1 seed, 32 test prompts"
+    )
+    parser.add_argument("--controls", action="store_true", help="run the diagnostic arms only")
+    parser.add_argument(
+        "--render", help="rewrite the .md and .png from this saved .json, run nothing"
+    )
+    parser.add_argument("--steps", type=int)
+    parser.add_argument("--seeds", type=int)
+    parser.add_argument("--arms", nargs="*", help="run only arms whose name contains one of these")
+    parser.add_argument("--out", default=str(RESULTS), help="where quality.md/json/png go")
+    parser.add_argument("--workdir", default=str(ROOT / "runs" / "quality"))
+    parser.add_argument(
+        "--note", default="2 CPU cores shared with other jobs: wall times are inflated"
+    )
+    parser.add_argument(
+        "--set", nargs="*", default=[], metavar="a.b=value", help="extra overrides for every arm"
+    )
+    args = parser.parse_args(argv)
+    if args.render:
+        return render(Path(args.render))
+    budget = (
+        Budget(steps=4, batch=8, eval_every=2, eval_size=32, eval_samples=4, seeds=1)
+        if args.smoke
+        else Budget()
+    )
+    budget.steps = args.steps or budget.steps
+    budget.seeds = args.seeds or budget.seeds
+    budget.extra = list(args.set)
+    arms = [a for a in ARMS if a.control == args.controls]
+    arms = [a for a in arms if not args.arms or any(key in a.name for key in args.arms)]
+    if args.smoke and not args.arms:
+        arms = [a for a in ARMS if a.name in SMOKE_ARMS]
+    workdir, out = Path(args.workdir), Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    data = write_data(workdir / "data")
+    started = time.perf_counter()
+    results: dict[str, list[dict]] = {}
+    for arm in arms:
+        for seed in range(budget.seeds):
+            run = run_one(arm, seed, data, budget, workdir)
+            results.setdefault(arm.name, []).append(run)
+            print(
+                f"[quality] {arm.name} seed {seed}: accuracy {run['final']['accuracy']:.3f} ({run['seconds']:.0f}s)",
+                flush=True,
+            )
+    meta = {
+        "budget": budget.__dict__,
+        "arms": [a.__dict__ for a in arms],
+        "total_seconds": time.perf_counter() - started,
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores",
+        "note": args.note,
+    }
+    summary, claims = summarize(results), comparisons(results)
+    stem = "quality_smoke" if args.smoke else "quality_controls" if args.controls else "quality"
+    (out / f"{stem}.json").write_text(
+        json.dumps({"meta": meta, "summary": summary, "claims": claims, "runs": results}, indent=1)
+    )
+    print(write_report(out / f"{stem}.json", results, summary, claims, meta))
+    return 0
+
+
+def write_report(json_path: Path, results: dict, summary: dict, claims: list, meta: dict) -> str:
+    table = markdown(results, summary, claims, meta, curve_name=json_path.stem + "_curve.png")
+    json_path.with_suffix(".md").write_text(table)
+    plot(results, json_path.with_name(json_path.stem + "_curve.png"))
+    return table
+
+
+def render(json_path: Path) -> int:
+    saved = json.loads(json_path.read_text())
+    results = saved["runs"]
+    print(write_report(json_path, results, summarize(results), comparisons(results), saved["meta"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
