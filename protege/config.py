@@ -61,6 +61,11 @@ class RolloutConfig(Section):
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1)
     allow_stale_weights: bool = False
+    # vLLM backend only: GPU memory share of the engine, and how learner weights reach it
+    # (object_store: through Ray's object store, any device; nccl: broadcast from learner
+    # rank 0 to the engine's GPU workers).
+    gpu_memory_utilization: float = Field(0.5, gt=0, le=1)
+    weight_sync: Literal["object_store", "nccl"] = "object_store"
     num_cpus: float = Field(0.25, ge=0)
     num_gpus: float = Field(0.0, ge=0)
 

@@ -41,11 +41,14 @@ def resolve_path(name: str) -> str:
     return str(builtin[key]())
 
 
-def load_model(name: str, dtype: str = "float32") -> PreTrainedModel:
+def load_model(
+    name: str, dtype: str = "float32", device: str | torch.device | None = None
+) -> PreTrainedModel:
+    """The causal LM at `name` in `dtype`, on `device` (default: where HF puts it, the CPU)."""
     path = resolve_path(name)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
     model.config.use_cache = False
-    return model
+    return model if device is None else model.to(device)
 
 
 def load_tokenizer(name: str) -> PreTrainedTokenizerBase:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 import sys
 
-from protege.actors.backends import sampler_class
+from protege.actors.backends import sampler_problem, teacher_problem
 from protege.algorithms.registry import Algorithm
 from protege.config import Config, load_config
 from protege.controller import Controller
@@ -45,10 +45,18 @@ def check_setup(config: Config, algorithm: Algorithm) -> None:
     check_rules(config.reward.rules)  # a bad rule fails now, not when the reward worker starts
     plans = [algorithm.plan(k) for k in range(max(config.trainer.steps, 1))]
     for plan in plans:
-        reason = sampler_class(config.rollout.backend).supports(plan)
+        reason = sampler_problem(config.rollout.backend, plan)
         if reason:
             raise ValueError(f"rollout.backend={config.rollout.backend!r} cannot run this plan: {reason}")
+        reason = teacher_problem(config.teacher.backend, plan) if plan.teacher_need != "none" else None
+        if reason:
+            raise ValueError(f"teacher.backend={config.teacher.backend!r} cannot score this plan: {reason}")
     if config.teacher.model == "self":
+        if config.teacher.backend == "vllm" and config.rollout.backend != "vllm":
+            raise ValueError(
+                "teacher.model=self with teacher.backend=vllm scores with the rollout engine "
+                "(adapter off), so it needs rollout.backend=vllm too"
+            )
         if not config.student.lora.enabled:
             raise ValueError("teacher.model: self (LoRA self-distillation) needs student.lora.enabled=true")
         if any(p.needs_teacher_in_decoding or p.source == "teacher" for p in plans):

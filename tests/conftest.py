@@ -12,6 +12,22 @@ import torch
 torch.set_num_threads(1)
 
 
+def _vllm_missing() -> str | None:
+    """Why vLLM tests cannot run here, or None (imported once, only when such tests exist)."""
+    try:
+        import vllm  # noqa: F401
+    except (ImportError, RuntimeError, OSError) as error:  # absent, or a broken install
+        return f"vllm is not importable ({type(error).__name__}: {error}); see .ci/run's vllm tier"
+    return None
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    marked = [item for item in items if item.get_closest_marker("vllm")]
+    reason = _vllm_missing() if marked else None
+    for item in marked if reason else ():
+        item.add_marker(pytest.mark.skip(reason=reason))
+
+
 @pytest.fixture(scope="session")
 def tiny_dirs(tmp_path_factory) -> dict[str, str]:
     """A character tokenizer and two differently seeded, differently shaped random tiny

@@ -203,6 +203,30 @@ class Learner:
             )
         return WeightUpdate(version=self._version, tensors=self.state_dict())
 
+    def init_weight_broadcast(self, samplers: list, receivers: list[int]) -> None:
+        """Join the NCCL group with the vLLM rollout engines (`rollout.weight_sync=nccl`):
+        rank 0 sends, sampler i brings `receivers[i]` GPU workers. Every rank must call it.
+        Untested on GPU here (no GPU in CI); see protege.actors.vllm_weight_sync."""
+        if self.lora:
+            raise ValueError(
+                "rollout.weight_sync=nccl broadcasts full weights; a LoRA student ships only its "
+                "adapter through the object store (set rollout.weight_sync=object_store)"
+            )
+        from protege.actors.vllm_weight_sync import WeightBroadcast
+
+        items = functools.partial(self._engine._gathered_items, lambda name: True)
+        self._broadcast = WeightBroadcast(
+            self._engine.module, items, samplers, receivers, self.rank
+        )
+
+    def broadcast_weights(self) -> int:
+        """Send the live weights to the rollout engines over NCCL and return their version;
+        every rank must call it (ZeRO-3 gathers are collective), rank 0 sends."""
+        if getattr(self, "_broadcast", None) is None:
+            raise ValueError("broadcast_weights needs init_weight_broadcast first")
+        self._broadcast.send(self._version)
+        return self._version
+
     def state_dict(self) -> dict[str, Tensor]:
         """Every weight of the live student as full CPU tensors (peft names with LoRA); under
         ZeRO-3 every rank must call it."""
