@@ -2,6 +2,7 @@
 
     python scripts/build_tiny_assets.py            # 3-5 min on 2 CPU cores
     python scripts/build_tiny_assets.py --skip-headroom-check   # 2-3 min
+    python scripts/build_tiny_assets.py --only teacher_b   # the second KV teacher, ~2 min
 
 Deterministic (seeded). Steps and measured times on 2 CPU cores:
 * teacher (4 x 128): 3,000 steps of batch 64 at lr 2e-3 on fresh gold problems (never a
@@ -10,6 +11,10 @@ Deterministic (seeded). Steps and measured times on 2 CPU cores:
   (the first 300 of train.jsonl) — a few seconds, ~10%;
 * headroom check (not shipped): the same 2 x 64 student trained like the teacher — ~1 min,
   proves the student shape can reach ~100% so distillation has room to work.
+* teacher_b (3 x 96, 6 query heads, 1 key/value head, head_dim 16): a second, differently
+  shaped teacher for multi-teacher KV distillation (`protege.kv`); 2,000 steps of batch 64
+  at lr 2e-3 on fresh gold problems. Built after the others from its own seeds, so the
+  shipped teacher/student are unchanged; its numbers go to `teacher_b/build.json`.
 Results are written to `protege/assets/tiny/manifest.json`.
 """
 
@@ -33,10 +38,15 @@ from protege.tasks.tiny import (
     make_rows,
     student_config,
     teacher_config,
+    tiny_config,
 )
 
 TEST_SEED, TRAIN_SEED, PRETRAIN_SEED = 1, 2, 3
 NUM_TEST, NUM_TRAIN, NUM_LABELLED, NUM_PRETRAIN = 200, 2000, 300, 2000
+# (layers, hidden, attention heads, key/value heads, MLP width) of the second KV teacher:
+# other layer count, KV-head count (MQA) and head dim than the shipped teacher.
+TEACHER_B_SHAPE = (3, 96, 6, 1, 288)
+TEACHER_B_STEPS, TEACHER_B_SEEDS = 2000, (41, 42)
 BATCH_SIZE = 64
 
 Rows = list[dict[str, str]]
@@ -114,12 +124,42 @@ def save(model, tokenizer, name: str) -> None:
     tokenizer.save_pretrained(out)
 
 
+def build_teacher_b(tokenizer, test_rows: Rows) -> None:
+    """The second KV-distillation teacher (see the module docstring); writes teacher_b/."""
+    test_prompts = frozenset(r["prompt"] for r in test_rows)
+    model = build_tiny_model(tiny_config(*TEACHER_B_SHAPE), TEACHER_B_SEEDS[0])
+    stream = gold_stream(test_prompts, TEACHER_B_SEEDS[1])
+    seconds = train(model, tokenizer, stream, TEACHER_B_STEPS, 2e-3, "teacher_b")
+    accuracy = greedy_accuracy(model, tokenizer, test_rows)
+    print(f"teacher_b: test accuracy {accuracy:.3f} after {seconds:.0f} s", flush=True)
+    save(model, tokenizer, "teacher_b")
+    summary = {
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "steps": TEACHER_B_STEPS,
+        "lr": 2e-3,
+        "train_seconds": round(seconds, 1),
+        "test_accuracy": accuracy,
+    }
+    with open(TINY_DIR / "teacher_b" / "build.json", "w", encoding="utf-8") as f:
+        json.dump(summary, f, indent=2)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--skip-headroom-check", action="store_true")
+    parser.add_argument(
+        "--only",
+        choices=["teacher_b"],
+        default=None,
+        help="build only this asset from the shipped test set",
+    )
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.only == "teacher_b":
+        test_rows = make_rows(NUM_TEST, TEST_SEED)
+        build_teacher_b(build_char_tokenizer(), test_rows)
+        return
     TINY_DIR.mkdir(parents=True, exist_ok=True)
 
     test_rows = make_rows(NUM_TEST, TEST_SEED)
@@ -156,6 +196,7 @@ def main() -> None:
         run("student_on_gold", student_config(), 31, gold_stream(test_prompts, 32), 3000, 2e-3)
     with open(TINY_DIR / "manifest.json", "w", encoding="utf-8") as f:
         json.dump(manifest, f, indent=2)
+    build_teacher_b(tokenizer, test_rows)
 
 
 if __name__ == "__main__":

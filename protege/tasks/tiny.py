@@ -65,6 +65,12 @@ def teacher_path() -> str:
     return str(TINY_DIR / "teacher")
 
 
+def teacher_b_path() -> str:
+    """The second, differently shaped teacher (3 layers, 1 KV head, head_dim 16) for
+    multi-teacher KV distillation."""
+    return str(TINY_DIR / "teacher_b")
+
+
 def student_path() -> str:
     return str(TINY_DIR / "student")
 
