@@ -6,13 +6,18 @@ import math
 import time
 from pathlib import Path
 
+import torch
+
 from protege.algorithms.registry import Algorithm
 from protege.checkpoint import latest_checkpoint, load_controller_state, save_controller_state
 from protege.config import Config
 from protege.data import PromptSource
 from protege.evaluation import Evaluator
-from protege.metrics_log import MetricsLog
-from protege.workers import WorkerGroup
+from protege.metrics_log import MetricsLog, phase_accounting
+from protege.records import PromptBatch, RolloutBatch
+from protege.workers import PendingRollout, WorkerGroup
+
+PENDING_FILE = "pending_rollouts.pt"
 
 
 class Controller:
@@ -28,16 +33,44 @@ class Controller:
         self.config, self.workers, self.prompts = config, workers, prompts
         self.algo, self.evaluator, self.log = algorithm, evaluator, log
         self.start_step = 0
+        self.pending: dict[int, PendingRollout] = {}  # rollouts submitted ahead, by step
+        self.drawn: dict[int, PromptBatch] = {}  # prompts drawn ahead (while the learner works)
 
     def step(self, k: int) -> dict[str, float]:
-        plan = self.algo.plan(k)  # who samples, which teacher outputs
-        batch = self.workers.generate(self.prompts.next(k), plan)
-        batch = self.workers.score(batch, plan)
-        batch = self.workers.reward(batch)  # no-op when no reward is configured
+        batch = self.rollout(k)  # plan -> generate -> score -> reward (submitted ahead when pipelining)
         batch = self.algo.advantages(batch)  # pass-through for pure-loss algorithms
-        metrics = self.workers.train(batch)
-        self.workers.sync_weights()
+        training = self.workers.submit_train(batch)
+        self.submit_ahead(k)  # with trainer.max_staleness > 0 later rollouts overlap this update
+        metrics = self.workers.collect_train(training)
+        self.workers.sync_weights(wait=False)  # samplers load it before their next rollout
         return {**metrics, **batch.extras}
+
+    def rollout(self, k: int) -> RolloutBatch:
+        """Step k's batch: sampled, teacher-scored and rewarded."""
+        pending = self.pending.pop(k, None) or self.submit_rollout(k)
+        return self.workers.collect_rollout(pending)
+
+    def submit_rollout(self, k: int) -> PendingRollout:
+        prompts = self.drawn.pop(k, None) or self.prompts.next(k)
+        return self.workers.submit_rollout(prompts, self.algo.plan(k))
+
+    def submit_ahead(self, k: int) -> None:
+        """Submit the rollouts of steps k+1 .. k+max_staleness not yet submitted. They sample
+        with the weights the samplers hold now, which miss step k's update (and later ones)
+        by the time they are trained on: at most `max_staleness` updates stale. Their
+        behaviour and student log-probs are the sampling policy's, which the importance
+        weights and PPO ratios of the policy-gradient losses divide by. A checkpoint step
+        fills the pipeline even past the last step: a run resumed from it, and trained
+        longer, must find the rollouts the uninterrupted run sampled."""
+        last = k + self.config.trainer.max_staleness
+        if not self.checkpoint_due(k):
+            last = min(last, self.config.trainer.steps - 1)
+        for j in range(k + 1, last + 1):
+            if j not in self.pending:
+                self.pending[j] = self.submit_rollout(j)
+        after = max(last, k) + 1  # the first step not submitted: tokenise its prompts now
+        if after < self.config.trainer.steps and not self.checkpoint_due(k) and after not in self.drawn:
+            self.drawn[after] = self.prompts.next(after)
 
     def run(self) -> dict[str, float]:
         """Resume if asked, evaluate, train `trainer.steps` steps, evaluate, save."""
@@ -48,14 +81,17 @@ class Controller:
             metrics = self.step(k)
             self.record(k, metrics, time.perf_counter() - started)
             self.maybe_checkpoint(k)
+        self.pending.clear()  # rollouts past the last step (filled for a checkpoint)
+        self.workers.wait_sync()  # the last update has reached the samplers
         after = self.evaluate("eval_after")
         self.workers.save_final(str(Path(self.config.output_dir) / "final"))
         self.log.close()
         return {**before, **after}
 
     def record(self, k: int, metrics: dict[str, float], seconds: float) -> None:
-        row = {"step": k, **metrics, **self.workers.take_seconds(), "time/step": seconds}
-        self.log.write(row)
+        phases = {**self.workers.take_seconds(), "time/step": seconds}
+        accounting = phase_accounting(phases, metrics, pipelined=self.config.trainer.max_staleness > 0)
+        self.log.write({"step": k, **metrics, **phases, **accounting})
         if metrics.get("learner/nonfinite") or not math.isfinite(metrics.get("learner/loss", 0.0)):
             self.log.warning(f"step {k}: non-finite loss or gradient; update skipped, weights untouched")
         elif metrics.get("learner/empty_batch"):
@@ -64,18 +100,30 @@ class Controller:
             self.evaluate("eval", step=k)
 
     def evaluate(self, prefix: str, step: int | None = None) -> dict[str, float]:
+        """Evaluation's worker calls are timed apart (`time/eval` in its own row), so they never
+        count towards a training step's phases."""
         if self.evaluator is None:
             return {}
-        result = {f"{prefix}/{key}": value for key, value in self.evaluator.run(self.workers).items()}
-        self.log.write({"step": step if step is not None else -1, **result})
+        started = time.perf_counter()
+        with self.workers.timed_apart():
+            result = {f"{prefix}/{key}": value for key, value in self.evaluator.run(self.workers).items()}
+        seconds = {f"time/{prefix}": time.perf_counter() - started}
+        self.log.write({"step": step if step is not None else -1, **result, **seconds})
         return result
 
-    def maybe_checkpoint(self, k: int) -> None:
+    def checkpoint_due(self, k: int) -> bool:
         every = self.config.trainer.save_every
-        if every and (k + 1) % every == 0:
+        return bool(every) and (k + 1) % every == 0
+
+    def maybe_checkpoint(self, k: int) -> None:
+        if self.checkpoint_due(k):
             path = Path(self.config.output_dir) / "checkpoints" / f"step_{k + 1:07d}"
             path.mkdir(parents=True, exist_ok=True)
             self.workers.save_checkpoint(str(path / "learner"))
+            # Rollouts already sampled for later steps are part of the state: resampling them
+            # after a resume would use newer weights than the uninterrupted run did.
+            self.pending = {j: self.workers.resolve(p) for j, p in self.pending.items()}
+            torch.save(self.pending, path / PENDING_FILE)
             save_controller_state(path, k + 1, self.prompts, self.algo)
 
     def resume(self) -> None:
@@ -87,5 +135,7 @@ class Controller:
             return
         self.workers.load_checkpoint(str(path / "learner"))
         self.start_step, self.algo = load_controller_state(path, self.prompts)
+        if (path / PENDING_FILE).exists():
+            self.pending = torch.load(path / PENDING_FILE, weights_only=False)
         self.workers.sync_weights()
         self.log.warning(f"resumed from {path} at step {self.start_step}")

@@ -38,6 +38,39 @@ class MetricsLog:
             self.wandb.finish()
 
 
+# Phases whose seconds are spent inside the workers' model calls (sampling, teacher forwards,
+# reward scoring, the learner's forward/backward/optimizer step), by the lane they run in.
+ROLLOUT_LANE = ("time/rollout", "time/teacher", "time/reward")
+LEARNER_LANE = ("time/learner",)
+
+
+def phase_accounting(
+    phases: dict[str, float], metrics: dict[str, float], pipelined: bool
+) -> dict[str, float]:
+    """Derived cost metrics of one step from its phase seconds (worker-side) and wall time.
+
+    `time/model`: seconds in the workers' model work, on the step's critical path: rollout lane
+    plus learner lane when synchronous, the longer lane when pipelined (the lanes overlap).
+    `time/overhead`: wall time minus that — scheduling, transport, (de)serialisation, the
+    driver, weight sync, idle waits: what a framework adds to the models' own time.
+    Tokens per second are response tokens sampled / teacher-scored per wall second.
+    """
+    step = phases.get("time/step", 0.0)
+    rollout_lane = sum(phases.get(key, 0.0) for key in ROLLOUT_LANE)
+    learner_lane = sum(phases.get(key, 0.0) for key in LEARNER_LANE)
+    model = max(rollout_lane, learner_lane) if pipelined else rollout_lane + learner_lane
+    overhead = max(step - model, 0.0)
+    out = {
+        "time/model": model,
+        "time/overhead": overhead,
+        "time/overhead_fraction": overhead / step if step > 0 else 0.0,
+    }
+    if step > 0:
+        out["throughput/tokens_generated_per_s"] = metrics.get("rollout/tokens", 0.0) / step
+        out["throughput/tokens_scored_per_s"] = metrics.get("teacher/tokens", 0.0) / step
+    return out
+
+
 def _start_wandb(config: Config, directory: Path):
     mode = config.logging.wandb
     if mode == "disabled":

@@ -7,6 +7,7 @@ N pre-training rows, L pre-training tokens. Every tensor is on CPU.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Literal
@@ -81,6 +82,9 @@ class WeightUpdate:
     tensors: dict[str, Tensor]  # name -> CPU tensor (peft adapter names when lora_only)
     lora_only: bool = False
 
+    def __reduce__(self):
+        return _unpack_weights, (self.version, pack_tensors(self.tensors), self.lora_only)
+
 
 @dataclass(frozen=True)
 class RolloutBatch:
@@ -109,6 +113,14 @@ class RolloutBatch:
     step: int = 0  # training step this batch belongs to (schedules read it)
     weights_version: int = 0  # learner version whose weights sampled this batch
     extras: dict[str, float] = field(default_factory=dict)  # scalar rollout metrics
+
+    def __reduce__(self):
+        """Pickled (Ray, checkpoints) with all tensors in one byte buffer: see `pack_tensors`."""
+        tensors, rest = {}, {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            (tensors if isinstance(value, Tensor) else rest)[f.name] = value
+        return _unpack_batch, (pack_tensors(tensors), rest)
 
     def replace(self, **changes) -> RolloutBatch:
         return dataclasses.replace(self, **changes)
@@ -196,8 +208,26 @@ def concat(batches: list[RolloutBatch]) -> RolloutBatch:
         changes[name] = torch.cat(_pad_to_common(values, left=left), dim=0)
     changes["answers"] = tuple(a for b in batches for a in b.answers)
     changes["token_count"] = None
-    extras = {k: v for b in batches for k, v in b.extras.items()}
-    return dataclasses.replace(first, extras=extras, **changes)
+    return dataclasses.replace(first, extras=combine_extras(batches), **changes)
+
+
+# `extras` keys that are totals over a shard's rows (counts, tokens, worker seconds): shards
+# add up. Every other extra is a per-row mean: shards combine by their row counts.
+SUMMED_EXTRA_SUFFIXES = ("seconds", "_count", "_bytes", "/tokens", "rewritten_steps")
+
+
+def combine_extras(batches: list[RolloutBatch]) -> dict[str, float]:
+    """One `extras` for shards of a batch: totals summed, means weighted by each shard's rows
+    (a key a shard lacks is averaged over the shards that have it)."""
+    sums: dict[str, float] = {}
+    rows: dict[str, float] = {}
+    for batch in batches:
+        for key, value in batch.extras.items():
+            summed = key.endswith(SUMMED_EXTRA_SUFFIXES)
+            weight = 1.0 if summed else float(batch.size)
+            sums[key] = sums.get(key, 0.0) + weight * value
+            rows[key] = rows.get(key, 0.0) + (0.0 if summed else weight)
+    return {key: total / rows[key] if rows[key] else total for key, total in sums.items()}
 
 
 def _pad_to_common(values: list[Tensor], left: bool) -> list[Tensor]:
@@ -214,3 +244,49 @@ def _pad_to_common(values: list[Tensor], left: bool) -> list[Tensor]:
         pad = torch.zeros(pad_shape, dtype=v.dtype)
         padded.append(torch.cat([pad, v] if left else [v, pad], dim=1))
     return padded
+
+
+# -- wire format -------------------------------------------------------------------------
+# Records cross actor boundaries pickled. torch pickles every tensor on its own (~50-150 µs
+# each: a storage object, a rebuild call); a batch or a state dict holds dozens. Packing
+# them into one uint8 buffer makes pickling one memcpy, and Ray ships the buffer out of
+# band (pickle protocol 5) without a further copy. Measured on the tiny student's state
+# dict (27 tensors): dumps 1.9 ms -> 0.08 ms, loads 4.8 ms -> 0.3 ms.
+
+_ALIGN = 16  # every tensor starts at a multiple of this many bytes (any dtype can view it)
+
+
+def pack_tensors(tensors: dict[str, Tensor]) -> tuple[list[tuple[str, torch.dtype, tuple[int, ...], int]], object]:
+    """([(name, dtype, shape, byte offset)], one numpy uint8 buffer) for CPU copies of `tensors`."""
+    import numpy as np
+
+    layout, parts, offset = [], [], 0
+    for name, tensor in tensors.items():
+        data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+        layout.append((name, tensor.dtype, tuple(tensor.shape), offset))
+        padding = -data.numel() % _ALIGN
+        parts.append(data)
+        if padding:
+            parts.append(torch.zeros(padding, dtype=torch.uint8))
+        offset += data.numel() + padding
+    buffer = torch.cat(parts).numpy() if parts else np.zeros(0, dtype=np.uint8)
+    return layout, buffer
+
+
+def unpack_tensors(layout: list[tuple[str, torch.dtype, tuple[int, ...], int]], buffer) -> dict[str, Tensor]:
+    """Inverse of `pack_tensors`: tensors that are views of one private copy of the buffer
+    (writable; the received buffer may be read-only shared memory)."""
+    flat = torch.from_numpy(buffer.copy())
+    out = {}
+    for name, dtype, shape, offset in layout:
+        size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        out[name] = flat[offset : offset + size].view(dtype).view(shape)
+    return out
+
+
+def _unpack_weights(version: int, packed: tuple, lora_only: bool) -> WeightUpdate:
+    return WeightUpdate(version=version, tensors=unpack_tensors(*packed), lora_only=lora_only)
+
+
+def _unpack_batch(packed: tuple, rest: dict) -> RolloutBatch:
+    return RolloutBatch(**unpack_tensors(*packed), **rest)

@@ -4,13 +4,17 @@
 from a launcher: `LocalLauncher` builds the plain classes in this process (tests, small
 jobs), `protege.actors.ray_actors.RayLauncher` builds them as Ray actors. Both hand back
 objects whose methods are called as `handle.method.remote(...)` and resolved with
-`launcher.get(...)`, so the same code drives both.
+`launcher.get(...)`, so the same code drives both. A call's result (a Ray ObjectRef, or an
+in-process Future) may be passed straight to another worker's call: it is resolved there.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -43,21 +47,42 @@ class _Call:
 
 
 class LocalHandle:
-    """An in-process object with Ray's calling convention: `h.method.remote(...)` runs now."""
+    """An in-process object with Ray's calling convention. `h.method.remote(...)` runs now, or,
+    when the handle has its own thread, is queued there and returns a Future: calls then run
+    one at a time in submission order, like a Ray actor's, while the caller goes on."""
 
-    def __init__(self, target: Any):
+    def __init__(self, target: Any, threaded: bool = False):
         self._target = target
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix=type(target).__name__) if threaded else None
 
     def __getattr__(self, name: str) -> _Call:
-        return _Call(getattr(self._target, name))
+        method = getattr(self._target, name)
+        if self._thread is None:
+            return _Call(method)
+        return _Call(functools.partial(self._thread.submit, _call_resolved, method))
+
+
+def _call_resolved(method: Callable, *args, **kwargs) -> Any:
+    """Run `method`, first waiting for arguments that are other calls' results (as Ray does)."""
+    return method(*map(_resolve, args), **{key: _resolve(value) for key, value in kwargs.items()})
+
+
+def _resolve(value: Any) -> Any:
+    return value.result() if isinstance(value, Future) else value
 
 
 class LocalLauncher:
+    """Workers in this process. With `threads`, each runs on its own thread, so submitted
+    rollouts overlap training (the pipelined loop); without, every call runs at once."""
+
+    def __init__(self, threads: bool = False):
+        self.threads = threads
+
     def spawn(self, role: str, cls: type, resources: list[Resources], args: list[tuple]) -> list[Any]:
-        return [LocalHandle(cls(*a)) for a in args]
+        return [LocalHandle(cls(*a), threaded=self.threads) for a in args]
 
     def get(self, refs: Any) -> Any:
-        return refs
+        return [_resolve(ref) for ref in refs] if isinstance(refs, list) else _resolve(refs)
 
     def put(self, value: Any) -> Any:
         return value
@@ -87,20 +112,23 @@ class WorkerGroup:
 
     def __init__(self, config: Config, launcher: Launcher, master_port: int = 29500):
         self.config, self.launcher = config, launcher
+        if isinstance(launcher, LocalLauncher) and config.trainer.max_staleness > 0:
+            launcher.threads = True  # in-process pipelining: each worker on its own thread
         self.seconds: dict[str, float] = {}
         self.self_teacher = config.teacher.model == "self"
         self.learners = self._spawn_learners(master_port)
         self.samplers = self._spawn_samplers()
         self.teachers = [] if self.self_teacher else self._spawn_teachers()
         self.rewarders = self._spawn_rewarders()
-        self.version = 0
+        self.version = 0  # the learner's version, as of the last collected step or sync
+        self._loads: list[Any] = []  # samplers' weight loads not yet checked
 
     # -- construction -------------------------------------------------------------------
     def _spawn_learners(self, master_port: int) -> list[Any]:
         cfg, world = self.config, self.config.learner.num_workers
         res = Resources(cfg.learner.num_cpus, cfg.learner.num_gpus)
         args = [(cfg, rank, world, "127.0.0.1", master_port) for rank in range(world)]
-        return self.launcher.spawn("learner", Learner, [res] * world, args)
+        return self.launcher.spawn("learner", TimedLearner, [res] * world, args)
 
     def _spawn_samplers(self) -> list[Any]:
         cfg, n = self.config, self.config.rollout.num_workers
@@ -124,9 +152,9 @@ class WorkerGroup:
         if not cfg.enabled:
             return []
         args = [(cfg, self.config.student.model)]
-        return self.launcher.spawn("reward", RewardScorer, [Resources(cfg.num_cpus, cfg.num_gpus)], args)
+        return self.launcher.spawn("reward", TimedRewardScorer, [Resources(cfg.num_cpus, cfg.num_gpus)], args)
 
-    # -- the stages the controller calls -------------------------------------------------
+    # -- the stages, blocking: one call per stage, each timed on the driver ----------------
     @phase("rollout")
     def generate(self, prompts: PromptBatch, plan: RolloutPlan) -> RolloutBatch:
         if plan.source == "dataset":
@@ -152,21 +180,89 @@ class WorkerGroup:
             return batch
         return self.launcher.get(self.rewarders[0].score.remote(batch))
 
-    @phase("learner")
     def train(self, batch: RolloutBatch) -> dict[str, float]:
-        batch = batch.replace(token_count=batch.num_response_tokens)  # global normaliser
-        shards = split_rows(batch, len(self.learners), keep_empty=True)  # every rank steps
-        results = self.launcher.get([lr.train.remote(s) for lr, s in zip(self.learners, shards)])
-        return _sum_metrics(results)
+        return self.collect_train(self.submit_train(batch))
 
     @phase("sync")
-    def sync_weights(self) -> int:
-        """Push the learner's weights to every sampler; returns the new version."""
-        update = self._on_all_learners(lambda learner: learner.export_weights.remote())
-        shared = self.launcher.put(update)  # one copy in the object store for all samplers
-        self.launcher.get([s.load_weights.remote(shared) for s in self.samplers])
-        self.version = update.version
+    def sync_weights(self, wait: bool = True) -> int:
+        """Push the learner's weights to every sampler; returns the new version.
+
+        The update goes from the learner to the samplers through the object store (Ray) without
+        a stop at the driver. With `wait=False` the samplers' loads are queued behind the work
+        they already have (actors run calls in submission order) and checked at the next sync.
+        """
+        self.wait_sync()
+        exported = [learner.export_weights.remote() for learner in self.learners]  # ZeRO-3: all ranks
+        self._loads = [s.load_weights.remote(exported[0]) for s in self.samplers]
+        if wait:
+            self.version = self.launcher.get(exported[0]).version
+            self.wait_sync()
+        self.launcher.get(exported[1:])
         return self.version
+
+    def wait_sync(self) -> None:
+        """Wait for (and surface errors of) the samplers' last weight loads."""
+        loads, self._loads = self._loads, []
+        self.launcher.get(loads)
+
+    # -- the stages, submitted: rollouts and training run on the workers while the driver
+    # -- goes on; `collect_*` waits. The controller pipelines rollouts with these.
+    def submit_rollout(self, prompts: PromptBatch, plan: RolloutPlan) -> PendingRollout:
+        """Start generate -> score -> reward for `prompts` on every sampler's shard; each shard
+        goes from its sampler to a teacher (and a rewarder) without a stop at the driver."""
+        if plan.source == "dataset":
+            parts = split_prompts(prompts, max(len(self.teachers), 1))
+            shards = [self.launcher.put(dataset_batch(part, self.version)) for part in parts]
+        else:
+            parts = split_prompts(prompts, len(self.samplers))
+            shards = [s.generate.remote(part, plan) for s, part in zip(self.samplers, parts)]
+        if plan.teacher_need != "none":
+            shards = [self._score_shard(i, shard, plan) for i, shard in enumerate(shards)]
+        if self.rewarders:
+            shards = [self.rewarders[0].score.remote(shard) for shard in shards]
+        return PendingRollout(prompts, shards)
+
+    def _score_shard(self, index: int, shard: Any, plan: RolloutPlan) -> Any:
+        if self.self_teacher:  # every rank joins (ZeRO-3 gathers); rank 0 answers
+            refs = [lr.score_as_teacher.remote(shard, plan) for lr in self.learners]
+            return refs[0]
+        return self.teachers[index % len(self.teachers)].score.remote(shard, plan)
+
+    def collect_rollout(self, pending: PendingRollout) -> RolloutBatch:
+        """Wait for a submitted rollout; its worker-side seconds go to `time/rollout`,
+        `time/teacher`, `time/reward` (the slowest shard: shards run in parallel)."""
+        started = time.perf_counter()
+        shards = pending.shards if pending.resolved else self.launcher.get(pending.shards)
+        self._add("time/wait_rollout", time.perf_counter() - started)
+        for name, key in WORKER_SECONDS.items():
+            self._add(f"time/{name}", max(shard.extras.get(key, 0.0) for shard in shards))
+        batch = concat(_distinct_groups(shards))
+        prompts = pending.prompts
+        return batch.replace(pretrain_ids=prompts.pretrain_ids, pretrain_mask=prompts.pretrain_mask)
+
+    def submit_train(self, batch: RolloutBatch) -> PendingTrain:
+        """Start one optimizer step on `batch` (row shards over the data-parallel ranks)."""
+        staleness = self.version - batch.weights_version  # updates the sampling weights missed
+        batch = batch.replace(token_count=batch.num_response_tokens)  # global normaliser
+        shards = split_rows(batch, len(self.learners), keep_empty=True)  # every rank steps
+        return PendingTrain([lr.train.remote(s) for lr, s in zip(self.learners, shards)], staleness)
+
+    def collect_train(self, pending: PendingTrain) -> dict[str, float]:
+        started = time.perf_counter()
+        metrics = _sum_metrics(self.launcher.get(pending.refs))
+        self._add("time/wait_learner", time.perf_counter() - started)
+        self._add("time/learner", metrics.get(LEARNER_SECONDS, 0.0))
+        self.version = int(metrics["learner/version"])
+        return {**metrics, "rollout/staleness": float(pending.staleness)}
+
+    def resolve(self, pending: PendingRollout) -> PendingRollout:
+        """The same rollout with its shards fetched (to keep it in a checkpoint)."""
+        if pending.resolved:
+            return pending
+        return PendingRollout(pending.prompts, self.launcher.get(pending.shards), resolved=True)
+
+    def _add(self, key: str, seconds: float) -> None:
+        self.seconds[key] = self.seconds.get(key, 0.0) + seconds
 
     # -- evaluation and persistence ------------------------------------------------------
     def greedy_texts(self, prompts: PromptBatch, max_new_tokens: int) -> list[str]:
@@ -190,6 +286,37 @@ class WorkerGroup:
     def take_seconds(self) -> dict[str, float]:
         seconds, self.seconds = self.seconds, {}
         return seconds
+
+    @contextlib.contextmanager
+    def timed_apart(self) -> Iterator[dict[str, float]]:
+        """Time calls made inside (evaluation) apart from the training step's phases; yields
+        the dict that receives their seconds."""
+        saved, self.seconds = self.seconds, {}
+        apart = self.seconds
+        try:
+            yield apart
+        finally:
+            self.seconds = saved
+
+
+@dataclass(frozen=True)
+class PendingRollout:
+    """A submitted rollout: one result reference per shard, or the shards once resolved."""
+
+    prompts: PromptBatch
+    shards: list[Any]
+    resolved: bool = False
+
+
+@dataclass
+class PendingTrain:
+    refs: list[Any]  # one per data-parallel rank
+    staleness: int  # learner updates since the weights that sampled the batch
+
+
+# Worker-side seconds each stage reports in the batch's extras, by phase name.
+WORKER_SECONDS = {"rollout": "rollout/seconds", "teacher": "teacher/seconds", "reward": "reward/seconds"}
+LEARNER_SECONDS = "learner/seconds"
 
 
 def dataset_batch(prompts: PromptBatch, version: int) -> RolloutBatch:
@@ -269,6 +396,32 @@ def _sum_metrics(results: list[dict[str, float]]) -> dict[str, float]:
     total: dict[str, float] = dict(results[0])
     for metrics in results[1:]:
         for key, value in metrics.items():
-            if key not in SHARED_LEARNER_METRICS:
+            if key == LEARNER_SECONDS:  # ranks step in parallel: the slowest one counts
+                total[key] = max(total.get(key, 0.0), value)
+            elif key not in SHARED_LEARNER_METRICS:
                 total[key] = total.get(key, 0.0) + value
     return total
+
+
+def timed_method(name: str, cls: type, method: str, key: str) -> type:
+    """`cls` whose `method` also reports its own wall seconds under `key`, in the metrics dict
+    it returns or in the extras of the batch it returns: worker-side time, free of transport
+    and queueing, for classes this module does not own (the learner, the rewarder)."""
+    original = getattr(cls, method)
+
+    def run(self, *args, **kwargs):
+        started = time.perf_counter()
+        result = original(self, *args, **kwargs)
+        seconds = time.perf_counter() - started
+        if isinstance(result, RolloutBatch):
+            return result.replace(extras={**result.extras, key: seconds})
+        return {**result, key: seconds}
+
+    run.__name__, run.__doc__ = method, original.__doc__
+    # Named as this module's attribute, so Ray pickles the class by reference.
+    namespace = {method: run, "__doc__": cls.__doc__, "__module__": __name__, "__qualname__": name}
+    return type(name, (cls,), namespace)
+
+
+TimedLearner = timed_method("TimedLearner", Learner, "train", LEARNER_SECONDS)
+TimedRewardScorer = timed_method("TimedRewardScorer", RewardScorer, "score", WORKER_SECONDS["reward"])

@@ -162,3 +162,39 @@ def test_replace_returns_a_new_batch():
     assert changed.step == 9 and batch.step == 7
     with pytest.raises(dataclasses.FrozenInstanceError):
         batch.step = 1
+
+
+def test_concat_combines_shard_extras_by_rows_or_sums():
+    """Several rollout workers' metrics: means weighted by rows, totals (seconds, counts) summed."""
+    two = labelled_batch(2, 2, 3).replace(
+        extras={"rollout/response_length": 3.0, "rollout/seconds": 0.5, "rollout/rewritten_steps": 1.0}
+    )
+    six = labelled_batch(6, 2, 3).replace(
+        extras={"rollout/response_length": 7.0, "rollout/seconds": 0.25, "rollout/rewritten_steps": 4.0}
+    )
+    joined = concat([two, six])
+    assert joined.extras["rollout/response_length"] == pytest.approx((2 * 3.0 + 6 * 7.0) / 8)
+    assert joined.extras["rollout/seconds"] == pytest.approx(0.75)
+    assert joined.extras["rollout/rewritten_steps"] == pytest.approx(5.0)
+
+
+def test_records_pickle_through_one_buffer_and_come_back_equal():
+    import pickle
+
+    from protege.records import WeightUpdate
+
+    batch = labelled_batch(3, 2, 4).replace(token_count=9.0, rewards=torch.tensor([1.0, 2.0, 3.0]))
+    batch = batch.replace(teacher_logits=batch.teacher_logits.to(torch.bfloat16))
+    back = pickle.loads(pickle.dumps(batch, protocol=5))
+    for f in dataclasses.fields(batch):
+        mine, theirs = getattr(batch, f.name), getattr(back, f.name)
+        if isinstance(mine, torch.Tensor):
+            assert mine.dtype == theirs.dtype and torch.equal(mine, theirs), f.name
+        else:
+            assert mine == theirs, f.name
+    back.response_ids[0, 0] = 99  # a private, writable copy
+    assert batch.response_ids[0, 0] != 99
+    update = WeightUpdate(3, {"w": torch.randn(3, 5), "b": torch.zeros(()), "e": torch.ones(0, 2)}, True)
+    again = pickle.loads(pickle.dumps(update, protocol=5))
+    assert again.version == 3 and again.lora_only
+    assert all(torch.equal(update.tensors[k], again.tensors[k]) for k in update.tensors)

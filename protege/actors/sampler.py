@@ -111,6 +111,7 @@ class HFSampler:
         fields = {name: value.cpu().clone() for name, value in fields.items()}
         lengths = fields["response_mask"].sum(-1).float()
         extras["rollout/response_length"] = float(lengths.mean()) if len(lengths) else 0.0
+        extras["rollout/tokens"] = float(lengths.sum())
         extras["rollout/seconds"] = time.perf_counter() - started
         return RolloutBatch(
             prompt_ids=prompt_ids,
@@ -225,6 +226,8 @@ class HFSampler:
         for name in ("token_source", "behaviour_logprobs", "student_logprobs"):
             fields[name] = torch.where(mask, fields[name], torch.zeros_like(fields[name]))
         fields["extras"] = chooser.extras(mask, done, fields["token_source"])
+        # Seconds inside model forwards; the rest of `rollout/seconds` is the sampler's own work.
+        fields["extras"]["rollout/model_seconds"] = sum(d.seconds for d in (student, teacher) if d)
         return fields
 
     def _forced_student_logprobs(self, batch: RolloutBatch) -> Tensor:
@@ -298,11 +301,13 @@ class _Decoder:
         self.model = model
         self.adapter_off = adapter_off  # peft's disable_adapter, for the LoRA self-teacher
         self.cache = None
+        self.seconds = 0.0  # wall seconds inside the model's forwards
 
     def next_logits(
         self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor
     ) -> Tensor:
         """Feed the new tokens [B,n]; float32 logits of the next token [B,V]."""
+        started = time.perf_counter()
         context = self.adapter_off() if self.adapter_off is not None else contextlib.nullcontext()
         with context:
             out = self.model(
@@ -314,7 +319,9 @@ class _Decoder:
                 logits_to_keep=1,
             )
         self.cache = out.past_key_values
-        return out.logits[:, -1].float()
+        logits = out.logits[:, -1].float()
+        self.seconds += time.perf_counter() - started
+        return logits
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ Ray actor wraps. Shapes: B batch, T response tokens, V vocab, K top-k.
 from __future__ import annotations
 
 import math
+import time
 
 import torch
 from torch import Tensor
@@ -96,4 +97,30 @@ class TeacherScorer:
         return vocab_size(self.model)
 
     def score(self, batch: RolloutBatch, plan: RolloutPlan) -> RolloutBatch:
-        return teacher_outputs(self.model, batch, plan, self.micro_batch_size)
+        """Teacher outputs for `batch`, with the worker's seconds, scored tokens and the bytes
+        of teacher outputs it ships added to `extras`."""
+        started = time.perf_counter()
+        scored = teacher_outputs(self.model, batch, plan, self.micro_batch_size)
+        if scored is batch:  # teacher_need "none": nothing scored
+            return batch
+        extras = {
+            "teacher/seconds": time.perf_counter() - started,
+            "teacher/tokens": batch.num_response_tokens,
+            "teacher/payload_bytes": float(payload_bytes(scored)),
+        }
+        return scored.replace(extras={**scored.extras, **extras})
+
+
+TEACHER_FIELDS = (
+    "teacher_logprobs",
+    "teacher_topk_ids",
+    "teacher_topk_logprobs",
+    "teacher_tail_logprobs",
+    "teacher_logits",
+)
+
+
+def payload_bytes(batch: RolloutBatch) -> int:
+    """Bytes of teacher outputs a batch carries (what scoring adds to the wire)."""
+    tensors = (getattr(batch, name) for name in TEACHER_FIELDS)
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)

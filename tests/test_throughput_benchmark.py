@@ -1,0 +1,50 @@
+"""The throughput benchmark's smoke mode runs every kind of run end to end (TRL included)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.slow
+def test_benchmark_smoke_mode_writes_the_table(tmp_path):
+    pytest.importorskip("trl")
+    distributed = (
+        "RANK",
+        "LOCAL_RANK",
+        "WORLD_SIZE",
+        "MASTER_ADDR",
+        "MASTER_PORT",
+    )  # set by learners
+    env = {k: v for k, v in os.environ.items() if k not in distributed}
+    env.update(OMP_NUM_THREADS="1", RAY_ADDRESS="local", WANDB_MODE="disabled")
+    command = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "throughput.py"),
+        "--smoke",
+        "--results",
+        str(tmp_path),
+    ]
+    done = subprocess.run(
+        command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((tmp_path / "throughput.json").read_text())
+    runs = results["runs"]
+    assert any(name.startswith("TRL") for name in runs)
+    assert any("pipelined" in name for name in runs)
+    for name, run in runs.items():
+        assert run["steps_per_s"] > 0 and run["tokens_per_s"] > 0, name
+        if not name.startswith("TRL"):
+            assert run["max_staleness_seen"] <= (1 if "pipelined" in name else 0)
+            assert 0.0 <= run["phases"]["time/overhead_fraction"] <= 1.0
+    modes = {row["mode"] for row in results["teacher_payload"]}
+    assert {"sampled", "full"} <= modes
+    assert "| run | steps/s |" in (tmp_path / "throughput.md").read_text()
