@@ -60,7 +60,6 @@ class RolloutConfig(Section):
     max_new_tokens: int = Field(8, ge=1)
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1)
-    allow_stale_weights: bool = False
     # vLLM backend only: GPU memory share of the engine, and how learner weights reach it
     # (object_store: through Ray's object store, any device; nccl: broadcast from learner
     # rank 0 to the engine's GPU workers).

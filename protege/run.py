@@ -51,6 +51,7 @@ def check_setup(config: Config, algorithm: Algorithm) -> None:
         reason = teacher_problem(config.teacher.backend, plan) if plan.teacher_need != "none" else None
         if reason:
             raise ValueError(f"teacher.backend={config.teacher.backend!r} cannot score this plan: {reason}")
+    check_weight_sync(config)
     if config.teacher.model == "self":
         if config.teacher.backend == "vllm" and config.rollout.backend != "vllm":
             raise ValueError(
@@ -64,6 +65,21 @@ def check_setup(config: Config, algorithm: Algorithm) -> None:
                 "teacher.model: self cannot write tokens during sampling (teacher-mixed sampling, "
                 "rewrite, seq_kd); turn those off in the algorithm section"
             )
+
+
+def check_weight_sync(config: Config) -> None:
+    if config.rollout.weight_sync != "nccl":
+        return
+    if config.rollout.backend != "vllm" or config.trainer.workers != "ray":
+        raise ValueError(
+            "rollout.weight_sync=nccl broadcasts to vLLM engines in Ray actors; it needs "
+            "rollout.backend=vllm and trainer.workers=ray (else use object_store)"
+        )
+    if config.student.lora.enabled:
+        raise ValueError(
+            "rollout.weight_sync=nccl broadcasts full weights; a LoRA student ships only its "
+            "adapter through the object store (set rollout.weight_sync=object_store)"
+        )
 
 
 def read_training_rows(config: Config, algorithm: Algorithm):

@@ -122,6 +122,9 @@ class WorkerGroup:
         self.rewarders = self._spawn_rewarders()
         self.version = 0  # the learner's version, as of the last collected step or sync
         self._loads: list[Any] = []  # samplers' weight loads not yet checked
+        # LoRA self-distillation on vLLM: the rollout engine with no adapter is the teacher.
+        self.teacher_on_samplers = self.self_teacher and config.teacher.backend == "vllm"
+        self.nccl_sync = self._join_weight_broadcast()
 
     # -- construction -------------------------------------------------------------------
     def _spawn_learners(self, master_port: int) -> list[Any]:
@@ -154,6 +157,22 @@ class WorkerGroup:
         args = [(cfg, self.config.student.model)]
         return self.launcher.spawn("reward", TimedRewardScorer, [Resources(cfg.num_cpus, cfg.num_gpus)], args)
 
+    def _join_weight_broadcast(self) -> bool:
+        """`rollout.weight_sync=nccl`: learner rank 0 and the vLLM engines' GPU workers form
+        one NCCL group, and every sync is a broadcast instead of an object-store copy."""
+        rollout = self.config.rollout
+        if rollout.weight_sync != "nccl":
+            return False
+        if rollout.backend != "vllm" or isinstance(self.launcher, LocalLauncher):
+            raise ValueError(
+                "rollout.weight_sync=nccl broadcasts to vLLM engines in Ray actors; it needs "
+                "rollout.backend=vllm and trainer.workers=ray (else use object_store)"
+            )
+        receivers = self.launcher.get([s.weight_receivers.remote() for s in self.samplers])
+        calls = [lr.init_weight_broadcast.remote(self.samplers, receivers) for lr in self.learners]
+        self.launcher.get(calls)
+        return True
+
     # -- the stages, blocking: one call per stage, each timed on the driver ----------------
     @phase("rollout")
     def generate(self, prompts: PromptBatch, plan: RolloutPlan) -> RolloutBatch:
@@ -168,10 +187,11 @@ class WorkerGroup:
     def score(self, batch: RolloutBatch, plan: RolloutPlan) -> RolloutBatch:
         if plan.teacher_need == "none":
             return batch
-        if self.self_teacher:
+        if self.self_teacher and not self.teacher_on_samplers:
             return self._on_all_learners(lambda learner: learner.score_as_teacher.remote(batch, plan))
-        shards = split_rows(batch, len(self.teachers))
-        refs = [t.score.remote(shard, plan) for t, shard in zip(self.teachers, shards)]
+        scorers = self.samplers if self.teacher_on_samplers else self.teachers
+        shards = split_rows(batch, len(scorers))
+        refs = [self._score_shard(i, shard, plan) for i, shard in enumerate(shards)]
         return _reassemble(batch, self.launcher.get(refs))
 
     @phase("reward")
@@ -192,6 +212,9 @@ class WorkerGroup:
         they already have (actors run calls in submission order) and checked at the next sync.
         """
         self.wait_sync()
+        if self.nccl_sync:  # every rank gathers (ZeRO-3), rank 0 broadcasts to the engines
+            self.version = self._on_all_learners(lambda learner: learner.broadcast_weights.remote())
+            return self.version
         exported = [learner.export_weights.remote() for learner in self.learners]  # ZeRO-3: all ranks
         self._loads = [s.load_weights.remote(exported[0]) for s in self.samplers]
         if wait:
@@ -223,6 +246,8 @@ class WorkerGroup:
         return PendingRollout(prompts, shards)
 
     def _score_shard(self, index: int, shard: Any, plan: RolloutPlan) -> Any:
+        if self.teacher_on_samplers:
+            return self.samplers[index % len(self.samplers)].score_as_teacher.remote(shard, plan)
         if self.self_teacher:  # every rank joins (ZeRO-3 gathers); rank 0 answers
             refs = [lr.score_as_teacher.remote(shard, plan) for lr in self.learners]
             return refs[0]

@@ -56,3 +56,23 @@ def test_self_teacher_on_vllm_needs_the_vllm_rollout_engine():
     config = load_config("lora_self_distill", ["teacher.backend=vllm"])
     with pytest.raises(ValueError, match="needs rollout.backend=vllm"):
         check_setup(config, config.build_algorithm())
+
+
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        (["rollout.weight_sync=nccl"], "needs rollout.backend=vllm"),
+        (["rollout.weight_sync=nccl", "rollout.backend=vllm", "trainer.workers=local"], "trainer.workers=ray"),
+        (
+            ["rollout.weight_sync=nccl", "rollout.backend=vllm", "trainer.workers=ray", "student.lora.enabled=true"],
+            "adapter through the object store",
+        ),
+    ],
+)
+def test_nccl_weight_sync_is_refused_where_it_cannot_run(overrides, match):
+    from protege.config import load_config
+    from protege.run import check_setup
+
+    config = load_config("gkd", overrides)
+    with pytest.raises(ValueError, match=match):
+        check_setup(config, config.build_algorithm())

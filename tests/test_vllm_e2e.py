@@ -74,3 +74,16 @@ def test_gkd_with_vllm_rollouts_over_ray(weak_student, tmp_path):
         json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     ]
     assert [r["step"] for r in rows if "learner/loss" in r] == [0, 1, 2]
+
+
+def test_lora_self_distillation_scores_with_the_rollout_engine(tmp_path):
+    """`teacher.model=self` + `teacher.backend=vllm`: the rollout engine with no adapter is
+    the teacher (no teacher worker, no learner-side scoring); the adapter stays faithful."""
+    overrides = ["teacher.backend=vllm", "trainer.workers=local", "trainer.steps=10"]
+    before, after = run_example("lora_self_distill", overrides, tmp_path / "run", ray=False)
+    rows = [
+        json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    ]
+    losses = [r["learner/loss"] for r in rows if "learner/loss" in r]
+    assert len(losses) == 10 and all(loss < 1e-3 for loss in losses[:2])  # teacher == student at start
+    assert after >= before - 0.02, (before, after)
