@@ -1,7 +1,7 @@
 """gated_dual_kl on the built-in tiny task; pass a.b=value overrides, e.g. trainer.steps=10.
 
-    python examples/gated_dual_kl.py
-    ray job submit --working-dir . -- python examples/gated_dual_kl.py
+python examples/gated_dual_kl.py
+ray job submit --working-dir . -- python examples/gated_dual_kl.py
 """
 
 from protege.run import main

@@ -1,7 +1,7 @@
 """gkd on the built-in tiny task; pass a.b=value overrides, e.g. trainer.steps=10.
 
-    python examples/gkd.py
-    ray job submit --working-dir . -- python examples/gkd.py
+python examples/gkd.py
+ray job submit --working-dir . -- python examples/gkd.py
 """
 
 from protege.run import main

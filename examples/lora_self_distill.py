@@ -1,7 +1,7 @@
 """lora_self_distill on the built-in tiny task; pass a.b=value overrides, e.g. trainer.steps=10.
 
-    python examples/lora_self_distill.py
-    ray job submit --working-dir . -- python examples/lora_self_distill.py
+python examples/lora_self_distill.py
+ray job submit --working-dir . -- python examples/lora_self_distill.py
 """
 
 from protege.run import main

@@ -1,7 +1,7 @@
 """minillm on the built-in tiny task; pass a.b=value overrides, e.g. trainer.steps=10.
 
-    python examples/minillm.py
-    ray job submit --working-dir . -- python examples/minillm.py
+python examples/minillm.py
+ray job submit --working-dir . -- python examples/minillm.py
 """
 
 from protege.run import main

@@ -1,7 +1,7 @@
 """opd on the built-in tiny task; pass a.b=value overrides, e.g. trainer.steps=10.
 
-    python examples/opd.py
-    ray job submit --working-dir . -- python examples/opd.py
+python examples/opd.py
+ray job submit --working-dir . -- python examples/opd.py
 """
 
 from protege.run import main

@@ -1,7 +1,7 @@
 """rl_distill on the built-in tiny task; pass a.b=value overrides, e.g. trainer.steps=10.
 
-    python examples/rl_distill.py
-    ray job submit --working-dir . -- python examples/rl_distill.py
+python examples/rl_distill.py
+ray job submit --working-dir . -- python examples/rl_distill.py
 """
 
 from protege.run import main

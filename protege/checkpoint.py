@@ -14,7 +14,9 @@ from protege.algorithms.registry import Algorithm
 from protege.data import PromptSource
 
 
-def save_controller_state(path: Path, next_step: int, prompts: PromptSource, algorithm: Algorithm) -> None:
+def save_controller_state(
+    path: Path, next_step: int, prompts: PromptSource, algorithm: Algorithm
+) -> None:
     state = {"next_step": next_step, "prompts": prompts.state_dict()}
     (path / "controller.json").write_text(json.dumps(state))
     # Algorithms are frozen dataclasses; a few carry running statistics (a moving baseline).

@@ -122,7 +122,9 @@ class TrainerConfig(Section):
     seed: int = 0
     eval_every: int = Field(0, ge=0)  # 0: only before and after training
     eval_size: int = Field(200, ge=1)
-    eval_samples: int = Field(0, ge=0)  # samples per test prompt (pass@k, entropy, ...); 0: greedy only
+    eval_samples: int = Field(
+        0, ge=0
+    )  # samples per test prompt (pass@k, entropy, ...); 0: greedy only
     eval_teacher_kl: bool = False  # with eval_samples: also reverse/forward KL to the teacher
     save_every: int = Field(0, ge=0)  # 0: no intermediate checkpoints
     resume: bool = False
@@ -199,7 +201,9 @@ def _read_preset(preset: str | Path) -> dict[str, Any]:
         raise ConfigError(f"no preset {str(preset)!r}; presets in configs/: {known}")
     tree = yaml.load(path.read_text(), Loader=_Loader) or {}
     if not isinstance(tree, dict):
-        raise ConfigError(f"{path}: a preset must be a mapping of sections, got {type(tree).__name__}")
+        raise ConfigError(
+            f"{path}: a preset must be a mapping of sections, got {type(tree).__name__}"
+        )
     return tree
 
 

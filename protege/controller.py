@@ -37,7 +37,9 @@ class Controller:
         self.drawn: dict[int, PromptBatch] = {}  # prompts drawn ahead (while the learner works)
 
     def step(self, k: int) -> dict[str, float]:
-        batch = self.rollout(k)  # plan -> generate -> score -> reward (submitted ahead when pipelining)
+        batch = self.rollout(
+            k
+        )  # plan -> generate -> score -> reward (submitted ahead when pipelining)
         batch = self.algo.advantages(batch)  # pass-through for pure-loss algorithms
         training = self.workers.submit_train(batch)
         self.submit_ahead(k)  # with trainer.max_staleness > 0 later rollouts overlap this update
@@ -69,7 +71,11 @@ class Controller:
             if j not in self.pending:
                 self.pending[j] = self.submit_rollout(j)
         after = max(last, k) + 1  # the first step not submitted: tokenise its prompts now
-        if after < self.config.trainer.steps and not self.checkpoint_due(k) and after not in self.drawn:
+        if (
+            after < self.config.trainer.steps
+            and not self.checkpoint_due(k)
+            and after not in self.drawn
+        ):
             self.drawn[after] = self.prompts.next(after)
 
     def run(self) -> dict[str, float]:
@@ -90,13 +96,21 @@ class Controller:
 
     def record(self, k: int, metrics: dict[str, float], seconds: float) -> None:
         phases = {**self.workers.take_seconds(), "time/step": seconds}
-        accounting = phase_accounting(phases, metrics, pipelined=self.config.trainer.max_staleness > 0)
+        accounting = phase_accounting(
+            phases, metrics, pipelined=self.config.trainer.max_staleness > 0
+        )
         self.log.write({"step": k, **metrics, **phases, **accounting})
         if metrics.get("learner/nonfinite") or not math.isfinite(metrics.get("learner/loss", 0.0)):
-            self.log.warning(f"step {k}: non-finite loss or gradient; update skipped, weights untouched")
+            self.log.warning(
+                f"step {k}: non-finite loss or gradient; update skipped, weights untouched"
+            )
         elif metrics.get("learner/empty_batch"):
             self.log.warning(f"step {k}: every response was empty; update skipped")
-        if self.evaluator and self.config.trainer.eval_every and (k + 1) % self.config.trainer.eval_every == 0:
+        if (
+            self.evaluator
+            and self.config.trainer.eval_every
+            and (k + 1) % self.config.trainer.eval_every == 0
+        ):
             self.evaluate("eval", step=k)
 
     def evaluate(self, prefix: str, step: int | None = None) -> dict[str, float]:
@@ -106,7 +120,9 @@ class Controller:
             return {}
         started = time.perf_counter()
         with self.workers.timed_apart():
-            result = {f"{prefix}/{key}": value for key, value in self.evaluator.run(self.workers).items()}
+            result = {
+                f"{prefix}/{key}": value for key, value in self.evaluator.run(self.workers).items()
+            }
         seconds = {f"time/{prefix}": time.perf_counter() - started}
         self.log.write({"step": step if step is not None else -1, **result, **seconds})
         return result

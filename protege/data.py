@@ -96,7 +96,11 @@ class PromptSource:
         pretrain: list[str] | None = None,
     ):
         self.rows, self.tokenizer, self.batch_size = rows, tokenizer, batch_size
-        self.seed, self.chat_template, self.max_prompt_tokens = seed, chat_template, max_prompt_tokens
+        self.seed, self.chat_template, self.max_prompt_tokens = (
+            seed,
+            chat_template,
+            max_prompt_tokens,
+        )
         self.pretrain = pretrain
         self.position = 0  # rows served so far, over all epochs
 
@@ -111,7 +115,9 @@ class PromptSource:
         prompt_ids, prompt_mask = self._encode_prompts([row.prompt for row in rows])
         completion_ids = completion_mask = pretrain_ids = pretrain_mask = None
         if all(row.completion is not None for row in rows):
-            completion_ids, completion_mask = self._encode_completions([row.completion for row in rows])
+            completion_ids, completion_mask = self._encode_completions(
+                [row.completion for row in rows]
+            )
         if self.pretrain:
             pretrain_ids, pretrain_mask = self._encode_pretrain(step)
         return PromptBatch(
@@ -139,7 +145,9 @@ class PromptSource:
     def format_prompt(self, prompt: str) -> str:
         if self.chat_template and self.tokenizer.chat_template:
             messages = [{"role": "user", "content": prompt}]
-            return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            return self.tokenizer.apply_chat_template(
+                messages, add_generation_prompt=True, tokenize=False
+            )
         return prompt
 
     def _encode_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:

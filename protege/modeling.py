@@ -64,7 +64,9 @@ def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def check_same_vocabulary(student: PreTrainedTokenizerBase, teacher: PreTrainedTokenizerBase) -> None:
+def check_same_vocabulary(
+    student: PreTrainedTokenizerBase, teacher: PreTrainedTokenizerBase
+) -> None:
     """Token-level distillation compares distributions id by id: the vocabularies must match."""
     if student.get_vocab() != teacher.get_vocab():
         only_student = len(set(student.get_vocab()) - set(teacher.get_vocab()))

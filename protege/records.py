@@ -63,7 +63,9 @@ class PromptBatch:
     prompt_ids: Tensor  # [B,P] long, left-padded
     prompt_mask: Tensor  # [B,P] bool
     answers: tuple[str | None, ...] = ()  # [B] reference answers (rule rewards, evaluation)
-    completion_ids: Tensor | None = None  # [B,C] long, dataset responses ending in EOS, right-padded
+    completion_ids: Tensor | None = (
+        None  # [B,C] long, dataset responses ending in EOS, right-padded
+    )
     completion_mask: Tensor | None = None  # [B,C] bool
     pretrain_ids: Tensor | None = None  # [N,L] long, pre-training text for MiniLLM's LM loss
     pretrain_mask: Tensor | None = None  # [N,L] bool
@@ -256,7 +258,9 @@ def _pad_to_common(values: list[Tensor], left: bool) -> list[Tensor]:
 _ALIGN = 16  # every tensor starts at a multiple of this many bytes (any dtype can view it)
 
 
-def pack_tensors(tensors: dict[str, Tensor]) -> tuple[list[tuple[str, torch.dtype, tuple[int, ...], int]], object]:
+def pack_tensors(
+    tensors: dict[str, Tensor],
+) -> tuple[list[tuple[str, torch.dtype, tuple[int, ...], int]], object]:
     """([(name, dtype, shape, byte offset)], one numpy uint8 buffer) for CPU copies of `tensors`."""
     import numpy as np
 
@@ -273,7 +277,9 @@ def pack_tensors(tensors: dict[str, Tensor]) -> tuple[list[tuple[str, torch.dtyp
     return layout, buffer
 
 
-def unpack_tensors(layout: list[tuple[str, torch.dtype, tuple[int, ...], int]], buffer) -> dict[str, Tensor]:
+def unpack_tensors(
+    layout: list[tuple[str, torch.dtype, tuple[int, ...], int]], buffer
+) -> dict[str, Tensor]:
     """Inverse of `pack_tensors`: tensors that are views of one private copy of the buffer
     (writable; the received buffer may be read-only shared memory)."""
     flat = torch.from_numpy(buffer.copy())

@@ -47,10 +47,16 @@ def check_setup(config: Config, algorithm: Algorithm) -> None:
     for plan in plans:
         reason = sampler_problem(config.rollout.backend, plan)
         if reason:
-            raise ValueError(f"rollout.backend={config.rollout.backend!r} cannot run this plan: {reason}")
-        reason = teacher_problem(config.teacher.backend, plan) if plan.teacher_need != "none" else None
+            raise ValueError(
+                f"rollout.backend={config.rollout.backend!r} cannot run this plan: {reason}"
+            )
+        reason = (
+            teacher_problem(config.teacher.backend, plan) if plan.teacher_need != "none" else None
+        )
         if reason:
-            raise ValueError(f"teacher.backend={config.teacher.backend!r} cannot score this plan: {reason}")
+            raise ValueError(
+                f"teacher.backend={config.teacher.backend!r} cannot score this plan: {reason}"
+            )
     check_weight_sync(config)
     if config.teacher.model == "self":
         if config.teacher.backend == "vllm" and config.rollout.backend != "vllm":
@@ -59,7 +65,9 @@ def check_setup(config: Config, algorithm: Algorithm) -> None:
                 "(adapter off), so it needs rollout.backend=vllm too"
             )
         if not config.student.lora.enabled:
-            raise ValueError("teacher.model: self (LoRA self-distillation) needs student.lora.enabled=true")
+            raise ValueError(
+                "teacher.model: self (LoRA self-distillation) needs student.lora.enabled=true"
+            )
         if any(p.needs_teacher_in_decoding or p.source == "teacher" for p in plans):
             raise ValueError(
                 "teacher.model: self cannot write tokens during sampling (teacher-mixed sampling, "
@@ -85,7 +93,9 @@ def check_weight_sync(config: Config) -> None:
 def read_training_rows(config: Config, algorithm: Algorithm):
     rows = read_jsonl(config.data.train)
     if any(algorithm.plan(k).source == "dataset" for k in range(config.trainer.steps)):
-        require_completions(rows, config.data.train, f"algorithm {algorithm.name!r} (dataset responses)")
+        require_completions(
+            rows, config.data.train, f"algorithm {algorithm.name!r} (dataset responses)"
+        )
     return rows
 
 

@@ -34,7 +34,9 @@ class Resources:
 
 
 class Launcher(Protocol):
-    def spawn(self, role: str, cls: type, resources: list[Resources], args: list[tuple]) -> list[Any]: ...
+    def spawn(
+        self, role: str, cls: type, resources: list[Resources], args: list[tuple]
+    ) -> list[Any]: ...
 
     def get(self, refs: Any) -> Any: ...
 
@@ -53,7 +55,9 @@ class LocalHandle:
 
     def __init__(self, target: Any, threaded: bool = False):
         self._target = target
-        self._thread = ThreadPoolExecutor(1, thread_name_prefix=type(target).__name__) if threaded else None
+        self._thread = (
+            ThreadPoolExecutor(1, thread_name_prefix=type(target).__name__) if threaded else None
+        )
 
     def __getattr__(self, name: str) -> _Call:
         method = getattr(self._target, name)
@@ -78,7 +82,9 @@ class LocalLauncher:
     def __init__(self, threads: bool = False):
         self.threads = threads
 
-    def spawn(self, role: str, cls: type, resources: list[Resources], args: list[tuple]) -> list[Any]:
+    def spawn(
+        self, role: str, cls: type, resources: list[Resources], args: list[tuple]
+    ) -> list[Any]:
         return [LocalHandle(cls(*a), threaded=self.threads) for a in args]
 
     def get(self, refs: Any) -> Any:
@@ -139,7 +145,14 @@ class WorkerGroup:
         lora = cfg.student.lora if cfg.student.lora.enabled else None
         res = Resources(cfg.rollout.num_cpus, cfg.rollout.num_gpus)
         args = [
-            (cfg.student.model, cfg.rollout, teacher, cfg.student.dtype, cfg.trainer.seed + 1000 * i, lora)
+            (
+                cfg.student.model,
+                cfg.rollout,
+                teacher,
+                cfg.student.dtype,
+                cfg.trainer.seed + 1000 * i,
+                lora,
+            )
             for i in range(n)
         ]
         return self.launcher.spawn("rollout", sampler_class(cfg.rollout.backend), [res] * n, args)
@@ -155,7 +168,9 @@ class WorkerGroup:
         if not cfg.enabled:
             return []
         args = [(cfg, self.config.student.model)]
-        return self.launcher.spawn("reward", TimedRewardScorer, [Resources(cfg.num_cpus, cfg.num_gpus)], args)
+        return self.launcher.spawn(
+            "reward", TimedRewardScorer, [Resources(cfg.num_cpus, cfg.num_gpus)], args
+        )
 
     def _join_weight_broadcast(self) -> bool:
         """`rollout.weight_sync=nccl`: learner rank 0 and the vLLM engines' GPU workers form
@@ -188,7 +203,9 @@ class WorkerGroup:
         if plan.teacher_need == "none":
             return batch
         if self.self_teacher and not self.teacher_on_samplers:
-            return self._on_all_learners(lambda learner: learner.score_as_teacher.remote(batch, plan))
+            return self._on_all_learners(
+                lambda learner: learner.score_as_teacher.remote(batch, plan)
+            )
         scorers = self.samplers if self.teacher_on_samplers else self.teachers
         shards = split_rows(batch, len(scorers))
         refs = [self._score_shard(i, shard, plan) for i, shard in enumerate(shards)]
@@ -215,7 +232,9 @@ class WorkerGroup:
         if self.nccl_sync:  # every rank gathers (ZeRO-3), rank 0 broadcasts to the engines
             self.version = self._on_all_learners(lambda learner: learner.broadcast_weights.remote())
             return self.version
-        exported = [learner.export_weights.remote() for learner in self.learners]  # ZeRO-3: all ranks
+        exported = [
+            learner.export_weights.remote() for learner in self.learners
+        ]  # ZeRO-3: all ranks
         self._loads = [s.load_weights.remote(exported[0]) for s in self.samplers]
         if wait:
             self.version = self.launcher.get(exported[0]).version
@@ -292,7 +311,9 @@ class WorkerGroup:
     # -- evaluation and persistence ------------------------------------------------------
     def greedy_texts(self, prompts: PromptBatch, max_new_tokens: int) -> list[str]:
         shards = split_prompts(prompts, len(self.samplers))
-        refs = [s.greedy_texts.remote(shard, max_new_tokens) for s, shard in zip(self.samplers, shards)]
+        refs = [
+            s.greedy_texts.remote(shard, max_new_tokens) for s, shard in zip(self.samplers, shards)
+        ]
         return [text for texts in self.launcher.get(refs) for text in texts]
 
     def save_checkpoint(self, path: str) -> None:
@@ -340,7 +361,11 @@ class PendingTrain:
 
 
 # Worker-side seconds each stage reports in the batch's extras, by phase name.
-WORKER_SECONDS = {"rollout": "rollout/seconds", "teacher": "teacher/seconds", "reward": "reward/seconds"}
+WORKER_SECONDS = {
+    "rollout": "rollout/seconds",
+    "teacher": "teacher/seconds",
+    "reward": "reward/seconds",
+}
 LEARNER_SECONDS = "learner/seconds"
 
 
@@ -365,7 +390,11 @@ def dataset_batch(prompts: PromptBatch, version: int) -> RolloutBatch:
 
 def _row_chunks(size: int, parts: int, keep_empty: bool = False) -> list[slice]:
     bounds = [round(i * size / parts) for i in range(parts + 1)]
-    return [slice(bounds[i], bounds[i + 1]) for i in range(parts) if keep_empty or bounds[i + 1] > bounds[i]]
+    return [
+        slice(bounds[i], bounds[i + 1])
+        for i in range(parts)
+        if keep_empty or bounds[i + 1] > bounds[i]
+    ]
 
 
 def split_prompts(prompts: PromptBatch, parts: int) -> list[PromptBatch]:
@@ -377,8 +406,12 @@ def split_prompts(prompts: PromptBatch, parts: int) -> list[PromptBatch]:
                 prompt_ids=prompts.prompt_ids[rows],
                 prompt_mask=prompts.prompt_mask[rows],
                 answers=prompts.answers[rows],
-                completion_ids=None if prompts.completion_ids is None else prompts.completion_ids[rows],
-                completion_mask=None if prompts.completion_mask is None else prompts.completion_mask[rows],
+                completion_ids=None
+                if prompts.completion_ids is None
+                else prompts.completion_ids[rows],
+                completion_mask=None
+                if prompts.completion_mask is None
+                else prompts.completion_mask[rows],
                 step=prompts.step,
             )
         )
@@ -413,7 +446,14 @@ def _distinct_groups(shards: list[RolloutBatch]) -> list[RolloutBatch]:
 # Learner metrics that every rank reports identically (the rest are shares of a global
 # normaliser and add up across ranks).
 SHARED_LEARNER_METRICS = frozenset(
-    {"learner/lr", "learner/grad_norm", "learner/skipped", "learner/version", "learner/nonfinite", "learner/empty_batch"}
+    {
+        "learner/lr",
+        "learner/grad_norm",
+        "learner/skipped",
+        "learner/version",
+        "learner/nonfinite",
+        "learner/empty_batch",
+    }
 )
 
 
@@ -449,4 +489,6 @@ def timed_method(name: str, cls: type, method: str, key: str) -> type:
 
 
 TimedLearner = timed_method("TimedLearner", Learner, "train", LEARNER_SECONDS)
-TimedRewardScorer = timed_method("TimedRewardScorer", RewardScorer, "score", WORKER_SECONDS["reward"])
+TimedRewardScorer = timed_method(
+    "TimedRewardScorer", RewardScorer, "score", WORKER_SECONDS["reward"]
+)

@@ -142,10 +142,14 @@ def build_teacher_b(tokenizer, test_rows: Rows) -> None:
 def build_student_h32(tokenizer, test_rows: Rows, labelled: Rows) -> None:
     """The student's recipe with 32-wide heads (vLLM on CPU); writes student_h32/."""
     model = build_tiny_model(tiny_config(*STUDENT_H32_SHAPE), 11)
-    build_extra(model, tokenizer, labelled_stream(labelled, 12), 300, 5e-3, "student_h32", test_rows)
+    build_extra(
+        model, tokenizer, labelled_stream(labelled, 12), 300, 5e-3, "student_h32", test_rows
+    )
 
 
-def build_extra(model, tokenizer, stream, steps: int, lr: float, name: str, test_rows: Rows) -> None:
+def build_extra(
+    model, tokenizer, stream, steps: int, lr: float, name: str, test_rows: Rows
+) -> None:
     """Train and save an asset outside the manifest; its numbers go to `<name>/build.json`."""
     seconds = train(model, tokenizer, stream, steps, lr, name)
     accuracy = greedy_accuracy(model, tokenizer, test_rows)

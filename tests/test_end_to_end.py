@@ -32,7 +32,9 @@ def test_example_runs_over_a_local_ray_cluster(example, tmp_path):
         "logging.wandb=disabled",
         f"output_dir={out}",
     ]
-    done = subprocess.run(command, check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        command, check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "student accuracy:" in done.stdout
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -47,12 +47,21 @@ def test_every_preset_runs_and_writes_metrics(preset, tmp_path):
     rows = [r for r in read_metrics(config) if r["step"] >= 0 and "learner/loss" in r]
     assert [r["step"] for r in rows] == [0, 1]
     for row in rows:
-        for key in ("time/rollout", "time/teacher", "time/reward", "time/learner", "time/sync", "time/step"):
+        for key in (
+            "time/rollout",
+            "time/teacher",
+            "time/reward",
+            "time/learner",
+            "time/sync",
+            "time/step",
+        ):
             assert key in row and row[key] >= 0
         assert all(isinstance(v, (int, float)) for v in row.values())
     assert 0.0 <= result["eval_after/accuracy"] <= 1.0
     after = sampler_of(controller).model.state_dict()
-    assert any(not torch.equal(before[k], after[k]) for k in before), "sync did not change the sampler"
+    assert any(not torch.equal(before[k], after[k]) for k in before), (
+        "sync did not change the sampler"
+    )
     final = AutoModelForCausalLM.from_pretrained(f"{config.output_dir}/final")
     assert final.num_parameters() > 0
 
@@ -63,7 +72,9 @@ def test_resume_reproduces_the_uninterrupted_trajectory(tmp_path):
     build_controller(full).run()
     first = local_config("minillm", tmp_path / "b", "trainer.steps=2", *common)
     build_controller(first).run()
-    resumed = local_config("minillm", tmp_path / "b", "trainer.steps=4", "trainer.resume=true", *common)
+    resumed = local_config(
+        "minillm", tmp_path / "b", "trainer.steps=4", "trainer.resume=true", *common
+    )
     build_controller(resumed).run()
 
     expected = {r["step"]: r["learner/loss"] for r in read_metrics(full) if "learner/loss" in r}
@@ -113,7 +124,9 @@ def test_empty_jsonl_is_refused(tmp_path):
 def test_missing_completion_when_dataset_responses_are_needed(tmp_path):
     data = tmp_path / "prompts.jsonl"
     data.write_text('{"prompt": "1+1=", "answer": "2"}\n')
-    config = local_config("gkd", tmp_path, f"data.train={data}", "algorithm.lmbda=0.5", "trainer.steps=10")
+    config = local_config(
+        "gkd", tmp_path, f"data.train={data}", "algorithm.lmbda=0.5", "trainer.steps=10"
+    )
     with pytest.raises(DataError, match="row 1 has no 'completion'"):
         build_controller(config)
 
@@ -121,7 +134,9 @@ def test_missing_completion_when_dataset_responses_are_needed(tmp_path):
 def test_prompt_only_data_is_fine_for_on_policy_algorithms(tmp_path):
     data = tmp_path / "prompts.jsonl"
     data.write_text('{"prompt": "1+1=", "answer": "2"}\n{"prompt": "3+4=", "answer": "7"}\n')
-    config = local_config("opd", tmp_path, f"data.train={data}", "trainer.steps=1", "trainer.batch_size=2")
+    config = local_config(
+        "opd", tmp_path, f"data.train={data}", "trainer.steps=1", "trainer.batch_size=2"
+    )
     build_controller(config).run()
     assert any("learner/loss" in r for r in read_metrics(config))
 

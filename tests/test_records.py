@@ -167,10 +167,18 @@ def test_replace_returns_a_new_batch():
 def test_concat_combines_shard_extras_by_rows_or_sums():
     """Several rollout workers' metrics: means weighted by rows, totals (seconds, counts) summed."""
     two = labelled_batch(2, 2, 3).replace(
-        extras={"rollout/response_length": 3.0, "rollout/seconds": 0.5, "rollout/rewritten_steps": 1.0}
+        extras={
+            "rollout/response_length": 3.0,
+            "rollout/seconds": 0.5,
+            "rollout/rewritten_steps": 1.0,
+        }
     )
     six = labelled_batch(6, 2, 3).replace(
-        extras={"rollout/response_length": 7.0, "rollout/seconds": 0.25, "rollout/rewritten_steps": 4.0}
+        extras={
+            "rollout/response_length": 7.0,
+            "rollout/seconds": 0.25,
+            "rollout/rewritten_steps": 4.0,
+        }
     )
     joined = concat([two, six])
     assert joined.extras["rollout/response_length"] == pytest.approx((2 * 3.0 + 6 * 7.0) / 8)
@@ -194,7 +202,9 @@ def test_records_pickle_through_one_buffer_and_come_back_equal():
             assert mine == theirs, f.name
     back.response_ids[0, 0] = 99  # a private, writable copy
     assert batch.response_ids[0, 0] != 99
-    update = WeightUpdate(3, {"w": torch.randn(3, 5), "b": torch.zeros(()), "e": torch.ones(0, 2)}, True)
+    update = WeightUpdate(
+        3, {"w": torch.randn(3, 5), "b": torch.zeros(()), "e": torch.ones(0, 2)}, True
+    )
     again = pickle.loads(pickle.dumps(update, protocol=5))
     assert again.version == 3 and again.lora_only
     assert all(torch.equal(update.tensors[k], again.tensors[k]) for k in update.tensors)

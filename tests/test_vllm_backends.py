@@ -62,9 +62,17 @@ def test_self_teacher_on_vllm_needs_the_vllm_rollout_engine():
     "overrides,match",
     [
         (["rollout.weight_sync=nccl"], "needs rollout.backend=vllm"),
-        (["rollout.weight_sync=nccl", "rollout.backend=vllm", "trainer.workers=local"], "trainer.workers=ray"),
         (
-            ["rollout.weight_sync=nccl", "rollout.backend=vllm", "trainer.workers=ray", "student.lora.enabled=true"],
+            ["rollout.weight_sync=nccl", "rollout.backend=vllm", "trainer.workers=local"],
+            "trainer.workers=ray",
+        ),
+        (
+            [
+                "rollout.weight_sync=nccl",
+                "rollout.backend=vllm",
+                "trainer.workers=ray",
+                "student.lora.enabled=true",
+            ],
             "adapter through the object store",
         ),
     ],

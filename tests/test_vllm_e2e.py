@@ -85,5 +85,7 @@ def test_lora_self_distillation_scores_with_the_rollout_engine(tmp_path):
         json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     ]
     losses = [r["learner/loss"] for r in rows if "learner/loss" in r]
-    assert len(losses) == 10 and all(loss < 1e-3 for loss in losses[:2])  # teacher == student at start
+    assert len(losses) == 10 and all(
+        loss < 1e-3 for loss in losses[:2]
+    )  # teacher == student at start
     assert after >= before - 0.02, (before, after)

@@ -45,7 +45,9 @@ class RayLauncher:
         init_ray()
         self.groups: list[Any] = []
 
-    def spawn(self, role: str, cls: type, resources: list[Resources], args: list[tuple]) -> list[Any]:
+    def spawn(
+        self, role: str, cls: type, resources: list[Resources], args: list[tuple]
+    ) -> list[Any]:
         bundles = [_bundle(r) for r in resources]
         group = placement_group(bundles, strategy="PACK", name=f"protege-{role}-{os.getpid()}")
         ray.get(group.ready())
@@ -54,7 +56,11 @@ class RayLauncher:
         handles = []
         for index, (res, arguments) in enumerate(zip(resources, args)):
             strategy = PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=index)
-            options = {"num_cpus": res.num_cpus, "num_gpus": res.num_gpus, "scheduling_strategy": strategy}
+            options = {
+                "num_cpus": res.num_cpus,
+                "num_gpus": res.num_gpus,
+                "scheduling_strategy": strategy,
+            }
             handles.append(actor_cls.options(**options).remote(*arguments))
         return handles
 

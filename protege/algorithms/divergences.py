@@ -62,12 +62,16 @@ def _safe_logsumexp(values: Tensor, dim: int) -> Tensor:
 
 def forward_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0) -> Tensor:
     """KL(p_T‖q_θ) per position (mode-covering). [B,T,V] logits -> [B,T]."""
-    return kl_from_logprobs(log_probs(teacher_logits, temperature), log_probs(student_logits, temperature))
+    return kl_from_logprobs(
+        log_probs(teacher_logits, temperature), log_probs(student_logits, temperature)
+    )
 
 
 def reverse_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0) -> Tensor:
     """KL(q_θ‖p_T) per position (mode-seeking). [B,T,V] logits -> [B,T]."""
-    return kl_from_logprobs(log_probs(student_logits, temperature), log_probs(teacher_logits, temperature))
+    return kl_from_logprobs(
+        log_probs(student_logits, temperature), log_probs(teacher_logits, temperature)
+    )
 
 
 def generalized_jsd(
@@ -109,7 +113,9 @@ def topk_buckets(
         teacher_tail = torch.log((1.0 - teacher_mass).clamp_min(resolution))
     return (
         torch.cat([student_top, student_tail], dim=-1),
-        torch.cat([teacher_topk_logp.to(student_logp.dtype), teacher_tail.to(student_logp.dtype)], -1),
+        torch.cat(
+            [teacher_topk_logp.to(student_logp.dtype), teacher_tail.to(student_logp.dtype)], -1
+        ),
     )
 
 
@@ -138,7 +144,9 @@ def topk_generalized_jsd(
 Estimator = Literal["k1", "k2", "k3"]
 
 
-def sampled_reverse_kl(student_logprobs: Tensor, teacher_logprobs: Tensor, kind: Estimator = "k1") -> Tensor:
+def sampled_reverse_kl(
+    student_logprobs: Tensor, teacher_logprobs: Tensor, kind: Estimator = "k1"
+) -> Tensor:
     """Single-sample estimates of KL(q_θ‖p_T) from tokens sampled from q_θ. [B,T] -> [B,T].
 
     k1 = log q − log p (unbiased, high variance, can be negative); k2 = ½(log q − log p)²

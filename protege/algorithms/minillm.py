@@ -103,4 +103,3 @@ class MiniLLM:
         metrics["minillm/loss"] = loss.item()
         metrics["minillm/importance_weight"] = masked_mean(weights, mask, count).item()
         return loss, metrics
-

@@ -54,7 +54,12 @@ class OPD:
         if self.clip_eps is None:
             per_token = importance_sampled_pg(logq, batch.behaviour_logprobs, batch.advantages)
         else:
-            per_token = clipped_surrogate(logq, batch.behaviour_logprobs, batch.advantages, self.clip_eps)
+            per_token = clipped_surrogate(
+                logq, batch.behaviour_logprobs, batch.advantages, self.clip_eps
+            )
         loss = masked_mean(per_token, mask, count)
         kl = sampled_reverse_kl(batch.student_logprobs, batch.teacher_logprobs, "k1")
-        return loss, {"opd/loss": loss.item(), "opd/reverse_kl": masked_mean(kl, mask, count).item()}
+        return loss, {
+            "opd/loss": loss.item(),
+            "opd/reverse_kl": masked_mean(kl, mask, count).item(),
+        }

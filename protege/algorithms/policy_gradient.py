@@ -28,6 +28,8 @@ def clipped_surrogate(
     return -torch.minimum(ratio * advantages, clipped * advantages)
 
 
-def importance_sampled_pg(logprobs: Tensor, behaviour_logprobs: Tensor, advantages: Tensor) -> Tensor:
+def importance_sampled_pg(
+    logprobs: Tensor, behaviour_logprobs: Tensor, advantages: Tensor
+) -> Tensor:
     """Per-token loss −(q_θ/q_behaviour)·A; its gradient is −ratio·A·∇log q_θ. [B,T] -> [B,T]."""
     return -torch.exp(logprobs - behaviour_logprobs) * advantages

@@ -33,7 +33,9 @@ class Algorithm(Protocol):
 
     def advantages(self, batch: RolloutBatch) -> RolloutBatch: ...
 
-    def loss(self, student_logits: Tensor, batch: RolloutBatch) -> tuple[Tensor, dict[str, float]]: ...
+    def loss(
+        self, student_logits: Tensor, batch: RolloutBatch
+    ) -> tuple[Tensor, dict[str, float]]: ...
 
 
 ALGORITHMS: dict[str, type] = {}

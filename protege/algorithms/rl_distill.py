@@ -50,7 +50,9 @@ class RLDistill:
     clip_eps: float = 0.2
     teacher_output: Literal["topk", "full"] = "topk"
     topk: int = 64
-    baseline: MovingBaseline = field(default_factory=MovingBaseline, init=False, compare=False, repr=False)
+    baseline: MovingBaseline = field(
+        default_factory=MovingBaseline, init=False, compare=False, repr=False
+    )
 
     def __post_init__(self) -> None:
         check(0.0 <= self.alpha <= 1.0, "alpha", f"must be in [0, 1], got {self.alpha}")
@@ -91,7 +93,9 @@ class RLDistill:
     def advantages(self, batch: RolloutBatch) -> RolloutBatch:
         require(batch, "rewards", "student_logprobs")
         alpha = self.alpha_at(batch.step)
-        advantages = (1 - alpha) * broadcast_to_tokens(self._reward_advantages(batch), batch.response_mask)
+        advantages = (1 - alpha) * broadcast_to_tokens(
+            self._reward_advantages(batch), batch.response_mask
+        )
         if self.distill == "sampled":
             require(batch, "teacher_logprobs")
             kl = sampled_reverse_kl(batch.student_logprobs, batch.teacher_logprobs, "k1")

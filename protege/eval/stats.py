@@ -43,7 +43,11 @@ class PairedResult:
 
 
 def paired_test(
-    a: Sequence[float], b: Sequence[float], level: float = 0.95, resamples: int = 10_000, seed: int = 0
+    a: Sequence[float],
+    b: Sequence[float],
+    level: float = 0.95,
+    resamples: int = 10_000,
+    seed: int = 0,
 ) -> PairedResult:
     """Compare two arms measured on the same seeds (or examples), pair by pair.
 
