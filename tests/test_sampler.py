@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from protege.actors.sampler import HFSampler, nucleus
+from protege.actors.decoding import nucleus
+from protege.actors.sampler import HFSampler
 from protege.config import LoraConfig, RolloutConfig
 from protege.modeling import load_model, load_tokenizer, response_logits
 from protege.records import (
