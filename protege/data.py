@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,7 +83,9 @@ class PromptSource:
     """Shuffled, epoch-based batches of prompts (with completions and pre-training text).
 
     Its position is part of a checkpoint (`state_dict`), so a resumed run sees the same
-    prompts in the same order.
+    prompts in the same order. Each row's tokens are computed the first time the row is
+    served and cached (the tokenizer must not change afterwards), and an epoch's shuffled
+    order is computed once; the batches are the same as tokenising every step.
     """
 
     def __init__(
@@ -103,6 +106,10 @@ class PromptSource:
         )
         self.pretrain = pretrain
         self.position = 0  # rows served so far, over all epochs
+        self._order: tuple[int, list[int]] = (-1, [])  # (epoch, its shuffled row indices)
+        self._prompt_tokens = TokenCache(self._tokenize_prompts, len(rows))
+        self._completion_tokens = TokenCache(self._tokenize_completions, len(rows))
+        self._pretrain_tokens = TokenCache(self._tokenize_plain, len(pretrain or ()))
 
     def state_dict(self) -> dict[str, int]:
         return {"position": self.position}
@@ -111,15 +118,18 @@ class PromptSource:
         self.position = state["position"]
 
     def next(self, step: int) -> PromptBatch:
-        rows = [self.rows[i] for i in self._next_indices()]
-        prompt_ids, prompt_mask = self._encode_prompts([row.prompt for row in rows])
+        indices = self._next_indices()
+        rows = [self.rows[i] for i in indices]
+        pad_id = self.tokenizer.pad_token_id
+        prompt_ids, prompt_mask = pad(
+            self._prompt_tokens.get(indices, [row.prompt for row in rows]), pad_id, left=True
+        )
         completion_ids = completion_mask = pretrain_ids = pretrain_mask = None
         if all(row.completion is not None for row in rows):
-            completion_ids, completion_mask = self._encode_completions(
-                [row.completion for row in rows]
-            )
+            completions = self._completion_tokens.get(indices, [row.completion for row in rows])
+            completion_ids, completion_mask = pad(completions, pad_id, left=False)
         if self.pretrain:
-            pretrain_ids, pretrain_mask = self._encode_pretrain(step)
+            pretrain_ids, pretrain_mask = pad(self._pretrain_rows(step), pad_id, left=False)
         return PromptBatch(
             prompt_ids=prompt_ids,
             prompt_mask=prompt_mask,
@@ -135,12 +145,19 @@ class PromptSource:
         indices = []
         while len(indices) < self.batch_size:
             epoch, offset = divmod(self.position, len(self.rows))
-            order = list(range(len(self.rows)))
-            random.Random(self.seed * 7919 + epoch).shuffle(order)
+            order = self._epoch_order(epoch)
             take = min(self.batch_size - len(indices), len(self.rows) - offset)
             indices.extend(order[offset : offset + take])
             self.position += take
         return indices
+
+    def _epoch_order(self, epoch: int) -> list[int]:
+        """Row indices in the order epoch `epoch` serves them (a pure function of seed, epoch)."""
+        if self._order[0] != epoch:
+            order = list(range(len(self.rows)))
+            random.Random(self.seed * 7919 + epoch).shuffle(order)
+            self._order = (epoch, order)
+        return self._order[1]
 
     def format_prompt(self, prompt: str) -> str:
         if self.chat_template and self.tokenizer.chat_template:
@@ -150,35 +167,57 @@ class PromptSource:
             )
         return prompt
 
-    def _encode_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        encoded = self.tokenizer(
+    def _tokenize_prompts(self, prompts: list[str]) -> list[list[int]]:
+        return self.tokenizer(
             [self.format_prompt(p) for p in prompts],
             add_special_tokens=not self.chat_template,
             truncation=True,
             max_length=self.max_prompt_tokens,
         )["input_ids"]
-        return pad(encoded, self.tokenizer.pad_token_id, left=True)
 
-    def _encode_completions(self, completions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _tokenize_completions(self, completions: list[str]) -> list[list[int]]:
+        """Dataset responses, each ending in exactly one EOS so the student learns to stop."""
         eos = self.tokenizer.eos_token_id
-        encoded = self.tokenizer(completions, add_special_tokens=False)["input_ids"]
-        encoded = [ids if ids and ids[-1] == eos else [*ids, eos] for ids in encoded]
-        return pad(encoded, self.tokenizer.pad_token_id, left=False)
+        encoded = self._tokenize_plain(completions)
+        return [ids if ids and ids[-1] == eos else [*ids, eos] for ids in encoded]
 
-    def _encode_pretrain(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _tokenize_plain(self, texts: list[str]) -> list[list[int]]:
+        return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+    def _pretrain_rows(self, step: int) -> list[torch.Tensor]:
+        """`batch_size` pre-training lines drawn with replacement, seeded by the step."""
         rng = random.Random(self.seed * 104729 + step)
-        texts = [self.pretrain[rng.randrange(len(self.pretrain))] for _ in range(self.batch_size)]
-        encoded = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
-        return pad(encoded, self.tokenizer.pad_token_id, left=False)
+        picks = [rng.randrange(len(self.pretrain)) for _ in range(self.batch_size)]
+        return self._pretrain_tokens.get(picks, [self.pretrain[i] for i in picks])
 
 
-def pad(sequences: list[list[int]], pad_id: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pad id lists into ([B,L] long ids, [B,L] bool mask)."""
-    width = max(len(s) for s in sequences)
+class TokenCache:
+    """Token ids per item index, tokenised (in one batched call) the first time asked for."""
+
+    def __init__(self, tokenize: Callable[[list[str]], list[list[int]]], size: int):
+        self.tokenize = tokenize
+        self.ids: list[torch.Tensor | None] = [None] * size  # [L] long per item
+
+    def get(self, indices: list[int], texts: list[str]) -> list[torch.Tensor]:
+        """The ids of items `indices`, whose texts are `texts` (read only for new items)."""
+        missing = {i: text for i, text in zip(indices, texts) if self.ids[i] is None}
+        if missing:
+            for i, ids in zip(missing, self.tokenize(list(missing.values()))):
+                self.ids[i] = torch.tensor(ids, dtype=torch.long)
+        return [self.ids[i] for i in indices]
+
+
+def pad(
+    sequences: list[torch.Tensor], pad_id: int, left: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad [L_i] long id tensors into ([B,L] long ids, [B,L] bool mask)."""
+    lengths = torch.tensor([len(s) for s in sequences], dtype=torch.long)  # [B]
+    width = int(lengths.max())
+    columns = torch.arange(width)  # [L]
+    if left:
+        mask = columns >= width - lengths[:, None]
+    else:
+        mask = columns < lengths[:, None]
     ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.bool)
-    for i, seq in enumerate(sequences):
-        span = slice(width - len(seq), width) if left else slice(0, len(seq))
-        ids[i, span] = torch.tensor(seq, dtype=torch.long)
-        mask[i, span] = True
+    ids[mask] = torch.cat(sequences)  # row-major fill: each row's tokens land in its span
     return ids, mask
