@@ -42,6 +42,8 @@ class Launcher(Protocol):
 
     def put(self, value: Any) -> Any: ...
 
+    def rendezvous_host(self, role: str, resources: list[Resources]) -> str: ...
+
 
 class _Call:
     def __init__(self, method: Callable):
@@ -90,6 +92,9 @@ class LocalLauncher:
     def get(self, refs: Any) -> Any:
         return [_resolve(ref) for ref in refs] if isinstance(refs, list) else _resolve(refs)
 
+    def rendezvous_host(self, role: str, resources: list[Resources]) -> str:
+        return "127.0.0.1"  # every worker is in this process
+
     def put(self, value: Any) -> Any:
         return value
 
@@ -135,9 +140,11 @@ class WorkerGroup:
     # -- construction -------------------------------------------------------------------
     def _spawn_learners(self, master_port: int) -> list[Any]:
         cfg, world = self.config, self.config.learner.num_workers
-        res = Resources(cfg.learner.num_cpus, cfg.learner.num_gpus)
-        args = [(cfg, rank, world, "127.0.0.1", master_port) for rank in range(world)]
-        return self.launcher.spawn("learner", TimedLearner, [res] * world, args)
+        resources = [Resources(cfg.learner.num_cpus, cfg.learner.num_gpus)] * world
+        # Rank 0's node hosts the process group's rendezvous (the ranks may span nodes).
+        host = self.launcher.rendezvous_host("learner", resources) if world > 1 else "127.0.0.1"
+        args = [(cfg, rank, world, host, master_port) for rank in range(world)]
+        return self.launcher.spawn("learner", TimedLearner, resources, args)
 
     def _spawn_samplers(self) -> list[Any]:
         cfg, n = self.config, self.config.rollout.num_workers

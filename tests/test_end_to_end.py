@@ -57,3 +57,27 @@ def test_on_policy_distillation_raises_student_accuracy(tmp_path):
     )
     result = build_controller(config).run()
     assert result["eval_after/accuracy"] >= result["eval_before/accuracy"] + 0.15, result
+
+
+@pytest.mark.slow
+def test_two_data_parallel_learners_over_ray(tmp_path):
+    """Two learner actors form one process group; the rendezvous is rank 0's node address
+    as Ray reports it (not the driver's loopback), so the ranks may sit on other nodes."""
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "RAY_ADDRESS": "local"}
+    command = [
+        sys.executable,
+        str(ROOT / "examples" / "gkd.py"),
+        "learner.num_workers=2",
+        "trainer.steps=2",
+        "trainer.batch_size=4",
+        "trainer.eval_size=8",
+        "logging.wandb=disabled",
+        f"output_dir={out}",
+    ]
+    done = subprocess.run(
+        command, check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["learner/version"] for r in rows if "learner/loss" in r] == [1.0, 2.0]

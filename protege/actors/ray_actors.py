@@ -44,14 +44,30 @@ class RayLauncher:
     def __init__(self) -> None:
         init_ray()
         self.groups: list[Any] = []
+        self._reserved: dict[str, Any] = {}  # role -> placement group made before its spawn
+
+    def rendezvous_host(self, role: str, resources: list[Resources]) -> str:
+        """The IP of the node that will hold the role's first worker (rank 0 of a process
+        group): the role's placement group is made now and reused by `spawn`."""
+        group = self._reserve(role, resources)
+        strategy = PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=0)
+        return ray.get(_node_ip.options(scheduling_strategy=strategy).remote())
+
+    def _reserve(self, role: str, resources: list[Resources]) -> Any:
+        if role not in self._reserved:
+            bundles = [_bundle(r) for r in resources]
+            name = f"protege-{role}-{os.getpid()}"
+            group = placement_group(bundles, strategy="PACK", name=name)
+            ray.get(group.ready())
+            self.groups.append(group)
+            self._reserved[role] = group
+        return self._reserved[role]
 
     def spawn(
         self, role: str, cls: type, resources: list[Resources], args: list[tuple]
     ) -> list[Any]:
-        bundles = [_bundle(r) for r in resources]
-        group = placement_group(bundles, strategy="PACK", name=f"protege-{role}-{os.getpid()}")
-        ray.get(group.ready())
-        self.groups.append(group)
+        group = self._reserve(role, resources)
+        del self._reserved[role]  # a later spawn of the same role gets its own group
         actor_cls = ray.remote(cls)
         handles = []
         for index, (res, arguments) in enumerate(zip(resources, args)):
@@ -74,6 +90,11 @@ class RayLauncher:
         for group in self.groups:
             ray.util.remove_placement_group(group)
         self.groups.clear()
+
+
+@ray.remote(num_cpus=0)
+def _node_ip() -> str:
+    return ray.util.get_node_ip_address()
 
 
 def _bundle(resources: Resources) -> dict[str, float]:
