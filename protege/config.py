@@ -10,13 +10,15 @@ from __future__ import annotations
 import difflib
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from protege.algorithms import build_algorithm
 from protege.algorithms.registry import Algorithm, AlgorithmConfigError
+
+ModelT = TypeVar("ModelT", bound=BaseModel)
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -163,11 +165,24 @@ class Config(Section):
 
 def load_config(preset: str | Path | None = None, overrides: list[str] = ()) -> Config:
     """Config from a preset (a path, or a name in configs/) plus `a.b=value` overrides."""
+    return config_from_dict(read_tree(preset, overrides))
+
+
+def read_tree(preset: str | Path | None, overrides: list[str]) -> dict[str, Any]:
+    """The raw mapping of a preset (a path, or a name in configs/) with overrides applied."""
     tree = _read_preset(preset) if preset else {}
     for override in overrides:
         key, value = _parse_override(override)
         _assign(tree, key, value)
-    return config_from_dict(tree)
+    return tree
+
+
+def validated(model: type[ModelT], tree: dict[str, Any]) -> ModelT:
+    """`model` built from `tree`, or a ConfigError naming every bad key."""
+    try:
+        return model.model_validate(tree)
+    except ValidationError as error:
+        raise ConfigError(_describe(error, model)) from None
 
 
 def config_from_dict(tree: dict[str, Any]) -> Config:
@@ -175,10 +190,7 @@ def config_from_dict(tree: dict[str, Any]) -> Config:
     if isinstance(algorithm, dict) and "name" not in algorithm:
         default_name = Config.model_fields["algorithm"].default["name"]
         tree = {**tree, "algorithm": {"name": default_name, **algorithm}}
-    try:
-        return Config.model_validate(tree)
-    except ValidationError as error:
-        raise ConfigError(_describe(error)) from None
+    return validated(Config, tree)
 
 
 class _Loader(yaml.SafeLoader):
@@ -225,7 +237,7 @@ def _assign(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node[leaf] = value
 
 
-def _describe(error: ValidationError) -> str:
+def _describe(error: ValidationError, root: type[BaseModel]) -> str:
     lines = []
     for item in error.errors():
         path = ".".join(str(part) for part in item["loc"])
@@ -233,20 +245,34 @@ def _describe(error: ValidationError) -> str:
         if isinstance(cause, AlgorithmConfigError):
             lines.append(str(cause))
         elif item["type"] == "extra_forbidden":
-            lines.append(f"{path}: unknown key{_suggest(item['loc'])}")
+            lines.append(f"{path}: unknown key{_suggest(item['loc'], root)}")
+        elif item["type"] == "value_error" and not item["loc"]:
+            # A whole-model check: its message names the keys itself.
+            lines.append(str(item["msg"]).removeprefix("Value error, "))
         else:
             lines.append(f"{path}: {item['msg']} (got {item.get('input')!r})")
     return "invalid config:\n  " + "\n  ".join(lines)
 
 
-def _suggest(loc: tuple) -> str:
-    """' (did you mean ...?)' for a mistyped key, from the fields of its section."""
-    model: type[BaseModel] = Config
+def _suggest(loc: tuple, root: type[BaseModel]) -> str:
+    """' (did you mean ...?)' for a mistyped key, from the fields of its section (list
+    indices in the path are skipped: `teachers.0.modle` looks in the list's item model)."""
+    model = root
     for part in loc[:-1]:
-        annotation = model.model_fields[part].annotation
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+        if isinstance(part, int):
+            continue
+        section = _section_model(model.model_fields[part].annotation)
+        if section is None:
             return ""
-        model = annotation
+        model = section
     close = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=1)
     valid = ", ".join(model.model_fields)
     return f" (did you mean {close[0]!r}?)" if close else f" (valid keys: {valid})"
+
+
+def _section_model(annotation: Any) -> type[BaseModel] | None:
+    """The model a field holds: `Section` itself, or the item model of `list[Section]`."""
+    for candidate in (annotation, *getattr(annotation, "__args__", ())):
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None

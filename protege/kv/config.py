@@ -7,20 +7,12 @@ time naming the dotted key.
 
 from __future__ import annotations
 
-import difflib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, ValidationError, model_validator
+from pydantic import Field, model_validator
 
-from protege.config import (
-    ConfigError,
-    LearnerConfig,
-    Section,
-    _assign,
-    _parse_override,
-    _read_preset,
-)
+from protege.config import LearnerConfig, Section, read_tree, validated
 
 
 class TeacherSpec(Section):
@@ -135,49 +127,8 @@ class KVDistillConfig(Section):
 
 def load_kv_config(preset: str | Path | None = None, overrides: list[str] = ()) -> KVDistillConfig:
     """Config from a preset (a path or a name in configs/) plus `a.b=value` overrides."""
-    tree = _read_preset(preset) if preset else {}
-    for override in overrides:
-        key, value = _parse_override(override)
-        _assign(tree, key, value)
-    return kv_config_from_dict(tree)
+    return kv_config_from_dict(read_tree(preset, overrides))
 
 
 def kv_config_from_dict(tree: dict[str, Any]) -> KVDistillConfig:
-    try:
-        return KVDistillConfig.model_validate(tree)
-    except ValidationError as error:
-        raise ConfigError(_describe(error)) from None
-
-
-def _describe(error: ValidationError) -> str:
-    lines = []
-    for item in error.errors():
-        path = ".".join(str(part) for part in item["loc"])
-        if item["type"] == "extra_forbidden":
-            lines.append(f"{path}: unknown key{_suggest(item['loc'])}")
-        elif item["type"] == "value_error":
-            lines.append(str(item["msg"]).removeprefix("Value error, "))
-        else:
-            lines.append(f"{path}: {item['msg']} (got {item.get('input')!r})")
-    return "invalid config:\n  " + "\n  ".join(lines)
-
-
-def _suggest(loc: tuple) -> str:
-    model: type[BaseModel] = KVDistillConfig
-    for part in loc[:-1]:
-        if isinstance(part, int) or part not in model.model_fields:
-            continue
-        annotation = model.model_fields[part].annotation
-        inner = getattr(annotation, "__args__", (annotation,))[0]
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            model = annotation
-        elif isinstance(inner, type) and issubclass(inner, BaseModel):
-            model = inner  # list[TeacherSpec]
-        else:
-            return ""
-    close = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=1)
-    return (
-        f" (did you mean {close[0]!r}?)"
-        if close
-        else f" (valid keys: {', '.join(model.model_fields)})"
-    )
+    return validated(KVDistillConfig, tree)
