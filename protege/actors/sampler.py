@@ -107,21 +107,8 @@ class HFSampler:
         extras = fields.pop("extras")
         # Cloned outside inference mode: an in-process learner may differentiate through them.
         fields = {name: value.cpu().clone() for name, value in fields.items()}
-        lengths = fields["response_mask"].sum(-1).float()
-        extras["rollout/response_length"] = float(lengths.mean()) if len(lengths) else 0.0
-        extras["rollout/tokens"] = float(lengths.sum())
-        extras["rollout/seconds"] = time.perf_counter() - started
-        return RolloutBatch(
-            prompt_ids=prompt_ids,
-            prompt_mask=prompt_mask,
-            group_ids=torch.arange(prompts.size).repeat_interleave(n),
-            answers=tuple(a for a in prompts.answers for _ in range(n)),
-            pretrain_ids=prompts.pretrain_ids,
-            pretrain_mask=prompts.pretrain_mask,
-            step=prompts.step,
-            weights_version=self._version,
-            extras=extras,
-            **fields,
+        return rollout_batch(
+            prompts, n, prompt_ids, prompt_mask, fields, extras, self._version, started
         )
 
     def greedy_texts(self, prompts: PromptBatch, max_new_tokens: int) -> list[str]:
@@ -236,23 +223,10 @@ class HFSampler:
     def _dataset_responses(
         self, prompts: PromptBatch, prompt_ids: Tensor, prompt_mask: Tensor, n: int
     ) -> dict:
-        """GKD's off-policy branch: the dataset's completions, scored by the student. Nothing
-        sampled them, so they have no behaviour log-probs."""
-        if prompts.completion_ids is None or prompts.completion_mask is None:
-            raise ValueError(
-                "plan source='dataset' needs prompts with completions (a 'completion' column)"
-            )
-        mask = prompts.completion_mask.bool().repeat_interleave(n, dim=0)
-        ids = torch.where(mask, prompts.completion_ids.repeat_interleave(n, dim=0), self.pad_id)
-        forced = RolloutBatch(prompt_ids, prompt_mask, ids, mask)
-        student_logprobs = self._forced_student_logprobs(forced).cpu()
-        return {
-            "response_ids": ids,
-            "response_mask": mask,
-            "token_source": torch.full(ids.shape, int(TokenSource.DATASET), dtype=torch.int8),
-            "student_logprobs": torch.where(mask, student_logprobs, 0.0),
-            "extras": {},
-        }
+        def score(forced: RolloutBatch) -> Tensor:
+            return self._forced_student_logprobs(forced).cpu()
+
+        return dataset_fields(prompts, prompt_ids, prompt_mask, n, self.pad_id, score)
 
     def _teacher_for(self, plan: RolloutPlan) -> Decoder | None:
         """A fresh incremental decoder over the teacher replica, or None when the plan does
@@ -279,6 +253,62 @@ class HFSampler:
             return self.student, self.peft_model.disable_adapter
         check_same_vocabulary(self.tokenizer, load_tokenizer(name))
         return load_model(name, self.dtype).eval().requires_grad_(False).to(self.device), None
+
+
+def rollout_batch(
+    prompts: PromptBatch,
+    n: int,
+    prompt_ids: Tensor,
+    prompt_mask: Tensor,
+    fields: dict[str, Tensor],
+    extras: dict[str, float],
+    version: int,
+    started: float,
+) -> RolloutBatch:
+    """A sampler's answer to `generate`: the response `fields` for `prompts` repeated `n`
+    times (`prompt_ids`/`prompt_mask`, grouped per prompt), with length, token and time extras."""
+    lengths = fields["response_mask"].sum(-1).float()
+    extras["rollout/response_length"] = float(lengths.mean()) if len(lengths) else 0.0
+    extras["rollout/tokens"] = float(lengths.sum())
+    extras["rollout/seconds"] = time.perf_counter() - started
+    return RolloutBatch(
+        prompt_ids=prompt_ids,
+        prompt_mask=prompt_mask,
+        group_ids=torch.arange(prompts.size).repeat_interleave(n),
+        answers=tuple(a for a in prompts.answers for _ in range(n)),
+        pretrain_ids=prompts.pretrain_ids,
+        pretrain_mask=prompts.pretrain_mask,
+        step=prompts.step,
+        weights_version=version,
+        extras=extras,
+        **fields,
+    )
+
+
+def dataset_fields(
+    prompts: PromptBatch,
+    prompt_ids: Tensor,
+    prompt_mask: Tensor,
+    n: int,
+    pad_id: int,
+    score: Callable[[RolloutBatch], Tensor],
+) -> dict:
+    """GKD's off-policy branch: the dataset's completions, with the student's log-probs of
+    them from `score` (per token, [B,T]). Nothing sampled them: no behaviour log-probs."""
+    if prompts.completion_ids is None or prompts.completion_mask is None:
+        raise ValueError(
+            "plan source='dataset' needs prompts with completions (a 'completion' column)"
+        )
+    mask = prompts.completion_mask.bool().repeat_interleave(n, dim=0)
+    ids = torch.where(mask, prompts.completion_ids.repeat_interleave(n, dim=0), pad_id)
+    student_logprobs = score(RolloutBatch(prompt_ids, prompt_mask, ids, mask))
+    return {
+        "response_ids": ids,
+        "response_mask": mask,
+        "token_source": torch.full(ids.shape, int(TokenSource.DATASET), dtype=torch.int8),
+        "student_logprobs": torch.where(mask, student_logprobs, 0.0),
+        "extras": {},
+    }
 
 
 def _step_seed(seed: int, step: int) -> int:

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from protege.actors.backends import teacher_problem, vllm_sampler_problem
-from protege.actors.sampler import SELF_TEACHER, _step_seed
+from protege.actors.sampler import SELF_TEACHER, _step_seed, dataset_fields, rollout_batch
 from protege.actors.vllm_engine import (
     make_engine,
     real_tokens,
@@ -30,7 +30,7 @@ from protege.actors.vllm_engine import (
 from protege.actors.vllm_teacher import outputs_from_scores
 from protege.config import LoraConfig, RolloutConfig
 from protege.modeling import load_tokenizer, resolve_path
-from protege.records import PromptBatch, RolloutBatch, RolloutPlan, TokenSource, WeightUpdate
+from protege.records import PromptBatch, RolloutBatch, RolloutPlan, WeightUpdate
 
 
 class VLLMSampler:
@@ -87,21 +87,8 @@ class VLLMSampler:
         else:
             fields = self._sample(prompts, n, prompt_ids, prompt_mask)
         extras = fields.pop("extras")
-        lengths = fields["response_mask"].sum(-1).float()
-        extras["rollout/response_length"] = float(lengths.mean()) if len(lengths) else 0.0
-        extras["rollout/tokens"] = float(lengths.sum())
-        extras["rollout/seconds"] = time.perf_counter() - started
-        return RolloutBatch(
-            prompt_ids=prompt_ids,
-            prompt_mask=prompt_mask,
-            group_ids=torch.arange(prompts.size).repeat_interleave(n),
-            answers=tuple(a for a in prompts.answers for _ in range(n)),
-            pretrain_ids=prompts.pretrain_ids,
-            pretrain_mask=prompts.pretrain_mask,
-            step=prompts.step,
-            weights_version=self._version,
-            extras=extras,
-            **fields,
+        return rollout_batch(
+            prompts, n, prompt_ids, prompt_mask, fields, extras, self._version, started
         )
 
     def greedy_texts(self, prompts: PromptBatch, max_new_tokens: int) -> list[str]:
@@ -172,22 +159,10 @@ class VLLMSampler:
     def _dataset_responses(
         self, prompts: PromptBatch, prompt_ids: Tensor, prompt_mask: Tensor, n: int
     ) -> dict:
-        """GKD's off-policy branch: the dataset's completions, scored by the student."""
-        if prompts.completion_ids is None or prompts.completion_mask is None:
-            raise ValueError(
-                "plan source='dataset' needs prompts with completions (a 'completion' column)"
-            )
-        mask = prompts.completion_mask.bool().repeat_interleave(n, dim=0)
-        ids = torch.where(mask, prompts.completion_ids.repeat_interleave(n, dim=0), self.pad_id)
-        batch = RolloutBatch(prompt_ids, prompt_mask, ids, mask)
-        student = score_sequences(self.llm, batch, 0, self._lora())["sampled"]
-        return {
-            "response_ids": ids,
-            "response_mask": mask,
-            "token_source": torch.full(ids.shape, int(TokenSource.DATASET), dtype=torch.int8),
-            "student_logprobs": torch.where(mask, student, 0.0),
-            "extras": {},
-        }
+        def score(forced: RolloutBatch) -> Tensor:
+            return score_sequences(self.llm, forced, 0, self._lora())["sampled"]
+
+        return dataset_fields(prompts, prompt_ids, prompt_mask, n, self.pad_id, score)
 
     def _run(self, ids: Tensor, mask: Tensor, params) -> list:
         from vllm.inputs import TokensPrompt
