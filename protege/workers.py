@@ -144,7 +144,7 @@ class WorkerGroup:
         # Rank 0's node hosts the process group's rendezvous (the ranks may span nodes).
         host = self.launcher.rendezvous_host("learner", resources) if world > 1 else "127.0.0.1"
         args = [(cfg, rank, world, host, master_port) for rank in range(world)]
-        return self.launcher.spawn("learner", TimedLearner, resources, args)
+        return self.launcher.spawn("learner", Learner, resources, args)
 
     def _spawn_samplers(self) -> list[Any]:
         cfg, n = self.config, self.config.rollout.num_workers
@@ -176,7 +176,7 @@ class WorkerGroup:
             return []
         args = [(cfg, self.config.student.model)]
         return self.launcher.spawn(
-            "reward", TimedRewardScorer, [Resources(cfg.num_cpus, cfg.num_gpus)], args
+            "reward", RewardScorer, [Resources(cfg.num_cpus, cfg.num_gpus)], args
         )
 
     def _join_weight_broadcast(self) -> bool:
@@ -473,29 +473,3 @@ def _sum_metrics(results: list[dict[str, float]]) -> dict[str, float]:
             elif key not in SHARED_LEARNER_METRICS:
                 total[key] = total.get(key, 0.0) + value
     return total
-
-
-def timed_method(name: str, cls: type, method: str, key: str) -> type:
-    """`cls` whose `method` also reports its own wall seconds under `key`, in the metrics dict
-    it returns or in the extras of the batch it returns: worker-side time, free of transport
-    and queueing, for classes this module does not own (the learner, the rewarder)."""
-    original = getattr(cls, method)
-
-    def run(self, *args, **kwargs):
-        started = time.perf_counter()
-        result = original(self, *args, **kwargs)
-        seconds = time.perf_counter() - started
-        if isinstance(result, RolloutBatch):
-            return result.replace(extras={**result.extras, key: seconds})
-        return {**result, key: seconds}
-
-    run.__name__, run.__doc__ = method, original.__doc__
-    # Named as this module's attribute, so Ray pickles the class by reference.
-    namespace = {method: run, "__doc__": cls.__doc__, "__module__": __name__, "__qualname__": name}
-    return type(name, (cls,), namespace)
-
-
-TimedLearner = timed_method("TimedLearner", Learner, "train", LEARNER_SECONDS)
-TimedRewardScorer = timed_method(
-    "TimedRewardScorer", RewardScorer, "score", WORKER_SECONDS["reward"]
-)

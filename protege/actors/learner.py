@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import functools
 import math
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -68,11 +69,17 @@ class Learner:
 
     # -- training ------------------------------------------------------------------------
     def train(self, batch: RolloutBatch) -> dict[str, float]:
-        """One optimizer step on this rank's shard; returns loss and algorithm metrics.
+        """One optimizer step on this rank's shard; returns loss and algorithm metrics, and
+        `learner/seconds` spent in it (worker-side: free of transport and queueing).
 
         A batch without response tokens, or whose loss or gradient norm is not finite, is a
         skipped step: the weights and the optimizer state stay untouched.
         """
+        started = time.perf_counter()
+        metrics = self._step(batch)
+        return {**metrics, "learner/seconds": time.perf_counter() - started}
+
+    def _step(self, batch: RolloutBatch) -> dict[str, float]:
         batch = batch.replace(token_count=self._global_token_count(batch))
         if batch.normaliser() == 0:
             return self._metrics(

@@ -7,6 +7,8 @@ Shapes: B batch rows, P prompt tokens, T response tokens.
 
 from __future__ import annotations
 
+import time
+
 import torch
 from torch import Tensor
 from transformers import (
@@ -43,10 +45,16 @@ class RewardScorer:
         self.keys = component_keys(config)
 
     def score(self, batch: RolloutBatch) -> RolloutBatch:
-        """The batch with `rewards` set and per-component means added to `extras`; unchanged
-        when no reward is configured."""
+        """The batch with `rewards` set and per-component means added to `extras`, plus the
+        `reward/seconds` spent here; unchanged when no reward is configured."""
         if not self.config.enabled:
             return batch
+        started = time.perf_counter()
+        scored = self._score(batch)
+        seconds = {"reward/seconds": time.perf_counter() - started}
+        return scored.replace(extras={**scored.extras, **seconds})
+
+    def _score(self, batch: RolloutBatch) -> RolloutBatch:
         if batch.size == 0:
             return batch.replace(rewards=torch.zeros(0))
         responses = decode_responses(self.tokenizer, batch.response_ids, batch.response_mask)
