@@ -7,7 +7,6 @@ by (seed, step), so nothing else is needed to reproduce the uninterrupted run.
 from __future__ import annotations
 
 import json
-import pickle
 from pathlib import Path
 
 from protege.algorithms.registry import Algorithm
@@ -17,17 +16,28 @@ from protege.data import PromptSource
 def save_controller_state(
     path: Path, next_step: int, prompts: PromptSource, algorithm: Algorithm
 ) -> None:
-    state = {"next_step": next_step, "prompts": prompts.state_dict()}
+    """JSON only: the algorithm is rebuilt from the config, and its adaptive state (moving
+    baselines, schedules) is restored from its `state_dict()`."""
+    state = {
+        "next_step": next_step,
+        "prompts": prompts.state_dict(),
+        "algorithm": {"name": algorithm.name, "state": algorithm.state_dict()},
+    }
     (path / "controller.json").write_text(json.dumps(state))
-    # Algorithms are frozen dataclasses; a few carry running statistics (a moving baseline).
-    (path / "algorithm.pkl").write_bytes(pickle.dumps(algorithm))
 
 
-def load_controller_state(path: Path, prompts: PromptSource) -> tuple[int, Algorithm]:
+def load_controller_state(path: Path, prompts: PromptSource, algorithm: Algorithm) -> int:
+    """Restore the data position and `algorithm`'s state in place; returns the next step."""
     state = json.loads((path / "controller.json").read_text())
+    saved = state["algorithm"]
+    if saved["name"] != algorithm.name:
+        raise ValueError(
+            f"{path} was written by algorithm {saved['name']!r}, this run is {algorithm.name!r}; "
+            "resume with the same algorithm or start a fresh output_dir"
+        )
     prompts.load_state_dict(state["prompts"])
-    algorithm = pickle.loads((path / "algorithm.pkl").read_bytes())
-    return state["next_step"], algorithm
+    algorithm.load_state_dict(saved["state"])
+    return state["next_step"]
 
 
 def latest_checkpoint(root: Path) -> Path | None:

@@ -13,7 +13,14 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from protege.algorithms import build_algorithm
 from protege.algorithms.registry import Algorithm, AlgorithmConfigError
@@ -46,7 +53,13 @@ class StudentConfig(Section):
     lora: LoraConfig = LoraConfig()
 
 
+SELF = "self"  # teacher.model: the student's own base model (LoRA adapter off)
+
+
 class TeacherConfig(Section):
+    """One teacher client: its model, where it runs and how it is batched."""
+
+    name: str = "teacher"  # unique among `teachers`; metrics and payloads carry it
     model: str = "builtin:tiny/teacher"  # HF directory, hub id, builtin:..., or "self"
     backend: Literal["hf", "vllm"] = "hf"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
@@ -54,6 +67,11 @@ class TeacherConfig(Section):
     micro_batch_size: int = Field(64, ge=1)
     num_cpus: float = Field(0.25, ge=0)
     num_gpus: float = Field(0.0, ge=0)
+
+    @property
+    def is_self(self) -> bool:
+        """The student's base model is the teacher (LoRA self-distillation)."""
+        return self.model == SELF
 
 
 class RolloutConfig(Section):
@@ -143,7 +161,8 @@ class LoggingConfig(Section):
 
 class Config(Section):
     student: StudentConfig = StudentConfig()
-    teacher: TeacherConfig = TeacherConfig()
+    # Teacher clients, scored in order; a single `teacher:` section is a one-item list.
+    teachers: list[TeacherConfig] = Field(default_factory=lambda: [TeacherConfig()], min_length=1)
     rollout: RolloutConfig = RolloutConfig()
     reward: RewardConfig = RewardConfig()
     learner: LearnerConfig = LearnerConfig()
@@ -153,11 +172,39 @@ class Config(Section):
     logging: LoggingConfig = LoggingConfig()
     output_dir: str = "runs/protege"
 
+    @model_validator(mode="before")
+    @classmethod
+    def _one_teacher_section(cls, tree: Any) -> Any:
+        """`teacher: {...}` is shorthand for `teachers: [{...}]`."""
+        if not isinstance(tree, dict) or "teacher" not in tree:
+            return tree
+        if "teachers" in tree:
+            raise ValueError(
+                "set either `teacher` (one teacher) or `teachers` (a list), not both; "
+                "override list items as teachers.0.model=..."
+            )
+        tree = dict(tree)
+        tree["teachers"] = [tree.pop("teacher")]
+        return tree
+
     @field_validator("algorithm")
     @classmethod
     def _check_algorithm(cls, params: dict[str, Any]) -> dict[str, Any]:
         build_algorithm(params)  # raises AlgorithmConfigError naming the key
         return params
+
+    @field_validator("teachers")
+    @classmethod
+    def _unique_teacher_names(cls, teachers: list[TeacherConfig]) -> list[TeacherConfig]:
+        names = [t.name for t in teachers]
+        if len(set(names)) != len(names):
+            raise ValueError(f"teacher names must be unique, got {names}; set teachers.N.name")
+        return teachers
+
+    @property
+    def teacher(self) -> TeacherConfig:
+        """The first teacher: the one token-level losses read (and the one decoding uses)."""
+        return self.teachers[0]
 
     def build_algorithm(self) -> Algorithm:
         return build_algorithm(self.algorithm)
@@ -227,14 +274,38 @@ def _parse_override(text: str) -> tuple[str, Any]:
 
 
 def _assign(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set `dotted` in `tree`; a numeric part indexes a list (`teachers.1.model=...`)."""
     *parents, leaf = dotted.split(".")
-    node = tree
+    node: Any = tree
     for i, part in enumerate(parents):
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
+        if isinstance(node, list):
+            node = _list_item(node, part, ".".join(parents[: i + 1]))
+            continue
+        following = (parents[i + 1 :] or [leaf])[0]
+        child = node.setdefault(part, [] if following.isdigit() else {})
+        if not isinstance(child, (dict, list)):
             raise ConfigError(f"{'.'.join(parents[: i + 1])}: is a value, cannot set {dotted}")
         node = child
-    node[leaf] = value
+    if isinstance(node, list):
+        index = _list_index(node, leaf, dotted)
+        node[index] = value
+    else:
+        node[leaf] = value
+
+
+def _list_index(items: list, part: str, where: str) -> int:
+    if not part.isdigit() or int(part) > len(items):
+        raise ConfigError(f"{where}: a list of {len(items)} items takes an index 0..{len(items)}")
+    if int(part) == len(items):
+        items.append({})  # the next index appends an item
+    return int(part)
+
+
+def _list_item(items: list, part: str, where: str) -> Any:
+    item = items[_list_index(items, part, where)]
+    if not isinstance(item, dict):
+        raise ConfigError(f"{where}: is a value, not a section")
+    return item
 
 
 def _describe(error: ValidationError, root: type[BaseModel]) -> str:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -14,8 +16,9 @@ from protege.config import Config
 from protege.data import PromptSource
 from protege.evaluation import Evaluator
 from protege.metrics_log import MetricsLog, phase_accounting
-from protege.records import PromptBatch, RolloutBatch
-from protege.workers import PendingRollout, WorkerGroup
+from protege.pipeline import Pipeline
+from protege.records import PromptBatch
+from protege.rollouts import RolloutQueue
 
 PENDING_FILE = "pending_rollouts.pt"
 
@@ -24,82 +27,66 @@ class Controller:
     def __init__(
         self,
         config: Config,
-        workers: WorkerGroup,
+        pipeline: Pipeline,
         prompts: PromptSource,
         algorithm: Algorithm,
         evaluator: Evaluator | None,
         log: MetricsLog,
     ):
-        self.config, self.workers, self.prompts = config, workers, prompts
+        self.config, self.pipeline, self.prompts = config, pipeline, prompts
         self.algo, self.evaluator, self.log = algorithm, evaluator, log
         self.start_step = 0
-        self.pending: dict[int, PendingRollout] = {}  # rollouts submitted ahead, by step
-        self.drawn: dict[int, PromptBatch] = {}  # prompts drawn ahead (while the learner works)
+        trainer = config.trainer
+        self.rollouts = RolloutQueue(
+            self.rollout, prompts, trainer.steps, trainer.max_staleness, self.checkpoint_due
+        )
 
     def step(self, k: int) -> dict[str, float]:
-        batch = self.rollout(
-            k
-        )  # plan -> generate -> score -> reward (submitted ahead when pipelining)
+        submitted = self.rollouts.take(k)  # submitted ahead when pipelining
+        batch = self.pipeline.gather(submitted.shards, submitted.prompts)
         batch = self.algo.advantages(batch)  # pass-through for pure-loss algorithms
-        training = self.workers.submit_train(batch)
-        self.submit_ahead(k)  # with trainer.max_staleness > 0 later rollouts overlap this update
-        metrics = self.workers.collect_train(training)
-        self.workers.sync_weights(wait=False)  # samplers load it before their next rollout
+        training = self.pipeline.train(batch, self.algo.loss_for(k))
+        self.rollouts.submit_ahead(k)  # with trainer.max_staleness > 0 they overlap this update
+        metrics = self.pipeline.wait_train(training)
+        self.algo.observe(metrics)  # adaptive algorithms update their state
+        self.pipeline.sync_weights(wait=False)  # samplers load it before their next rollout
         return {**metrics, **batch.extras}
 
-    def rollout(self, k: int) -> RolloutBatch:
-        """Step k's batch: sampled, teacher-scored and rewarded."""
-        pending = self.pending.pop(k, None) or self.submit_rollout(k)
-        return self.workers.collect_rollout(pending)
+    def rollout(self, k: int, prompts: PromptBatch) -> list[Any]:
+        """Submit step k's plan -> generate -> score (each teacher) -> reward; returns one
+        future per shard without waiting."""
+        plan = self.algo.plan(k)
+        shards = self.pipeline.generate(prompts, plan)
+        for teacher in self.pipeline.teachers:
+            shards = teacher.score(shards, plan)
+        return self.pipeline.reward(shards)
 
-    def submit_rollout(self, k: int) -> PendingRollout:
-        prompts = self.drawn.pop(k, None) or self.prompts.next(k)
-        return self.workers.submit_rollout(prompts, self.algo.plan(k))
-
-    def submit_ahead(self, k: int) -> None:
-        """Submit the rollouts of steps k+1 .. k+max_staleness not yet submitted. They sample
-        with the weights the samplers hold now, which miss step k's update (and later ones)
-        by the time they are trained on: at most `max_staleness` updates stale. Their
-        behaviour and student log-probs are the sampling policy's, which the importance
-        weights and PPO ratios of the policy-gradient losses divide by. A checkpoint step
-        fills the pipeline even past the last step: a run resumed from it, and trained
-        longer, must find the rollouts the uninterrupted run sampled."""
-        last = k + self.config.trainer.max_staleness
-        if not self.checkpoint_due(k):
-            last = min(last, self.config.trainer.steps - 1)
-        for j in range(k + 1, last + 1):
-            if j not in self.pending:
-                self.pending[j] = self.submit_rollout(j)
-        after = max(last, k) + 1  # the first step not submitted: tokenise its prompts now
-        if (
-            after < self.config.trainer.steps
-            and not self.checkpoint_due(k)
-            and after not in self.drawn
-        ):
-            self.drawn[after] = self.prompts.next(after)
-
-    def run(self) -> dict[str, float]:
-        """Resume if asked, evaluate, train `trainer.steps` steps, evaluate, save."""
+    def run(self, on_step: Callable[[int, dict[str, float]], None] | None = None) -> dict:
+        """Resume if asked, evaluate, train `trainer.steps` steps, evaluate, save.
+        `on_step(k, row)` sees every step's metrics row as written to metrics.jsonl."""
         self.resume()
         before = self.evaluate("eval_before")
         for k in range(self.start_step, self.config.trainer.steps):
             started = time.perf_counter()
             metrics = self.step(k)
-            self.record(k, metrics, time.perf_counter() - started)
+            row = self.record(k, metrics, time.perf_counter() - started)
+            if on_step is not None:
+                on_step(k, row)
             self.maybe_checkpoint(k)
-        self.pending.clear()  # rollouts past the last step (filled for a checkpoint)
-        self.workers.wait_sync()  # the last update has reached the samplers
+        self.rollouts.clear()  # rollouts past the last step (filled for a checkpoint)
+        self.pipeline.wait_sync()  # the last update has reached the samplers
         after = self.evaluate("eval_after")
-        self.workers.save_final(str(Path(self.config.output_dir) / "final"))
+        self.pipeline.save_final(str(Path(self.config.output_dir) / "final"))
         self.log.close()
         return {**before, **after}
 
-    def record(self, k: int, metrics: dict[str, float], seconds: float) -> None:
-        phases = {**self.workers.take_seconds(), "time/step": seconds}
+    def record(self, k: int, metrics: dict[str, float], seconds: float) -> dict[str, float]:
+        phases = {**self.pipeline.take_seconds(), "time/step": seconds}
         accounting = phase_accounting(
             phases, metrics, pipelined=self.config.trainer.max_staleness > 0
         )
-        self.log.write({"step": k, **metrics, **phases, **accounting})
+        row = {"step": k, **metrics, **phases, **accounting}
+        self.log.write(row)
         if metrics.get("learner/nonfinite") or not math.isfinite(metrics.get("learner/loss", 0.0)):
             self.log.warning(
                 f"step {k}: non-finite loss or gradient; update skipped, weights untouched"
@@ -112,6 +99,7 @@ class Controller:
             and (k + 1) % self.config.trainer.eval_every == 0
         ):
             self.evaluate("eval", step=k)
+        return row
 
     def evaluate(self, prefix: str, step: int | None = None) -> dict[str, float]:
         """Evaluation's worker calls are timed apart (`time/eval` in its own row), so they never
@@ -119,9 +107,9 @@ class Controller:
         if self.evaluator is None:
             return {}
         started = time.perf_counter()
-        with self.workers.timed_apart():
+        with self.pipeline.timed_apart():
             result = {
-                f"{prefix}/{key}": value for key, value in self.evaluator.run(self.workers).items()
+                f"{prefix}/{key}": value for key, value in self.evaluator.run(self.pipeline).items()
             }
         seconds = {f"time/{prefix}": time.perf_counter() - started}
         self.log.write({"step": step if step is not None else -1, **result, **seconds})
@@ -135,11 +123,10 @@ class Controller:
         if self.checkpoint_due(k):
             path = Path(self.config.output_dir) / "checkpoints" / f"step_{k + 1:07d}"
             path.mkdir(parents=True, exist_ok=True)
-            self.workers.save_checkpoint(str(path / "learner"))
+            self.pipeline.save_checkpoint(str(path / "learner"))
             # Rollouts already sampled for later steps are part of the state: resampling them
             # after a resume would use newer weights than the uninterrupted run did.
-            self.pending = {j: self.workers.resolve(p) for j, p in self.pending.items()}
-            torch.save(self.pending, path / PENDING_FILE)
+            torch.save(self.rollouts.resolved(self.pipeline.resolve), path / PENDING_FILE)
             save_controller_state(path, k + 1, self.prompts, self.algo)
 
     def resume(self) -> None:
@@ -149,9 +136,9 @@ class Controller:
         if path is None:
             self.log.warning("trainer.resume is set but no checkpoint exists yet; starting fresh")
             return
-        self.workers.load_checkpoint(str(path / "learner"))
-        self.start_step, self.algo = load_controller_state(path, self.prompts)
+        self.pipeline.load_checkpoint(str(path / "learner"))
+        self.start_step = load_controller_state(path, self.prompts, self.algo)
         if (path / PENDING_FILE).exists():
-            self.pending = torch.load(path / PENDING_FILE, weights_only=False)
-        self.workers.sync_weights()
+            self.rollouts.restore(torch.load(path / PENDING_FILE, weights_only=False))
+        self.pipeline.sync_weights()
         self.log.warning(f"resumed from {path} at step {self.start_step}")

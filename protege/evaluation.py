@@ -7,8 +7,8 @@ sequence probability against correctness) and `sample_response_length`. With `te
 as well: `reverse_kl` KL(q_θ‖p_T) on the student's samples and `forward_kl` KL(p_T‖q_θ) on
 teacher-written ones (per token, Monte Carlo; exact in expectation at rollout temperature 1).
 
-`workers` is anything with the WorkerGroup's `greedy_texts`, `generate` and `score`: the
-training run's WorkerGroup, or `protege.eval.standalone.LocalModels` for a saved model.
+`workers` is anything with the Pipeline's `greedy_texts`, `sample` and `score`: the
+training run's Pipeline, or `protege.eval.standalone.LocalModels` for a saved model.
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ class Evaluator:
             chat_template=config.data.chat_template,
             samples=config.trainer.eval_samples,
             teacher_kl=config.trainer.eval_teacher_kl,
-            forward_kl=config.teacher.model != "self",  # the self-teacher cannot write responses
+            forward_kl=not config.teacher.is_self,  # the self-teacher cannot write responses
         )
 
     def run(self, workers) -> dict[str, float]:
@@ -102,7 +102,7 @@ class Evaluator:
         k = self.samples
         need = "sampled" if self.teacher_kl else "none"
         plan = RolloutPlan(source="student", teacher_need=need, samples_per_prompt=k)
-        batch = workers.generate(self.prompts, plan)
+        batch = workers.sample(self.prompts, plan)
         correct, tokens = self._judge(batch)
         groups = [tokens[i : i + k] for i in range(0, len(tokens), k)]
         hits = [correct[i : i + k] for i in range(0, len(correct), k)]
@@ -136,7 +136,7 @@ class Evaluator:
             teacher_plan = RolloutPlan(
                 source="teacher", teacher_need="none", samples_per_prompt=self.samples
             )
-            written = workers.generate(self.prompts, teacher_plan)
+            written = workers.sample(self.prompts, teacher_plan)
             result["forward_kl"] = m.sampled_kl_per_token(
                 written.behaviour_logprobs, written.student_logprobs, written.response_mask
             )

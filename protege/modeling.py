@@ -53,6 +53,13 @@ def load_model(
     return model if device is None else model.to(device)
 
 
+def load_model_config(name: str):
+    """The HF config of the model at `name` (no weights loaded)."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(resolve_path(name))
+
+
 def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
     """Tokenizer with left padding (for generation) and a checked EOS/pad pair."""
     tokenizer = AutoTokenizer.from_pretrained(resolve_path(name))

@@ -112,6 +112,7 @@ class RolloutBatch:
     pretrain_ids: Tensor | None = None  # [N,L] long, pre-training text (MiniLLM LM loss)
     pretrain_mask: Tensor | None = None  # [N,L] bool
     token_count: float | None = None  # response tokens in the global batch (loss normaliser)
+    pretrain_token_count: float | None = None  # LM targets in the global pre-training text
     step: int = 0  # training step this batch belongs to (schedules read it)
     weights_version: int = 0  # learner version whose weights sampled this batch
     extras: dict[str, float] = field(default_factory=dict)  # scalar rollout metrics
@@ -140,6 +141,14 @@ class RolloutBatch:
         data-parallel ranks then give the gradient of the whole batch), else this batch's."""
         return self.token_count if self.token_count is not None else self.num_response_tokens
 
+    def pretrain_normaliser(self) -> float:
+        """LM targets to divide summed pre-training NLL by (global when set, like `normaliser`)."""
+        if self.pretrain_token_count is not None:
+            return self.pretrain_token_count
+        return (
+            float(lm_targets(self.pretrain_mask).sum()) if self.pretrain_mask is not None else 0.0
+        )
+
     def select(self, rows: Tensor | slice | list[int]) -> RolloutBatch:
         """Rows `rows` of every per-row field; scalars and pre-training text are kept."""
         index = _as_index(rows, self.size)
@@ -152,15 +161,54 @@ class RolloutBatch:
             changes["answers"] = tuple(self.answers[i] for i in index.tolist())
         return dataclasses.replace(self, **changes)
 
+    def shards(self, parts: int, keep_empty: bool = False) -> list[RolloutBatch]:
+        """`parts` contiguous row shards that keep the global normalisers; the pre-training
+        rows are dealt out the same way, so over the shards every row and LM target counts
+        once (data-parallel ranks)."""
+        return self._shards(row_chunks(self.size, parts, keep_empty=True), keep_empty)
+
     def split(self, micro_batch_size: int) -> list[RolloutBatch]:
-        """Micro-batches of at most `micro_batch_size` rows that keep the global normaliser."""
+        """Micro-batches of `micro_batch_size` rows (the last may be smaller) that keep the
+        global normalisers, the pre-training rows dealt out among them."""
         if micro_batch_size < 1:
             raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
-        whole = self.replace(token_count=self.normaliser())
-        return [
-            whole.select(slice(start, start + micro_batch_size))
-            for start in range(0, self.size, micro_batch_size)
-        ]
+        starts = range(0, max(self.size, 1), micro_batch_size)
+        return self._shards([slice(s, min(s + micro_batch_size, self.size)) for s in starts], True)
+
+    def _shards(self, rows: list[slice], keep_empty: bool) -> list[RolloutBatch]:
+        whole = self.replace(
+            token_count=self.normaliser(), pretrain_token_count=self.pretrain_normaliser()
+        )
+        text_rows = row_chunks(self._pretrain_rows(), len(rows), keep_empty=True)
+        out = []
+        for part, text in zip(rows, text_rows):
+            if not keep_empty and part.stop == part.start:
+                continue
+            shard = whole.select(part)
+            if self.pretrain_ids is not None:
+                shard = shard.replace(
+                    pretrain_ids=self.pretrain_ids[text], pretrain_mask=self.pretrain_mask[text]
+                )
+            out.append(shard)
+        return out
+
+    def _pretrain_rows(self) -> int:
+        return 0 if self.pretrain_ids is None else int(self.pretrain_ids.shape[0])
+
+
+def row_chunks(size: int, parts: int, keep_empty: bool = False) -> list[slice]:
+    """`parts` contiguous slices covering range(size), as even as possible."""
+    bounds = [round(i * size / parts) for i in range(parts + 1)]
+    return [
+        slice(bounds[i], bounds[i + 1])
+        for i in range(parts)
+        if keep_empty or bounds[i + 1] > bounds[i]
+    ]
+
+
+def lm_targets(mask: Tensor) -> Tensor:
+    """[N,L] text mask -> [N,L-1]: positions whose next token is text and follows text."""
+    return mask[:, 1:].bool() & mask[:, :-1].bool()
 
 
 _PER_ROW_TENSORS = frozenset(
@@ -210,6 +258,7 @@ def concat(batches: list[RolloutBatch]) -> RolloutBatch:
         changes[name] = torch.cat(_pad_to_common(values, left=left), dim=0)
     changes["answers"] = tuple(a for b in batches for a in b.answers)
     changes["token_count"] = None
+    changes["pretrain_token_count"] = None
     return dataclasses.replace(first, extras=combine_extras(batches), **changes)
 
 

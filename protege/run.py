@@ -11,18 +11,20 @@ from protege.config import Config, load_config
 from protege.controller import Controller
 from protege.data import PromptSource, read_jsonl, read_text_lines, require_completions
 from protege.evaluation import Evaluator
+from protege.launch import LocalLauncher
 from protege.metrics_log import MetricsLog
 from protege.modeling import check_same_vocabulary, load_tokenizer
+from protege.pipeline import Pipeline
 from protege.rewards import check_rules
-from protege.workers import LocalLauncher, WorkerGroup
 
 
 def build_controller(config: Config) -> Controller:
     algorithm = config.build_algorithm()
     check_setup(config, algorithm)
     tokenizer = load_tokenizer(config.student.model)
-    if config.teacher.model != "self":
-        check_same_vocabulary(tokenizer, load_tokenizer(config.teacher.model))
+    for teacher in config.teachers:
+        if not teacher.is_self:
+            check_same_vocabulary(tokenizer, load_tokenizer(teacher.model))
     prompts = PromptSource(
         read_training_rows(config, algorithm),
         tokenizer,
@@ -36,8 +38,8 @@ def build_controller(config: Config) -> Controller:
     if config.data.test:
         rows = read_jsonl(config.data.test)[: config.trainer.eval_size]
         evaluator = Evaluator.from_config(rows, tokenizer, config)
-    workers = WorkerGroup(config, make_launcher(config), master_port=free_port())
-    return Controller(config, workers, prompts, algorithm, evaluator, MetricsLog(config))
+    pipeline = Pipeline(config, make_launcher(config), master_port=free_port())
+    return Controller(config, pipeline, prompts, algorithm, evaluator, MetricsLog(config))
 
 
 def check_setup(config: Config, algorithm: Algorithm) -> None:
@@ -58,7 +60,8 @@ def check_setup(config: Config, algorithm: Algorithm) -> None:
                 f"teacher.backend={config.teacher.backend!r} cannot score this plan: {reason}"
             )
     check_weight_sync(config)
-    if config.teacher.model == "self":
+    check_teachers(config, algorithm)
+    if config.teacher.is_self:
         if config.teacher.backend == "vllm" and config.rollout.backend != "vllm":
             raise ValueError(
                 "teacher.model=self with teacher.backend=vllm scores with the rollout engine "
@@ -73,6 +76,18 @@ def check_setup(config: Config, algorithm: Algorithm) -> None:
                 "teacher.model: self cannot write tokens during sampling (teacher-mixed sampling, "
                 "rewrite, seq_kd); turn those off in the algorithm section"
             )
+
+
+def check_teachers(config: Config, algorithm: Algorithm) -> None:
+    """Token-level losses read one teacher's outputs; several teachers need an algorithm
+    that reads each of them (its `reads_teachers` says how many)."""
+    most = getattr(algorithm, "reads_teachers", 1)
+    if len(config.teachers) > most:
+        names = [t.name for t in config.teachers]
+        raise ValueError(
+            f"teachers: {len(names)} teachers {names}, but algorithm {algorithm.name!r} reads "
+            f"{most}; keep one teacher (teachers.0) or use an algorithm that fuses several"
+        )
 
 
 def check_weight_sync(config: Config) -> None:

@@ -89,7 +89,7 @@ def test_evaluation_is_timed_apart_from_training(tmp_path):
     class Probe:  # an evaluator that also samples and scores (as a KL evaluator would)
         def run(self, workers):
             plan = controller.algo.plan(0)
-            workers.score(workers.generate(controller.prompts.next(0), plan), plan)
+            workers.score(workers.sample(controller.prompts.next(0), plan), plan)
             return {"probe": 1.0}
 
     controller.evaluator = Probe()
@@ -99,7 +99,7 @@ def test_evaluation_is_timed_apart_from_training(tmp_path):
     assert all(
         not key.startswith("time/") or key == "time/eval" for row in eval_rows for key in row
     )
-    assert controller.workers.take_seconds() == {}
+    assert controller.pipeline.take_seconds() == {}
 
 
 def test_payload_bytes_count_what_scoring_adds(tiny_dirs):

@@ -28,6 +28,7 @@ from protege.algorithms.gated_dual_kl import restrict_to_teacher_support, step_m
 from protege.algorithms.policy_gradient import clipped_surrogate, token_logprobs
 from protege.algorithms.registry import AlgorithmConfigError
 from protege.records import RolloutBatch, TokenSource
+from protege.student import StudentLogits
 
 VOCAB, TOKENS, PROMPTS = 11, 6, 3
 
@@ -152,7 +153,7 @@ def make_batch(
 
 def loss_and_grad(algorithm, logits, batch):
     logits = logits.detach().clone().requires_grad_(True)
-    loss, metrics = algorithm.loss(logits, batch)
+    loss, metrics = algorithm.loss(StudentLogits(logits), batch)
     loss.backward()
     return loss, metrics, logits.grad
 
@@ -273,20 +274,22 @@ def test_gkd_lambda_endpoints_and_seq_kd():
 def test_gkd_loss_is_the_masked_mean_jsd(beta):
     full = make_algorithm("gkd", {"beta": beta, "temperature": 1.5, "teacher_output": "full"})
     logits, batch = make_batch(full, seed=5)
-    loss, metrics = full.loss(logits, batch)
+    loss, metrics = full.loss(StudentLogits(logits), batch)
     per_token = generalized_jsd(logits, batch.teacher_logits, beta, 1.5)
     expected = per_token[batch.response_mask].mean()
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
     assert metrics["gkd/jsd"] == pytest.approx(loss.item())
     topk = make_algorithm("gkd", {"beta": beta, "temperature": 1.5, "topk": VOCAB})
     _, topk_batch = make_batch(topk, seed=5)
-    assert topk.loss(logits, topk_batch)[0].item() == pytest.approx(expected.item(), rel=1e-5)
+    assert topk.loss(StudentLogits(logits), topk_batch)[0].item() == pytest.approx(
+        expected.item(), rel=1e-5
+    )
 
 
 def test_sft_loss_is_the_token_nll():
     sft = make_algorithm("sft", {})
     logits, batch = make_batch(sft, seed=6)
-    loss, _ = sft.loss(logits, batch)
+    loss, _ = sft.loss(StudentLogits(logits), batch)
     logp = torch.log_softmax(logits.double(), -1)
     terms = [
         -logp[b, t, batch.response_ids[b, t]].item()
@@ -370,7 +373,7 @@ def test_minillm_loss_by_hand():
     )
     logits, batch = make_batch(algorithm, seed=9)
     batch = algorithm.advantages(batch)
-    loss, metrics = algorithm.loss(logits, batch)
+    loss, metrics = algorithm.loss(StudentLogits(logits), batch)
     mask, w = batch.response_mask, batch.importance_weights
     logq = torch.log_softmax(logits, -1).gather(-1, batch.response_ids.unsqueeze(-1)).squeeze(-1)
     ratio = (logq - batch.student_logprobs).exp()
@@ -406,7 +409,7 @@ def test_gated_hard_gate_picks_reverse_below_tau_and_forward_above():
     algorithm = make_algorithm(
         "gated_dual_kl", {"teacher_output": "full", "rewrite": False, "gate": "hard", "tau": tau}
     )
-    loss, metrics = algorithm.loss(logits, batch)
+    loss, metrics = algorithm.loss(StudentLogits(logits), batch)
     expected = torch.where(reverse < tau, reverse, forward)[mask].mean()
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
     hard = (reverse >= tau)[mask].float().mean().item()
@@ -416,7 +419,7 @@ def test_gated_hard_gate_picks_reverse_below_tau_and_forward_above():
 
 def test_gated_soft_gate_interpolates_with_a_detached_gate():
     algorithm, logits, batch = gated_batch(gate="soft", tau=1.5, sharpness=2.0)
-    loss, _ = algorithm.loss(logits, batch)
+    loss, _ = algorithm.loss(StudentLogits(logits), batch)
     (grad,) = torch.autograd.grad(loss, logits)
     reverse = reverse_kl(logits, batch.teacher_logits)
     forward = forward_kl(logits, batch.teacher_logits)
@@ -437,7 +440,7 @@ def test_gated_teacher_rewritten_tokens_always_take_forward_kl():
             torch.int8
         )
     )
-    loss, metrics = algorithm.loss(logits, batch)
+    loss, metrics = algorithm.loss(StudentLogits(logits), batch)
     reverse = reverse_kl(logits, batch.teacher_logits)
     forward = forward_kl(logits, batch.teacher_logits)
     mask = batch.response_mask
@@ -490,7 +493,7 @@ def test_gated_step_granularity_gates_on_step_means():
         "gated_dual_kl", {"granularity": "step", "step_delimiter_id": delimiter}
     ).plan(0)
     assert plan.rewrite.step_delimiter_id == delimiter and plan.rewrite.threshold == 1.0
-    loss, _ = algorithm.loss(logits, batch)
+    loss, _ = algorithm.loss(StudentLogits(logits), batch)
     reverse = reverse_kl(logits, batch.teacher_logits)
     forward = forward_kl(logits, batch.teacher_logits)
     distance = step_means_loop(
@@ -504,7 +507,7 @@ def test_gated_step_granularity_gates_on_step_means():
 def test_gated_support_topk_renormalises_on_the_teacher_top_k():
     k = 4
     algorithm, logits, batch = gated_batch(gate="hard", tau=0.8, support_topk=k)
-    loss, _ = algorithm.loss(logits, batch)
+    loss, _ = algorithm.loss(StudentLogits(logits), batch)
     student, teacher = log_probs(logits), log_probs(batch.teacher_logits)
     ids = teacher.topk(k, -1).indices
     s, t = student.gather(-1, ids), teacher.gather(-1, ids)
@@ -529,15 +532,15 @@ def test_gated_support_topk_renormalises_on_the_teacher_top_k():
     for seed in (10, 11):  # inferred and exact tails
         _, full_batch = make_batch(algorithm, seed=seed)
         logits, topk_batch = make_batch(topk_algorithm, seed=seed)
-        expected = algorithm.loss(logits, full_batch)[0].item()
-        assert topk_algorithm.loss(logits, topk_batch)[0].item() == pytest.approx(
+        expected = algorithm.loss(StudentLogits(logits), full_batch)[0].item()
+        assert topk_algorithm.loss(StudentLogits(logits), topk_batch)[0].item() == pytest.approx(
             expected, rel=1e-5
         )
 
 
 def test_gated_clip_kl_caps_the_distance():
     algorithm, logits, batch = gated_batch(gate="soft", tau=1.0, clip_kl=0.5)
-    _, metrics = algorithm.loss(logits, batch)
+    _, metrics = algorithm.loss(StudentLogits(logits), batch)
     reverse = reverse_kl(logits, batch.teacher_logits).clamp_max(0.5)
     assert metrics["gated/distance"] == pytest.approx(
         reverse[batch.response_mask].mean().item(), rel=1e-5
@@ -646,7 +649,7 @@ def test_rl_distill_analytic_adds_alpha_times_jsd():
     )
     logits, batch = make_batch(algorithm, seed=14)
     batch = algorithm.advantages(batch)
-    loss, metrics = algorithm.loss(logits, batch)
+    loss, metrics = algorithm.loss(StudentLogits(logits), batch)
     mask = batch.response_mask
     logq = token_logprobs(logits, batch.response_ids)
     pg = clipped_surrogate(logq, batch.student_logprobs, batch.advantages, 0.2)[mask].mean()
@@ -692,7 +695,7 @@ def test_opd_loss_is_importance_weighted_policy_gradient():
     algorithm = make_algorithm("opd", {})
     logits, batch = make_batch(algorithm, seed=16)
     batch = algorithm.advantages(batch)
-    loss, metrics = algorithm.loss(logits, batch)
+    loss, metrics = algorithm.loss(StudentLogits(logits), batch)
     (grad,) = torch.autograd.grad(loss, logits)
     mask = batch.response_mask
     logq = token_logprobs(logits, batch.response_ids)
@@ -714,7 +717,7 @@ def test_losses_keep_float64_and_pass_gradcheck(name, kwargs):
     assert token_logprobs(logits.double(), batch.response_ids).dtype == torch.float64
     batch = algorithm.advantages(batch)
     logits = logits.detach().double().requires_grad_(True)
-    assert torch.autograd.gradcheck(lambda x: algorithm.loss(x, batch)[0], (logits,))
+    assert torch.autograd.gradcheck(lambda x: algorithm.loss(StudentLogits(x), batch)[0], (logits,))
 
 
 def test_padded_vocabularies_are_cut_to_the_shared_ids():

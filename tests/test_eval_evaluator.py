@@ -24,7 +24,7 @@ ROWS = [Row("1+1=", answer="2"), Row("2+3=", answer="5")]
 
 
 class ScriptedWorkers:
-    """Answers like a WorkerGroup with fixed responses: greedy '2' and '4'; samples
+    """Answers like a Pipeline with fixed responses: greedy '2' and '4'; samples
     ['2','2','3'] for the first prompt and ['5','6','5'] for the second; the teacher writes
     the right answers."""
 
@@ -36,7 +36,7 @@ class ScriptedWorkers:
     def greedy_texts(self, prompts, max_new_tokens):
         return ["2", "4"]
 
-    def generate(self, prompts, plan):
+    def sample(self, prompts, plan):
         self.seconds["time/rollout"] += 5.0  # evaluation must not leak into step timings
         self.plans.append(plan)
         texts = (

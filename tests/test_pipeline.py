@@ -34,7 +34,7 @@ def read_metrics(config) -> list[dict]:
 
 
 def sampler_of(controller):
-    return controller.workers.samplers[0]._target
+    return controller.pipeline.samplers[0]._target
 
 
 @pytest.mark.parametrize("preset", PRESETS)

@@ -32,15 +32,16 @@ def training_rows(config) -> list[dict]:
 
 def synchronous_losses(controller, steps: int) -> list[float]:
     """The loop as written before pipelining: each stage blocks, in order."""
-    workers, losses = controller.workers, []
+    pipeline, losses = controller.pipeline, []
     for k in range(steps):
-        plan = controller.algo.plan(k)
-        batch = workers.generate(controller.prompts.next(k), plan)
-        batch = workers.score(batch, plan)
-        batch = workers.reward(batch)
+        plan, prompts = controller.algo.plan(k), controller.prompts.next(k)
+        shards = pipeline.generate(prompts, plan)
+        shards = pipeline.teachers[0].score(shards, plan)
+        batch = pipeline.gather(pipeline.reward(shards), prompts)
         batch = controller.algo.advantages(batch)
-        losses.append(workers.train(batch)["learner/loss"])
-        workers.sync_weights()
+        training = pipeline.train(batch, controller.algo.loss_for(k))
+        losses.append(pipeline.wait_train(training)["learner/loss"])
+        pipeline.sync_weights()
     return losses
 
 
@@ -69,7 +70,7 @@ def test_staleness_never_exceeds_the_bound(tmp_path, bound):
     # in-process the bound is always reached once the pipeline is full: step k samples
     # with the weights of update max(k - bound, 0)
     assert staleness == [min(k, bound) for k in range(6)]
-    assert not controller.pending, "no rollout is left in flight after the last step"
+    assert not controller.rollouts.pending, "no rollout is left in flight after the last step"
 
 
 def test_pipelined_run_differs_from_synchronous_but_learns_the_same_way(tmp_path):
@@ -88,9 +89,9 @@ def test_stale_batch_keeps_the_sampling_policy_logprobs(tmp_path):
     differ from the learner's current ones: the importance ratio q_θ/q_old is not 1."""
     config = local_config(tmp_path, "trainer.steps=3", "trainer.max_staleness=1", "learner.lr=0.05")
     controller = build_controller(config)
-    learner = controller.workers.learners[0]._target
+    learner = controller.pipeline.learners[0]._target
     controller.step(0)
-    stale = controller.workers.resolve(controller.pending[1]).shards[0]
+    stale = controller.pipeline.resolve(controller.rollouts.pending[1].shards)[0]
     assert stale.weights_version == 0 and learner.version == 1
     with torch.no_grad():
         logits = response_logits(learner.model, stale).float()

@@ -73,6 +73,7 @@ def test_every_row_field_is_sliced_by_select():
             "pretrain_ids",
             "pretrain_mask",
             "token_count",
+            "pretrain_token_count",
             "step",
             "weights_version",
             "extras",

@@ -173,14 +173,20 @@ class TrainingEngine:
         return float(tensor.item())
 
     def gathered_state_dict(
-        self, keep: Callable[[str], bool] = lambda name: True
+        self, keep: Callable[[str], bool] = lambda name: True, prefix: str = ""
     ) -> dict[str, Tensor]:
         """The model's state dict as full CPU tensors (ZeRO-3 shards gathered one parameter at
-        a time; every rank must call this under ZeRO-3)."""
-        return dict(self._gathered_items(keep))
+        a time; every rank must call this under ZeRO-3); with `prefix`, only names under it,
+        with the prefix removed."""
+        return dict(self.gathered_items(keep, prefix))
 
-    def _gathered_items(self, keep: Callable[[str], bool]) -> Iterator[tuple[str, Tensor]]:
+    def gathered_items(
+        self, keep: Callable[[str], bool], prefix: str = ""
+    ) -> Iterator[tuple[str, Tensor]]:
         for name, value in self._engine.module.state_dict(keep_vars=True).items():
+            if not name.startswith(prefix):
+                continue
+            name = name[len(prefix) :]
             if not keep(name):
                 continue
             if hasattr(value, "ds_id"):  # a ZeRO-3 partitioned parameter

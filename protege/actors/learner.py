@@ -22,15 +22,18 @@ from transformers import PreTrainedModel
 
 from protege.actors.deepspeed_engine import StepResult, TrainingEngine
 from protege.actors.teacher import teacher_outputs
+from protege.algorithms.registry import ModuleContext, StepLoss
 from protege.config import Config, LoraConfig
-from protege.modeling import load_model, load_tokenizer, response_logits
-from protege.records import RolloutBatch, RolloutPlan, WeightUpdate
+from protege.modeling import load_model, load_model_config, load_tokenizer
+from protege.records import RolloutBatch, RolloutPlan, WeightUpdate, lm_targets
+from protege.student import StudentForward
 
-Pass = tuple[Tensor, dict[str, float], Tensor]  # (loss, additive metrics, logits)
+STUDENT = "student."  # the student's parameter names inside the trained container
 
 
 class Learner:
-    """The student under training: DeepSpeed ZeRO, optional LoRA, any registered algorithm."""
+    """The student under training: DeepSpeed ZeRO, optional LoRA, any registered algorithm,
+    plus the algorithm's own trainable modules (trained, saved and restored with it)."""
 
     def __init__(
         self,
@@ -42,13 +45,21 @@ class Learner:
     ):
         self.config = config
         self.rank, self.world_size = rank, world_size
-        self.algorithm = config.build_algorithm()
+        self.algorithm = config.build_algorithm()  # stateless default loss; builds modules
         model = load_model(config.student.model, config.student.dtype)
         if config.student.lora.enabled:
             model = _with_lora(model, config.student.lora, seed=config.trainer.seed)
         self._model = model  # the (peft-wrapped) student; forwards go through the engine
+        extras = _algorithm_modules(self.algorithm, config, model.config)
+        self._trained = StudentWithModules(model, extras)
         self._engine = TrainingEngine(
-            model, config.learner, config.trainer.steps, rank, world_size, master_addr, master_port
+            self._trained,
+            config.learner,
+            config.trainer.steps,
+            rank,
+            world_size,
+            master_addr,
+            master_port,
         )
         self._engine.module.train()
         self._version = 0
@@ -68,44 +79,44 @@ class Learner:
         return self.config.student.lora.enabled
 
     # -- training ------------------------------------------------------------------------
-    def train(self, batch: RolloutBatch) -> dict[str, float]:
-        """One optimizer step on this rank's shard; returns loss and algorithm metrics, and
-        `learner/seconds` spent in it (worker-side: free of transport and queueing).
+    def train(self, batch: RolloutBatch, loss: StepLoss | None = None) -> dict[str, float]:
+        """One optimizer step on this rank's shard with `loss` (the controller's per-step
+        loss object; default: the configured algorithm); returns loss and algorithm metrics,
+        and `learner/seconds` spent in it (worker-side: free of transport and queueing).
 
         A batch without response tokens, or whose loss or gradient norm is not finite, is a
         skipped step: the weights and the optimizer state stay untouched.
         """
         started = time.perf_counter()
-        metrics = self._step(batch)
+        metrics = self._step(batch, loss if loss is not None else self.algorithm)
         return {**metrics, "learner/seconds": time.perf_counter() - started}
 
-    def _step(self, batch: RolloutBatch) -> dict[str, float]:
-        batch = batch.replace(token_count=self._global_token_count(batch))
+    def _step(self, batch: RolloutBatch, step_loss: StepLoss) -> dict[str, float]:
+        batch = batch.replace(
+            token_count=self._global_count(batch.token_count, batch.num_response_tokens),
+            pretrain_token_count=self._global_count(
+                batch.pretrain_token_count, _local_lm_targets(batch)
+            ),
+        )
         if batch.normaliser() == 0:
             return self._metrics(
                 batch, StepResult(applied=False, grad_norm=0.0, lr=self._engine.lr), 0.0, empty=True
             )
-        passes = [
-            functools.partial(self._loss_pass, micro)
-            for micro in batch.split(self.config.learner.micro_batch_size)
-        ]
-        lm_weight = self._lm_weight(batch)
-        if lm_weight > 0:
-            passes += [
-                functools.partial(self._lm_pass, ids, mask, total, lm_weight)
-                for ids, mask, total in self._pretrain_chunks(batch)
-            ]
+        micro_batches = batch.split(self.config.learner.micro_batch_size)
         # ZeRO-2/3 communicate inside forward/backward: every rank runs as many passes.
-        count = int(self._engine.all_reduce(len(passes), "max"))
+        count = int(self._engine.all_reduce(len(micro_batches), "max"))
         totals: dict[str, float] = {"learner/loss": 0.0}
         for index in range(count):
-            loss, metrics, logits = passes[index]() if index < len(passes) else self._padding_pass()
+            if index < len(micro_batches):
+                loss, metrics = self._loss_pass(micro_batches[index], step_loss)
+            else:
+                loss, metrics = self._padding_pass(), {}
             totals["learner/loss"] += loss.item()
             if not math.isfinite(totals["learner/loss"]):
-                # Drop the whole step, not just this micro-batch: a NaN gradient makes the
+                # Drop the whole step, not just this micro-batch: NaN gradients make the
                 # global norm non-finite, so the optimizer guard skips the step on every rank
                 # (under ZeRO-2/3 the other micro-batches' gradients are already reduced).
-                loss = logits.float().sum() * math.nan
+                loss = loss * math.nan
             self._engine.backward(loss)
             for key, value in metrics.items():
                 totals[key] = totals.get(key, 0.0) + value
@@ -113,62 +124,23 @@ class Learner:
         self._version += int(result.applied)
         return {**self._metrics(batch, result, totals.pop("learner/loss")), **totals}
 
-    # Each pass returns (loss to back-propagate, its additive metrics, the logits).
-    def _loss_pass(self, micro: RolloutBatch) -> Pass:
+    def _loss_pass(self, micro: RolloutBatch, step_loss: StepLoss) -> tuple[Tensor, dict]:
         micro = _on_device(micro, self._device())  # the loss reads teacher outputs, masks, ...
-        logits = response_logits(self._engine.module, micro)
-        loss, metrics = self.algorithm.loss(logits, micro)
-        return loss, metrics, logits
+        student = StudentForward(
+            self._engine.module, micro, self._trained.extras, config=self._model.config
+        )
+        return step_loss.loss(student, micro)
 
-    def _lm_pass(self, ids: Tensor, mask: Tensor, total_tokens: float, weight: float) -> Pass:
-        """MiniLLM's LM term: `weight` × token-mean next-token NLL on pre-training text.
-        Every rank's text gives one estimate; the ranks' estimates are averaged."""
-        nll_sum, logits = self._lm_nll_sum(ids, mask)
-        nll = nll_sum / max(total_tokens, 1.0) / self.world_size
-        return weight * nll, {"learner/lm_loss": nll.item()}, logits
-
-    def _padding_pass(self) -> Pass:
+    def _padding_pass(self) -> Tensor:
         """A zero-gradient pass that keeps ZeRO's collectives in step when this rank has
         fewer micro-batches than another."""
         logits = self._engine.module(**_padding_inputs(self._device())).logits
-        return logits.sum() * 0.0, {}, logits
+        return logits.sum() * 0.0
 
-    def _lm_weight(self, batch: RolloutBatch) -> float:
-        if batch.pretrain_ids is None:
-            return 0.0
-        return float(self.algorithm.plan(batch.step).pretrain_weight)
-
-    def _pretrain_chunks(self, batch: RolloutBatch) -> Iterator[tuple[Tensor, Tensor, float]]:
-        ids = batch.pretrain_ids
-        mask = (
-            batch.pretrain_mask
-            if batch.pretrain_mask is not None
-            else torch.ones_like(ids, dtype=torch.bool)
-        )
-        total = float(_lm_targets(mask).sum())
-        size = self.config.learner.micro_batch_size
-        for start in range(0, ids.shape[0], size):
-            yield ids[start : start + size], mask[start : start + size], total
-
-    def _lm_nll_sum(self, ids: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-        """(summed next-token NLL over the text tokens of [N,L] rows, the logits)."""
-        device = self._device()
-        attention = mask.long()
-        positions = (attention.cumsum(-1) - 1).clamp_min(0)
-        logits = self._engine.module(
-            input_ids=ids.to(device),
-            attention_mask=attention.to(device),
-            position_ids=positions.to(device),
-            use_cache=False,
-        ).logits
-        logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-        nll = -logp.gather(-1, ids[:, 1:].to(device).unsqueeze(-1)).squeeze(-1)
-        return torch.where(_lm_targets(mask).to(device), nll, torch.zeros_like(nll)).sum(), logits
-
-    def _global_token_count(self, batch: RolloutBatch) -> float:
-        if batch.token_count is not None:
-            return float(batch.token_count)
-        return self._engine.all_reduce(batch.num_response_tokens, "sum")
+    def _global_count(self, known: float | None, local: float) -> float:
+        if known is not None:
+            return float(known)
+        return self._engine.all_reduce(local, "sum")
 
     def _metrics(
         self, batch: RolloutBatch, step: StepResult, loss: float, empty: bool = False
@@ -221,10 +193,8 @@ class Learner:
             )
         from protege.actors.vllm_weight_sync import WeightBroadcast
 
-        items = functools.partial(self._engine._gathered_items, lambda name: True)
-        self._broadcast = WeightBroadcast(
-            self._engine.module, items, samplers, receivers, self.rank
-        )
+        items = functools.partial(self._engine.gathered_items, lambda name: True, STUDENT)
+        self._broadcast = WeightBroadcast(self._model, items, samplers, receivers, self.rank)
 
     def broadcast_weights(self) -> int:
         """Send the live weights to the rollout engines over NCCL and return their version;
@@ -237,12 +207,14 @@ class Learner:
     def state_dict(self) -> dict[str, Tensor]:
         """Every weight of the live student as full CPU tensors (peft names with LoRA); under
         ZeRO-3 every rank must call it."""
-        return self._engine.gathered_state_dict()
+        return self._engine.gathered_state_dict(prefix=STUDENT)
 
     def _adapter_state_dict(self) -> dict[str, Tensor]:
         from peft import get_peft_model_state_dict
 
-        gathered = self._engine.gathered_state_dict(keep=lambda name: "lora_" in name)
+        gathered = self._engine.gathered_state_dict(
+            keep=lambda name: "lora_" in name, prefix=STUDENT
+        )
         return get_peft_model_state_dict(self._model, state_dict=gathered)
 
     def save_checkpoint(self, path: str) -> None:
@@ -308,9 +280,34 @@ def _on_device(batch: RolloutBatch, device: torch.device) -> RolloutBatch:
     return batch.replace(**tensors)
 
 
-def _lm_targets(mask: Tensor) -> Tensor:
-    """[N,L] mask -> [N,L-1]: positions whose next token is text and follows text."""
-    return mask[:, 1:] & mask[:, :-1]
+def _local_lm_targets(batch: RolloutBatch) -> float:
+    return 0.0 if batch.pretrain_mask is None else float(lm_targets(batch.pretrain_mask).sum())
+
+
+class StudentWithModules(torch.nn.Module):
+    """What the engine trains: the student and the algorithm's modules. Its forward is the
+    student's; the modules are called by the loss (`StudentForward.modules`)."""
+
+    def __init__(self, student: torch.nn.Module, extras: dict[str, torch.nn.Module]):
+        super().__init__()
+        self.student = student
+        self.extras = torch.nn.ModuleDict(extras)
+
+    def forward(self, **inputs):
+        return self.student(**inputs)
+
+
+def _algorithm_modules(algorithm, config: Config, student_config) -> dict[str, torch.nn.Module]:
+    """The algorithm's trainable modules, built the same on every rank (seeded)."""
+    teachers = tuple(
+        None if spec.model == "self" else load_model_config(spec.model) for spec in config.teachers
+    )
+    context = ModuleContext(
+        student_config, teachers, tuple(t.name for t in config.teachers), config.trainer.seed
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.trainer.seed)
+        return dict(algorithm.modules(context))
 
 
 def _padding_inputs(device: torch.device) -> dict[str, Tensor]:

@@ -14,7 +14,7 @@ import ray
 from ray.util.placement_group import placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from protege.workers import Resources
+from protege.launch import Resources
 
 # Threads per actor: several actors share few cores; oversubscription made CPU steps ~20x
 # slower on 2 cores.

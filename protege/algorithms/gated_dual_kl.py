@@ -4,20 +4,23 @@ teacher, forward KL (and optionally a teacher rewrite) where it has drifted away
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import Tensor
 
 from protege.algorithms.divergences import kl_from_logprobs, masked_mean
-from protege.algorithms.registry import check, register
+from protege.algorithms.registry import AlgorithmDefaults, check, register
 from protege.algorithms.teacher_view import paired_logprobs
 from protege.records import RewriteSpec, RolloutBatch, RolloutPlan, TokenSource
+
+if TYPE_CHECKING:
+    from protege.student import StudentForward
 
 
 @register("gated_dual_kl")
 @dataclass(frozen=True)
-class GatedDualKL:
+class GatedDualKL(AlgorithmDefaults):
     """D_t = KL(q_θ‖p_T) per token or per reasoning step (tokens up to `step_delimiter_id`);
     gate λ_t = 1[D_t < τ] (hard) or σ(a·(τ − D_t)) (soft); loss λ_t·KL(q‖p) + (1−λ_t)·KL(p‖q).
     Tokens the teacher rewrote during sampling always take forward KL."""
@@ -63,10 +66,8 @@ class GatedDualKL:
             rewrite=rewrite,
         )
 
-    def advantages(self, batch: RolloutBatch) -> RolloutBatch:
-        return batch
-
-    def loss(self, student_logits: Tensor, batch: RolloutBatch) -> tuple[Tensor, dict[str, float]]:
+    def loss(self, student: StudentForward, batch: RolloutBatch) -> tuple[Tensor, dict[str, float]]:
+        student_logits = student.logits
         mask, count = batch.response_mask, batch.normaliser()
         student_logp, teacher_logp = paired_logprobs(student_logits, batch, self.temperature)
         if self.support_topk is not None:

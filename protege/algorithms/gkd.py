@@ -4,20 +4,23 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from torch import Tensor
 
 from protege.algorithms.divergences import jsd_from_logprobs, masked_mean
 from protege.algorithms.policy_gradient import token_logprobs
-from protege.algorithms.registry import check, register
+from protege.algorithms.registry import AlgorithmDefaults, check, register
 from protege.algorithms.teacher_view import paired_logprobs
 from protege.records import RolloutBatch, RolloutPlan
+
+if TYPE_CHECKING:
+    from protege.student import StudentForward
 
 
 @register("gkd")
 @dataclass(frozen=True)
-class GKD:
+class GKD(AlgorithmDefaults):
     """Generalized knowledge distillation.
 
     With probability `lmbda` a step trains on the student's own samples (on-policy), else
@@ -50,10 +53,8 @@ class GKD:
             temperature=self.temperature,
         )
 
-    def advantages(self, batch: RolloutBatch) -> RolloutBatch:
-        return batch
-
-    def loss(self, student_logits: Tensor, batch: RolloutBatch) -> tuple[Tensor, dict[str, float]]:
+    def loss(self, student: StudentForward, batch: RolloutBatch) -> tuple[Tensor, dict[str, float]]:
+        student_logits = student.logits
         student_logp, teacher_logp = paired_logprobs(student_logits, batch, self.temperature)
         per_token = jsd_from_logprobs(student_logp, teacher_logp, self.beta)
         loss = masked_mean(per_token, batch.response_mask, batch.normaliser())
@@ -62,16 +63,14 @@ class GKD:
 
 @register("sft")
 @dataclass(frozen=True)
-class SFT:
+class SFT(AlgorithmDefaults):
     """Plain next-token NLL on dataset responses (a baseline; needs no teacher)."""
 
     def plan(self, step: int) -> RolloutPlan:
         return RolloutPlan(source="dataset", teacher_need="none")
 
-    def advantages(self, batch: RolloutBatch) -> RolloutBatch:
-        return batch
-
-    def loss(self, student_logits: Tensor, batch: RolloutBatch) -> tuple[Tensor, dict[str, float]]:
+    def loss(self, student: StudentForward, batch: RolloutBatch) -> tuple[Tensor, dict[str, float]]:
+        student_logits = student.logits
         nll = -token_logprobs(student_logits, batch.response_ids)
         loss = masked_mean(nll, batch.response_mask, batch.normaliser())
         return loss, {"sft/nll": loss.item()}

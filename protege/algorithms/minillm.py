@@ -3,22 +3,25 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import Tensor
 
 from protege.algorithms.advantages import future_returns, whiten
 from protege.algorithms.divergences import kl_from_logprobs, masked_mean
-from protege.algorithms.policy_gradient import clipped_surrogate, token_logprobs
-from protege.algorithms.registry import check, register
+from protege.algorithms.policy_gradient import clipped_surrogate, next_token_nll, token_logprobs
+from protege.algorithms.registry import AlgorithmDefaults, check, register
 from protege.algorithms.teacher_view import paired_logprobs, require
 from protege.records import RolloutBatch, RolloutPlan
+
+if TYPE_CHECKING:
+    from protege.student import StudentForward
 
 
 @register("minillm")
 @dataclass(frozen=True)
-class MiniLLM:
+class MiniLLM(AlgorithmDefaults):
     """Policy gradient on the per-token reward r_t = log p_T(y_t) − log q_θ(y_t).
 
     * long-term part: PPO-clipped surrogate on R_{t+1} = Σ_{i>t} γ^{i−t−1} r_i,
@@ -28,8 +31,9 @@ class MiniLLM:
       differentiated analytically (no sampling variance);
     * teacher-mixed sampling: tokens drawn from p̃ = α·p_T + (1−α)·q_θ, both parts weighted
       by w_t = q_θ(y_t)/p̃(y_t);
-    * an LM loss on pre-training text with weight `lm_coef` (applied by the learner when
-      `data.pretrain` is set).
+    * an LM loss on pre-training text with weight `lm_coef` (when `data.pretrain` is set):
+      token-mean next-token NLL over the step's pre-training rows, from a forward of the
+      student on that text (`student.forward_extra`).
     """
 
     mix_alpha: float = 0.2
@@ -84,7 +88,8 @@ class MiniLLM:
         weights = torch.where(mask, weights, torch.zeros_like(weights))
         return batch.replace(advantages=returns, importance_weights=weights)
 
-    def loss(self, student_logits: Tensor, batch: RolloutBatch) -> tuple[Tensor, dict[str, float]]:
+    def loss(self, student: StudentForward, batch: RolloutBatch) -> tuple[Tensor, dict[str, float]]:
+        student_logits = student.logits
         require(batch, "advantages", "importance_weights", "student_logprobs")
         mask, count = batch.response_mask, batch.normaliser()
         weights = batch.importance_weights
@@ -100,6 +105,18 @@ class MiniLLM:
             per_token = per_token + self.single_step_coef * weights * single
             metrics["minillm/single_step"] = masked_mean(weights * single, mask, count).item()
         loss = masked_mean(per_token, mask, count)
+        if self.lm_coef > 0 and batch.pretrain_ids is not None and len(batch.pretrain_ids):
+            lm = self.lm_loss(student, batch)
+            loss = loss + self.lm_coef * lm
+            metrics["minillm/lm_loss"] = lm.item()
         metrics["minillm/loss"] = loss.item()
         metrics["minillm/importance_weight"] = masked_mean(weights, mask, count).item()
         return loss, metrics
+
+    @staticmethod
+    def lm_loss(student: StudentForward, batch: RolloutBatch) -> Tensor:
+        """This shard's share of the token-mean NLL of the step's pre-training text."""
+        ids, mask = batch.pretrain_ids, batch.pretrain_mask
+        logits = student.forward_extra(ids, mask)
+        nll = next_token_nll(logits, ids.to(logits.device), mask.to(logits.device))
+        return nll / max(batch.pretrain_normaliser(), 1.0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from torch import Tensor
 
@@ -13,14 +14,17 @@ from protege.algorithms.policy_gradient import (
     importance_sampled_pg,
     token_logprobs,
 )
-from protege.algorithms.registry import check, register
+from protege.algorithms.registry import AlgorithmDefaults, check, register
 from protege.algorithms.teacher_view import require
 from protege.records import RolloutBatch, RolloutPlan
+
+if TYPE_CHECKING:
+    from protege.student import StudentForward
 
 
 @register("opd")
 @dataclass(frozen=True)
-class OPD:
+class OPD(AlgorithmDefaults):
     """Per-token advantage A_t = −(log q_old(y_t) − log p_T(y_t)) (discounted over future
     tokens when `gamma` > 0), trained with an importance-sampled policy gradient against the
     behaviour log-probs (PPO-clipped when `clip_eps` is set). Whitening the advantages over
@@ -47,7 +51,8 @@ class OPD:
             advantages = whiten(advantages, batch.response_mask)
         return batch.replace(advantages=advantages.masked_fill(~batch.response_mask, 0.0))
 
-    def loss(self, student_logits: Tensor, batch: RolloutBatch) -> tuple[Tensor, dict[str, float]]:
+    def loss(self, student: StudentForward, batch: RolloutBatch) -> tuple[Tensor, dict[str, float]]:
+        student_logits = student.logits
         require(batch, "advantages", "behaviour_logprobs", "student_logprobs", "teacher_logprobs")
         mask, count = batch.response_mask, batch.normaliser()
         logq = token_logprobs(student_logits, batch.response_ids)

@@ -33,3 +33,12 @@ def importance_sampled_pg(
 ) -> Tensor:
     """Per-token loss −(q_θ/q_behaviour)·A; its gradient is −ratio·A·∇log q_θ. [B,T] -> [B,T]."""
     return -torch.exp(logprobs - behaviour_logprobs) * advantages
+
+
+def next_token_nll(logits: Tensor, token_ids: Tensor, mask: Tensor) -> Tensor:
+    """Summed next-token NLL of right-padded text: position i scores token i+1 where both are
+    text. logits [N,L,V], token_ids/mask [N,L] -> scalar."""
+    logp = log_probs(logits[:, :-1])
+    nll = -logp.gather(-1, token_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    targets = mask[:, 1:].bool() & mask[:, :-1].bool()
+    return torch.where(targets, nll, torch.zeros_like(nll)).sum()

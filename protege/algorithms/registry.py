@@ -6,10 +6,21 @@ Every algorithm is a frozen dataclass whose fields are its hyper-parameters (val
 * `plan(step) -> RolloutPlan` — how to sample this step and which teacher outputs to fetch;
 * `advantages(batch) -> RolloutBatch` — per-token advantages before the update (or the
   batch unchanged for pure-loss algorithms);
-* `loss(student_logits, batch) -> (loss, metrics)` — inside the learner. `student_logits`
-  [B,T,V] predict `batch.response_ids`; the loss is a sum over tokens divided by
+* `loss(student, batch) -> (loss, metrics)` — inside the learner. `student` is a
+  `protege.student.StudentForward`: `student.logits` [B,T,V] predict `batch.response_ids`,
+  and hidden states, per-layer K/V, queries, a forward on extra text and the algorithm's
+  trainable modules are there on demand. The loss is a sum over tokens divided by
   `batch.normaliser()`, and every metric is normalised the same way, so losses and metrics
   of micro-batches add up to those of the whole batch.
+
+`AlgorithmDefaults` gives the optional parts (inherit it; it is not an algorithm):
+* `modules(context) -> {name: nn.Module}` — trainable modules the learner builds once and
+  trains, checkpoints and restores with the student (KV projectors, routers);
+* `loss_for(step)` — the stateless per-step loss object the learner receives with the batch
+  (an adaptive algorithm bakes its current parameters into it; default: the algorithm);
+* `observe(metrics)` — the controller feeds every step's learner metrics back;
+* `state_dict()` / `load_state_dict(state)` — the adaptive state, JSON only, checkpointed.
+The controller's instance is the only stateful one.
 """
 
 from __future__ import annotations
@@ -18,11 +29,16 @@ import dataclasses
 import types
 import typing
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol, TypeVar, runtime_checkable
 
 from torch import Tensor
 
 from protege.records import RolloutBatch, RolloutPlan
+
+
+class StepLoss(Protocol):
+    def loss(self, student: Any, batch: RolloutBatch) -> tuple[Tensor, dict[str, float]]: ...
 
 
 @runtime_checkable
@@ -33,9 +49,50 @@ class Algorithm(Protocol):
 
     def advantages(self, batch: RolloutBatch) -> RolloutBatch: ...
 
-    def loss(
-        self, student_logits: Tensor, batch: RolloutBatch
-    ) -> tuple[Tensor, dict[str, float]]: ...
+    def loss(self, student: Any, batch: RolloutBatch) -> tuple[Tensor, dict[str, float]]: ...
+
+    def loss_for(self, step: int) -> StepLoss: ...
+
+    def observe(self, metrics: dict[str, float]) -> None: ...
+
+    def modules(self, context: ModuleContext) -> dict[str, Any]: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+@dataclass(frozen=True)
+class ModuleContext:
+    """What an algorithm may read to build its trainable modules in the learner."""
+
+    student_config: Any  # the student's HF config
+    teacher_configs: tuple[Any, ...] = ()  # one HF config per teacher (None: the student itself)
+    teacher_names: tuple[str, ...] = ()
+    seed: int = 0
+
+
+class AlgorithmDefaults:
+    """The optional parts of an algorithm, for those that need none of them."""
+
+    def advantages(self, batch: RolloutBatch) -> RolloutBatch:
+        return batch
+
+    def loss_for(self, step: int) -> StepLoss:
+        return self  # type: ignore[return-value]
+
+    def observe(self, metrics: dict[str, float]) -> None:
+        return None
+
+    def modules(self, context: ModuleContext) -> dict[str, Any]:
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state:
+            raise ValueError(f"{type(self).__name__} keeps no state, got {sorted(state)}")
 
 
 ALGORITHMS: dict[str, type] = {}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import Tensor
@@ -12,9 +12,12 @@ from torch import Tensor
 from protege.algorithms.advantages import broadcast_to_tokens, group_normalised, leave_one_out
 from protege.algorithms.divergences import jsd_from_logprobs, masked_mean, sampled_reverse_kl
 from protege.algorithms.policy_gradient import clipped_surrogate, token_logprobs
-from protege.algorithms.registry import check, register
+from protege.algorithms.registry import AlgorithmDefaults, check, register
 from protege.algorithms.teacher_view import paired_logprobs, require
 from protege.records import RolloutBatch, RolloutPlan
+
+if TYPE_CHECKING:
+    from protege.student import StudentForward
 
 
 class MovingBaseline:
@@ -31,7 +34,7 @@ class MovingBaseline:
 
 @register("rl_distill")
 @dataclass(frozen=True)
-class RLDistill:
+class RLDistill(AlgorithmDefaults):
     """Reward policy gradient mixed with distillation by α (constant or scheduled).
 
     The distillation term is either the sampled-token reverse-KL advantage −(log q − log p)
@@ -73,6 +76,12 @@ class RLDistill:
         check(0.0 <= self.beta <= 1.0, "beta", f"must be in [0, 1], got {self.beta}")
         check(self.clip_eps > 0, "clip_eps", f"must be > 0, got {self.clip_eps}")
 
+    def state_dict(self) -> dict[str, float | None]:
+        return {"baseline": self.baseline.value}
+
+    def load_state_dict(self, state: dict[str, float | None]) -> None:
+        self.baseline.value = state["baseline"]
+
     def alpha_at(self, step: int) -> float:
         if self.alpha_schedule == "constant" or self.alpha_end is None:
             return self.alpha
@@ -112,7 +121,8 @@ class RLDistill:
             return group_normalised(rewards, batch.group_ids)
         return leave_one_out(rewards, batch.group_ids)
 
-    def loss(self, student_logits: Tensor, batch: RolloutBatch) -> tuple[Tensor, dict[str, float]]:
+    def loss(self, student: StudentForward, batch: RolloutBatch) -> tuple[Tensor, dict[str, float]]:
+        student_logits = student.logits
         require(batch, "advantages", "student_logprobs")
         mask, count = batch.response_mask, batch.normaliser()
         logq = token_logprobs(student_logits, batch.response_ids)

@@ -4,7 +4,7 @@
 
 MODEL_DIR is an HF model directory (e.g. a run's `output_dir/final`) or `builtin:tiny/...`;
 the data rows need `prompt` and `answer`. The same `Evaluator` as during training runs
-over `LocalModels`, an in-process stand-in for the WorkerGroup.
+over `LocalModels`, an in-process stand-in for the Pipeline.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ class InputError(ValueError):
 
 
 class LocalModels:
-    """The WorkerGroup's evaluation interface over one in-process sampler (and teacher)."""
+    """The Pipeline's evaluation interface over one in-process sampler (and teacher)."""
 
     def __init__(
         self,
@@ -53,7 +53,7 @@ class LocalModels:
     def greedy_texts(self, prompts: PromptBatch, max_new_tokens: int) -> list[str]:
         return self.sampler.greedy_texts(prompts, max_new_tokens)
 
-    def generate(self, prompts: PromptBatch, plan: RolloutPlan) -> RolloutBatch:
+    def sample(self, prompts: PromptBatch, plan: RolloutPlan) -> RolloutBatch:
         return self.sampler.generate(prompts, plan)
 
     def score(self, batch: RolloutBatch, plan: RolloutPlan) -> RolloutBatch:

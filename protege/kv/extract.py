@@ -91,7 +91,22 @@ class ModelPass:
 def forward_kv(
     model: torch.nn.Module, batch: KVBatch, spec: KVSpec, with_queries: bool = False
 ) -> ModelPass:
+    """One forward of a right-padded KVBatch with the cache on (see `forward_sequences`)."""
+    return forward_sequences(
+        model, batch.input_ids, batch.attention_mask, batch.positions, spec, with_queries
+    )
+
+
+def forward_sequences(
+    model: torch.nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    positions: Tensor,
+    spec: KVSpec,
+    with_queries: bool = False,
+) -> ModelPass:
     """One forward with the cache on; gradients flow through the returned tensors.
+    input_ids, attention_mask, positions [B,T] (any padding layout).
 
     Queries are captured by a hook on each layer's `self_attn.q_proj` (Llama/Qwen-style
     decoders) and rotated with the model's RoPE, so `softmax(q·kᵀ/√D)` reproduces the
@@ -107,9 +122,9 @@ def forward_kv(
             )
     try:
         out = model(
-            input_ids=batch.input_ids.to(device),
-            attention_mask=batch.attention_mask.long().to(device),
-            position_ids=batch.positions.to(device),
+            input_ids=input_ids.to(device),
+            attention_mask=attention_mask.long().to(device),
+            position_ids=positions.to(device),
             use_cache=True,
             output_hidden_states=True,
         )
@@ -128,8 +143,8 @@ def forward_kv(
         check_cache_shape(v, spec, i, "values")
     queries = None
     if with_queries:
-        b, t = batch.input_ids.shape
-        positions = batch.positions.to(device)
+        b, t = input_ids.shape
+        positions = positions.to(device)
         queries = tuple(
             apply_rope(
                 q.view(b, t, spec.query_heads, spec.head_dim).transpose(1, 2), positions, spec.rope
@@ -140,14 +155,17 @@ def forward_kv(
 
 
 def _decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
-    base = getattr(model, "module", model)  # a DeepSpeed engine wraps the model
-    inner = getattr(base, "model", None)
-    layers = getattr(inner, "layers", None)
-    if layers is None:
-        raise ValueError(
-            f"{type(base).__name__} has no .model.layers; query capture needs a Llama-style decoder"
-        )
-    return list(layers)
+    """The decoder layers of a Llama/Qwen-style model, however it is wrapped (DeepSpeed
+    engine, peft, the learner's student-plus-modules container): the first `….layers`
+    ModuleList whose items have `self_attn.q_proj`."""
+    for name, module in model.named_modules():
+        is_list = name.endswith("layers") and isinstance(module, torch.nn.ModuleList)
+        if is_list and len(module) and hasattr(getattr(module[0], "self_attn", None), "q_proj"):
+            return list(module)
+    raise ValueError(
+        f"{type(model).__name__} has no decoder layers with self_attn.q_proj; query capture "
+        "needs a Llama/Qwen-style decoder"
+    )
 
 
 def to_student_time(

@@ -32,9 +32,9 @@ from protege.kv.layer_align import (
 )
 from protege.kv.learner import KVLearner
 from protege.kv.store import KVTable, read_store, write_store
+from protege.launch import LocalLauncher, Resources
 from protege.modeling import load_model, load_tokenizer, resolve_path
 from protege.tasks.tiny import load_rows
-from protege.workers import LocalLauncher, Resources
 
 
 @dataclass

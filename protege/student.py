@@ -1,0 +1,163 @@
+"""The student's forward as an algorithm's loss sees it: computed on demand, once per need.
+
+`loss(student, batch)` receives a `StudentForward` over the batch's prompt ⧺ response
+sequences. Reading `student.logits` runs one forward; `student.hidden`, `student.kv` and
+`student.queries` come from the same forward when asked for first (`student.want(...)`),
+else each triggers one more forward that also produces everything asked for before.
+`student.forward_extra(ids, mask)` runs the student on another batch (pre-training text).
+`student.modules` are the algorithm's trainable modules (projectors, routers), trained by
+the same engine as the student.
+
+Shapes: B rows, P prompt tokens (left-padded), T response tokens (right-padded),
+S = P + T sequence positions, V vocab, d hidden size, H heads, D head_dim.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from protege.modeling import sequence_inputs
+from protege.records import RolloutBatch
+
+OUTPUTS = frozenset({"logits", "hidden", "kv", "queries"})
+
+
+class StudentForward:
+    """Lazy view of the student's forward on one (micro-)batch."""
+
+    def __init__(
+        self,
+        module: nn.Module,
+        batch: RolloutBatch,
+        modules: Mapping[str, nn.Module] | None = None,
+        config: Any = None,
+    ):
+        self._module, self._batch, self._config = module, batch, config
+        self._modules = modules if modules is not None else nn.ModuleDict()
+        self._wanted: set[str] = set()
+        self._out: dict[str, Any] = {}
+        self.forwards = 0  # forwards run so far (tests and accounting read it)
+
+    def want(self, *names: str) -> StudentForward:
+        """Declare outputs the loss will read, so one forward produces them all."""
+        unknown = set(names) - OUTPUTS
+        if unknown:
+            raise ValueError(f"unknown student outputs {sorted(unknown)}; known: {sorted(OUTPUTS)}")
+        self._wanted.update(names)
+        return self
+
+    @property
+    def batch(self) -> RolloutBatch:
+        return self._batch
+
+    @property
+    def modules(self) -> Mapping[str, nn.Module]:
+        """The algorithm's trainable modules, by name (empty when it declares none)."""
+        return self._modules
+
+    @property
+    def config(self) -> Any:
+        """The student's HF config (layer, head and RoPE shapes for KV losses)."""
+        return self._config
+
+    @property
+    def logits(self) -> Tensor:
+        """[B,T,V]: position t predicts `batch.response_ids[:, t]`."""
+        prompt_len = self._batch.prompt_ids.shape[1]
+        return self._get("logits")[:, prompt_len - 1 : -1]
+
+    @property
+    def sequence_logits(self) -> Tensor:
+        """[B,S,V] logits at every position of prompt ⧺ response."""
+        return self._get("logits")
+
+    @property
+    def sequence_mask(self) -> Tensor:
+        """[B,S] bool, True on real (non-padding) prompt and response tokens."""
+        return torch.cat([self._batch.prompt_mask, self._batch.response_mask], dim=1).bool()
+
+    @property
+    def hidden(self) -> Tensor:
+        """[B,S,d] last hidden state at every position."""
+        return self._get("hidden")
+
+    @property
+    def kv(self):
+        """Per-layer post-RoPE keys and values, `protege.kv.extract.LayerKV` of
+        L × [B,H_kv,S,D], with gradients."""
+        return self._get("kv")
+
+    @property
+    def queries(self) -> tuple[Tensor, ...]:
+        """Per-layer post-RoPE queries, L × [B,H_q,S,D] (Llama/Qwen-style attention)."""
+        return self._get("queries")
+
+    def forward_extra(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """Logits [N,L,V] of the student on another right-padded batch (e.g. pre-training
+        text), positions counted over real tokens."""
+        device = _device(self._module)
+        attention = attention_mask.long()
+        positions = (attention.cumsum(-1) - 1).clamp_min(0)
+        self.forwards += 1
+        return self._module(
+            input_ids=input_ids.to(device),
+            attention_mask=attention.to(device),
+            position_ids=positions.to(device),
+            use_cache=False,
+        ).logits
+
+    def _get(self, name: str) -> Any:
+        if name not in self._out:
+            self._run({name, *self._wanted, *self._out})
+        return self._out[name]
+
+    def _run(self, names: set[str]) -> None:
+        input_ids, attention_mask, positions = sequence_inputs(self._batch)
+        self.forwards += 1
+        if names & {"kv", "queries"}:
+            self._out = self._run_with_cache(input_ids, attention_mask, positions, names)
+            return
+        device = _device(self._module)
+        out = self._module(
+            input_ids=input_ids.to(device),
+            attention_mask=attention_mask.to(device),
+            position_ids=positions.to(device),
+            use_cache=False,
+            output_hidden_states="hidden" in names,
+        )
+        self._out = {"logits": out.logits}
+        if "hidden" in names:
+            self._out["hidden"] = out.hidden_states[-1]
+
+    def _run_with_cache(
+        self, input_ids: Tensor, attention_mask: Tensor, positions: Tensor, names: set[str]
+    ) -> dict[str, Any]:
+        from protege.kv.extract import KVSpec, forward_sequences
+
+        if self._config is None:
+            raise ValueError("student.kv / student.queries need the student's config")
+        spec = KVSpec.from_config(self._config)
+        out = forward_sequences(
+            self._module, input_ids, attention_mask, positions, spec, "queries" in names
+        )
+        return {"logits": out.logits, "hidden": out.hidden, "kv": out.kv, "queries": out.queries}
+
+
+def _device(module: nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
+class StudentLogits:
+    """A student view over response logits computed elsewhere (tests, scoring saved
+    outputs): only `logits` is available."""
+
+    def __init__(self, logits: Tensor, modules: Mapping[str, nn.Module] | None = None):
+        self.logits = logits
+        self.modules = modules if modules is not None else nn.ModuleDict()
+
+    def want(self, *names: str) -> StudentLogits:
+        return self

@@ -1,0 +1,50 @@
+"""Teachers as clients of the pipeline: `score(shards, plan) -> shards`, futures in and out.
+
+Where a teacher runs is decided once, when the run is built (`place_teacher`):
+* `actors` — its own worker group (HF or vLLM scorers), shard i to scorer i mod n;
+* `samplers` — LoRA self-distillation on vLLM: the rollout engines score with the adapter
+  off (the student's base is the teacher; no second model in memory);
+* `learner` — LoRA self-distillation on HF: the learner scores with the adapter off (every
+  data-parallel rank joins, ZeRO-3 gathers are collective; rank 0 answers).
+No other module asks whether a teacher is the student itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from protege.config import Config, TeacherConfig
+from protege.records import RolloutPlan
+
+Placement = Literal["actors", "samplers", "learner"]
+
+
+def place_teacher(spec: TeacherConfig, config: Config) -> Placement:
+    """Where `spec` is scored (see the module docstring)."""
+    if not spec.is_self:
+        return "actors"
+    return "samplers" if spec.backend == "vllm" else "learner"
+
+
+@dataclass
+class TeacherClient:
+    """One teacher: the handles that score for it and how shards reach them."""
+
+    name: str
+    placement: Placement
+    handles: list[Any]  # scorers, samplers or learner ranks
+
+    def score(self, shards: list[Any], plan: RolloutPlan) -> list[Any]:
+        """One scoring call per shard; each takes and returns a future (never blocks)."""
+        if plan.teacher_need == "none":
+            return shards
+        return [self._score_one(i, shard, plan) for i, shard in enumerate(shards)]
+
+    def _score_one(self, index: int, shard: Any, plan: RolloutPlan) -> Any:
+        if self.placement == "actors":
+            return self.handles[index % len(self.handles)].score.remote(shard, plan)
+        if self.placement == "samplers":
+            return self.handles[index % len(self.handles)].score_as_teacher.remote(shard, plan)
+        refs = [rank.score_as_teacher.remote(shard, plan) for rank in self.handles]
+        return refs[0]  # every rank joins the collective; rank 0 answers
