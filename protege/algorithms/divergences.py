@@ -177,3 +177,36 @@ def masked_mean(values: Tensor, mask: Tensor, count: float | Tensor | None = Non
         count = mask.sum()
     count = torch.as_tensor(count, dtype=values.dtype, device=values.device)
     return masked_sum(values, mask) / count.clamp_min(1.0)
+
+
+def skew_forward_kl(student_logp: Tensor, teacher_logp: Tensor, alpha: float) -> Tensor:
+    """α-skew KL, SKL^(α)(p_T, q_θ) = KL(p_T ‖ α·p_T + (1−α)·q_θ). [...,V] -> [...].
+
+    DistiLLM (Ko et al. 2024, §3.1): α = 0 is forward KL(p_T‖q_θ), α = 1 is 0; for α > 0 it
+    stays finite where q_θ has no mass. The gradient flows through the mixture's q_θ term.
+    """
+    mixture = _mixture_logprobs(teacher_logp, student_logp, alpha)
+    return kl_from_logprobs(teacher_logp, mixture)
+
+
+def skew_reverse_kl(student_logp: Tensor, teacher_logp: Tensor, alpha: float) -> Tensor:
+    """α-skew reverse KL, SRKL^(α)(p_T, q_θ) = KL(q_θ ‖ (1−α)·p_T + α·q_θ). [...,V] -> [...].
+
+    DistiLLM (Ko et al. 2024, §3.1): α = 0 is reverse KL(q_θ‖p_T), α = 1 is 0; for α > 0 it
+    stays finite (≤ −log α) where the teacher has no mass.
+    """
+    mixture = _mixture_logprobs(student_logp, teacher_logp, alpha)
+    return kl_from_logprobs(student_logp, mixture)
+
+
+def _mixture_logprobs(first_logp: Tensor, second_logp: Tensor, weight: float) -> Tensor:
+    """log(w·a + (1−w)·b) from log a, log b; the endpoints w = 0, 1 are exactly log b, log a."""
+    if not 0.0 <= weight <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {weight}")
+    if weight == 0.0:
+        return second_logp
+    if weight == 1.0:
+        return first_logp
+    return _safe_logsumexp(
+        torch.stack([first_logp + math.log(weight), second_logp + math.log1p(-weight)]), dim=0
+    )
