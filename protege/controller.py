@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -78,14 +79,19 @@ class Controller:
         ):
             self.drawn[after] = self.prompts.next(after)
 
-    def run(self) -> dict[str, float]:
-        """Resume if asked, evaluate, train `trainer.steps` steps, evaluate, save."""
+    def run(
+        self, on_step: Callable[[int, dict[str, float]], None] | None = None
+    ) -> dict[str, float]:
+        """Resume if asked, evaluate, train `trainer.steps` steps, evaluate, save. `on_step(k,
+        row)` sees each step's metrics row as written to metrics.jsonl (benchmarks hook here)."""
         self.resume()
         before = self.evaluate("eval_before")
         for k in range(self.start_step, self.config.trainer.steps):
             started = time.perf_counter()
             metrics = self.step(k)
-            self.record(k, metrics, time.perf_counter() - started)
+            row = self.record(k, metrics, time.perf_counter() - started)
+            if on_step is not None:
+                on_step(k, row)
             self.maybe_checkpoint(k)
         self.pending.clear()  # rollouts past the last step (filled for a checkpoint)
         self.workers.wait_sync()  # the last update has reached the samplers
@@ -94,12 +100,13 @@ class Controller:
         self.log.close()
         return {**before, **after}
 
-    def record(self, k: int, metrics: dict[str, float], seconds: float) -> None:
+    def record(self, k: int, metrics: dict[str, float], seconds: float) -> dict[str, float]:
         phases = {**self.workers.take_seconds(), "time/step": seconds}
         accounting = phase_accounting(
             phases, metrics, pipelined=self.config.trainer.max_staleness > 0
         )
-        self.log.write({"step": k, **metrics, **phases, **accounting})
+        row = {"step": k, **metrics, **phases, **accounting}
+        self.log.write(row)
         if metrics.get("learner/nonfinite") or not math.isfinite(metrics.get("learner/loss", 0.0)):
             self.log.warning(
                 f"step {k}: non-finite loss or gradient; update skipped, weights untouched"
@@ -112,6 +119,7 @@ class Controller:
             and (k + 1) % self.config.trainer.eval_every == 0
         ):
             self.evaluate("eval", step=k)
+        return row
 
     def evaluate(self, prefix: str, step: int | None = None) -> dict[str, float]:
         """Evaluation's worker calls are timed apart (`time/eval` in its own row), so they never
