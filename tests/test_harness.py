@@ -149,3 +149,18 @@ def test_curve_plot(results, tmp_path):
     assert (tmp_path / "c.png").stat().st_size > 1000
     results.runs = {n: [ArmResult(r.seed, r.final) for r in rs] for n, rs in results.runs.items()}
     assert not plot_curves(results, tmp_path / "none.png", "accuracy", "fake")
+
+
+def test_controller_run_hands_each_step_row_to_on_step(tmp_path):
+    """The hook benchmarks time steps with: the rows it sees are the ones in metrics.jsonl."""
+    from protege.config import load_config
+    from protege.run import build_controller
+
+    overrides = ["trainer.workers=local", "trainer.steps=2", "trainer.batch_size=4"]
+    overrides += ["rollout.max_new_tokens=4", "data.test=null", "logging.wandb=disabled"]
+    config = load_config("gkd", [*overrides, "logging.progress=false", f"output_dir={tmp_path}"])
+    seen: list = []
+    build_controller(config).run(on_step=lambda k, row: seen.append((k, row)))
+    written = [json.loads(line) for line in (tmp_path / "metrics.jsonl").open()]
+    assert [k for k, _ in seen] == [0, 1]
+    assert [row for _, row in seen] == [r for r in written if r["step"] >= 0]
