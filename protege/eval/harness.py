@@ -8,7 +8,6 @@ only in their arms and in `run_arm(arm, seed) -> ArmResult`; everything after th
 from __future__ import annotations
 
 import json
-import math
 import os
 import platform
 import time
@@ -114,14 +113,12 @@ def _brief(final: Mapping[str, float]) -> str:
 
 
 def machine_meta() -> dict[str, Any]:
-    import numpy
     import torch
 
     return {
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores",
         "python": platform.python_version(),
         "torch": torch.__version__,
-        "numpy": numpy.__version__,
         "date": time.strftime("%Y-%m-%d", time.gmtime()),
     }
 
@@ -235,7 +232,7 @@ def to_json(results: Results, summaries: Sequence[ArmSummary], **extra: Any) -> 
     """{meta (with the arms), summary, runs, **extra}: what `read_json` reads back."""
     meta = {**results.meta, "arms": [asdict(a) | {"params": dict(a.params)} for a in results.arms]}
     runs = {name: [r.to_dict() for r in runs] for name, runs in results.runs.items()}
-    summary = [_finite(asdict(s)) for s in summaries]
+    summary = [asdict(s) for s in summaries]
     return {"meta": meta, "summary": summary, **extra, "runs": runs}
 
 
@@ -254,15 +251,6 @@ def read_json(path: Path, convert: Callable[[dict], dict] | None = None) -> Resu
     convert = convert or (lambda record: record)
     runs = {n: [ArmResult.from_dict(convert(r)) for r in rs] for n, rs in saved["runs"].items()}
     return Results(arms, runs, meta)
-
-
-def _finite(value: Any) -> Any:
-    """NaN -> None, so the JSON is strict."""
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    return value
 
 
 def plot_curves(results: Results, path: Path, ylabel: str, title: str) -> bool:
