@@ -20,7 +20,6 @@ the load average at 3-10 on the same 2 cores (see its header).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -31,7 +30,17 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch
 
-from protege.eval.stats import bootstrap_ci, paired_test
+from protege.eval.harness import (
+    Arm,
+    ArmResult,
+    Results,
+    markdown_table,
+    read_json,
+    run_experiment,
+    summarise,
+    to_json,
+    write_json,
+)
 from protege.kv.config import kv_config_from_dict
 from protege.kv.trainer import run_kv_distill
 
@@ -47,7 +56,7 @@ BASIC = {
 BOTTLENECK = {"projector": "bottleneck", "train_projector": True}
 
 # (arm, what it adds, config tree on top of the shared settings) — seed 004's ladder.
-ARMS: list[tuple[str, str, dict[str, Any]]] = [
+_LADDER: list[tuple[str, str, dict[str, Any]]] = [
     ("control", "no KV distillation (δ·CE only)", {"distill": False, "teachers": [TEACHER_A]}),
     (
         "single_basic",
@@ -131,6 +140,7 @@ ARMS: list[tuple[str, str, dict[str, Any]]] = [
         {"teachers": [TEACHER_B], "align": BASIC},
     ),
 ]
+ARMS = [Arm(name, notes=what, params={"tree": tree}) for name, what, tree in _LADDER]
 
 
 def arm_config(
@@ -155,73 +165,31 @@ def arm_config(
     return merged
 
 
-def run_arms(
-    seeds: list[int], steps: int, eval_size: int, workdir: Path, arms=ARMS
-) -> dict[str, list[dict]]:
-    results: dict[str, list[dict]] = {}
-    for name, _, tree in arms:
-        for seed in seeds:
-            tree_seed = arm_config(
-                tree,
-                seed,
-                steps,
-                workdir / name / str(seed),
-                workdir / "teacher_kv" / _kv_key(tree),
-            )
-            tree_seed["trainer"]["eval_size"] = eval_size
-            torch.manual_seed(seed)
-            start = time.perf_counter()
-            summary = run_kv_distill(kv_config_from_dict(tree_seed))
-            wall = time.perf_counter() - start
-            record = {
-                "seed": seed,
-                "accuracy": summary["after"]["accuracy"],
-                "perplexity": summary["after"]["perplexity"],
-                "before": summary["before"],
-                "wall_seconds": round(wall, 2),
-                "train_seconds": summary["train_seconds"],
-                "heldout_kv_final": summary["heldout_kv"][-1] if summary["heldout_kv"] else None,
-            }
-            results.setdefault(name, []).append(record)
-            print(
-                f"{name:14s} seed {seed}: acc {record['accuracy']:.3f} ppl {record['perplexity']:.3f} "
-                f"({wall:.1f} s)",
-                flush=True,
-            )
-    return results
+def run_arm(arm: Arm, seed: int, steps: int, eval_size: int, workdir: Path) -> ArmResult:
+    """One arm, one seed, through the KV trainer (the one call to swap for the main pipeline)."""
+    tree = arm.params["tree"]
+    kv_dir = workdir / "teacher_kv" / _kv_key(tree)
+    config = arm_config(tree, seed, steps, workdir / arm.name / str(seed), kv_dir)
+    config["trainer"]["eval_size"] = eval_size
+    torch.manual_seed(seed)
+    start = time.perf_counter()
+    summary = run_kv_distill(kv_config_from_dict(config))
+    return ArmResult(
+        seed,
+        final={k: summary["after"][k] for k in ("accuracy", "perplexity")},
+        seconds=round(time.perf_counter() - start, 2),
+        extra={
+            "before": summary["before"],
+            "train_seconds": summary["train_seconds"],
+            "heldout_kv_final": summary["heldout_kv"][-1] if summary["heldout_kv"] else None,
+        },
+    )
 
 
 def _kv_key(tree: dict[str, Any]) -> str:
     """Arms whose teachers and time alignment agree share one precomputed KV store."""
     teachers = "+".join(t["name"] for t in tree.get("teachers", [TEACHER_A]))
     return f"{teachers}_{tree.get('align', {}).get('time', 'segment')}"
-
-
-def summarise(results: dict[str, list[dict]]) -> list[dict[str, Any]]:
-    control = results.get("control", [])
-    rows = []
-    for name, what, _ in ARMS:
-        if name not in results:
-            continue
-        runs = results[name]
-        acc = [r["accuracy"] for r in runs]
-        ppl = [r["perplexity"] for r in runs]
-        row = {
-            "arm": name,
-            "what": what,
-            "seeds": len(runs),
-            "accuracy": bootstrap_ci(acc).__dict__,
-            "perplexity": bootstrap_ci(ppl).__dict__,
-            "wall_seconds": sum(r["wall_seconds"] for r in runs) / len(runs),
-        }
-        if name != "control" and len(control) == len(runs):
-            paired = paired_test(acc, [r["accuracy"] for r in control])
-            row["vs_control"] = {
-                "difference": paired.difference.__dict__,
-                "p_value": paired.p_value,
-            }
-        rows.append(row)
-    return rows
 
 
 NOTES = [
@@ -237,60 +205,58 @@ NOTES = [
 ]
 
 
-def _interval(d: dict[str, float], digits: int = 3) -> str:
-    return f"{d['mean']:.{digits}f} [{d['low']:.{digits}f}, {d['high']:.{digits}f}]"
-
-
-def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
-    lines = [
-        "# KV-distillation ablation (built-in tiny task)",
-        "",
-        (
-            f"{meta['seeds']} seed(s) × {meta['steps']} steps of batch 32, lr 3e-3, δ = 0.1 answer "
-            f"CE in every arm; accuracy = greedy exact match on {meta['eval_size']} held-out sums; "
-            "perplexity of the gold answers; mean [95% bootstrap interval over seeds]; Δ vs "
-            "control = paired difference (sign-flip p-value). Student before training: accuracy "
-            f"0.100, perplexity 3.601. Measured {meta['date']} on {meta['machine']} in "
-            f"{meta['total_minutes']:.1f} min."
-        ),
-        "",
-        "| arm | adds | accuracy ↑ | perplexity ↓ | Δ accuracy vs control (p) | wall s / run |",
-        "| --- | --- | --- | --- | --- | --- |",
-    ]
-    for row in rows:
-        vs = row.get("vs_control")
-        delta = f"{_interval(vs['difference'])} (p={vs['p_value']:.2f})" if vs else "—"
-        lines.append(
-            f"| {row['arm']} | {row['what']} | {_interval(row['accuracy'])} | "
-            f"{_interval(row['perplexity'])} | {delta} | {row['wall_seconds']:.1f} |"
-        )
+def markdown(results: Results) -> str:
+    meta = results.meta
+    summaries = summarise(results, ["accuracy", "perplexity"], baseline="control")
+    labels = {"accuracy": "accuracy ↑", "perplexity": "perplexity ↓"}
+    adds = {"adds": {arm.name: arm.notes for arm in results.arms}}
+    table = markdown_table(summaries, ["accuracy", "perplexity"], "control", labels, adds)
+    intro = (
+        f"{meta['seeds']} seed(s) × {meta['steps']} steps of batch 32, lr 3e-3, δ = 0.1 answer "
+        f"CE in every arm; accuracy = greedy exact match on {meta['eval_size']} held-out sums; "
+        "perplexity of the gold answers; mean [95% bootstrap interval over seeds]; Δ vs "
+        "control = paired accuracy difference (sign-flip p-value). Student before training: "
+        f"accuracy 0.100, perplexity 3.601. Measured {meta['date']} on {meta['machine']} in "
+        f"{meta['total_minutes']:.1f} min."
+    )
+    lines = ["# KV-distillation ablation (built-in tiny task)", "", intro, "", table]
     return "\n".join([*lines, "", *NOTES]) + "\n"
 
 
-def _select(names: str) -> list:
+def _select(names: str) -> list[Arm]:
     if not names:
         return ARMS
     wanted = [n.strip() for n in names.split(",") if n.strip()]
-    known = {name for name, _, _ in ARMS}
+    known = [arm.name for arm in ARMS]
     unknown = [n for n in wanted if n not in known]
     if unknown:
         raise SystemExit(f"unknown arms {unknown}; known: {', '.join(known)}")
-    return [arm for arm in ARMS if arm[0] in wanted]
+    return [arm for arm in ARMS if arm.name in wanted]
 
 
-def _previous(path: Path, args: argparse.Namespace) -> tuple[dict[str, list[dict]], float]:
+def _previous(path: Path, args: argparse.Namespace) -> Results | None:
     """Saved runs to merge with (same seeds, steps and eval size, or refuse)."""
     if not path.exists():
-        return {}, 0.0
-    saved = json.loads(path.read_text())
-    meta = saved["meta"]
+        return None
+    previous = read_json(path, convert=_saved_run)
+    meta = previous.meta
     if (meta["seeds"], meta["steps"], meta["eval_size"]) != (
         args.seeds,
         args.steps,
         args.eval_size,
     ):
         raise SystemExit(f"--merge: {path} has seeds/steps/eval_size {meta}; rerun with those")
-    return saved["runs"], float(meta["total_minutes"])
+    meta.setdefault("wall_seconds", 60 * meta["total_minutes"])  # files from before the harness
+    return previous
+
+
+def _saved_run(record: dict[str, Any]) -> dict[str, Any]:
+    """A run record of a file written before the harness (flat accuracy/perplexity)."""
+    if "final" in record:
+        return record
+    rest = {k: v for k, v in record.items() if k not in ("accuracy", "perplexity", "wall_seconds")}
+    final = {"accuracy": record["accuracy"], "perplexity": record["perplexity"]}
+    return {**rest, "final": final, "seconds": record["wall_seconds"]}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -305,36 +271,35 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--out", default=str(RESULTS))
     parser.add_argument("--arms", default="", help="comma-separated subset of arms (default: all)")
     parser.add_argument(
-        "--merge", action="store_true", help="add these arms' runs to the saved results"
+        "--merge",
+        action="store_true",
+        help="add to the saved results: keep their runs, run only the arm x seed they lack",
     )
     args = parser.parse_args(argv)
     if args.smoke:
         args.seeds, args.steps, args.eval_size = 1, 4, 16
-    arms = _select(args.arms)
-    seeds = list(range(args.seeds))
     stem = "kv_ablation_smoke" if args.smoke else "kv_ablation"
     out = Path(args.out)
-    previous = _previous(out / f"{stem}.json", args) if args.merge else ({}, 0.0)
-    start = time.perf_counter()
-    results = run_arms(seeds, args.steps, args.eval_size, Path(args.workdir), arms)
-    results = {**previous[0], **results}
-    total = previous[1] + (time.perf_counter() - start) / 60
-    meta = {
-        "seeds": len(seeds),
-        "steps": args.steps,
-        "eval_size": args.eval_size,
-        "total_minutes": total,
-        "date": time.strftime("%Y-%m-%d", time.gmtime()),
-        "machine": f"{os.cpu_count()} CPU cores",
-    }
-    rows = summarise(results)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{stem}.json").write_text(
-        json.dumps({"meta": meta, "summary": rows, "runs": results}, indent=2)
+    previous = _previous(out / f"{stem}.json", args) if args.merge else None
+    workdir = Path(args.workdir)
+    results = run_experiment(
+        _select(args.arms),
+        range(args.seeds),
+        lambda arm, seed: run_arm(arm, seed, args.steps, args.eval_size, workdir),
+        previous,
     )
-    (out / f"{stem}.md").write_text(markdown(rows, meta))
-    print(markdown(rows, meta))
-    return {"meta": meta, "summary": rows}
+    results.arms = [arm for arm in ARMS if arm.name in results.runs]  # ladder order, notes
+    results.meta.update(
+        seeds=args.seeds,
+        steps=args.steps,
+        eval_size=args.eval_size,
+        total_minutes=results.meta["wall_seconds"] / 60,
+    )
+    summaries = summarise(results, ["accuracy", "perplexity"], baseline="control")
+    write_json(out / f"{stem}.json", results, summaries)
+    (out / f"{stem}.md").write_text(markdown(results))
+    print(markdown(results))
+    return to_json(results, summaries)
 
 
 if __name__ == "__main__":

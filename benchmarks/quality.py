@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 from dataclasses import dataclass, field
@@ -37,20 +36,35 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from protege.eval.ab import seed_overrides
-from protege.eval.stats import bootstrap_ci, paired_test
+from protege.eval.harness import (
+    Arm,
+    ArmResult,
+    Results,
+    compare,
+    format_p,
+    markdown_table,
+    plot_curves,
+    read_json,
+    run_experiment,
+    summarise,
+    write_json,
+)
 
 RESULTS = ROOT / "benchmarks" / "results"
 LABELLED_ROWS = 300
 
 
-@dataclass(frozen=True)
-class Arm:
-    name: str
-    data: str  # "labelled" (L, with completions) or "pool" (P, prompts only)
-    overrides: tuple[str, ...]
-    pretrain: bool = False  # MiniLLM's LM term on L's text
-    notes: str = ""
-    control: bool = False  # a diagnostic arm, run with --controls
+def arm(
+    name: str,
+    data: str,
+    overrides: tuple[str, ...],
+    pretrain: bool = False,
+    notes: str = "",
+    control: bool = False,
+) -> Arm:
+    """data: "labelled" (L, with completions), "pool" (P, prompts only) or "gold" (all 2,000
+    labelled); pretrain: MiniLLM's LM term on L's text; control: a diagnostic arm (--controls)."""
+    return Arm(name, overrides, notes, {"data": data, "pretrain": pretrain, "control": control})
 
 
 def gkd(lmbda: float, beta: float, **extra: object) -> tuple[str, ...]:
@@ -63,35 +77,35 @@ def gkd(lmbda: float, beta: float, **extra: object) -> tuple[str, ...]:
 
 
 ARMS: list[Arm] = [
-    Arm("SFT on L", "labelled", ("algorithm.name=sft",)),
-    Arm("supervised KD (GKD λ=0, β=0)", "labelled", gkd(0.0, 0.0)),
-    Arm("SeqKD (teacher-written, fwd KL)", "pool", gkd(0.0, 0.0, seq_kd="true")),
-    *[Arm(f"GKD λ=0.5, β={b}", "labelled", gkd(0.5, b)) for b in (0.0, 0.5, 1.0)],
-    *[Arm(f"GKD λ=1, β={b}", "pool", gkd(1.0, b)) for b in (0.0, 0.5, 1.0)],
-    Arm(
+    arm("SFT on L", "labelled", ("algorithm.name=sft",)),
+    arm("supervised KD (GKD λ=0, β=0)", "labelled", gkd(0.0, 0.0)),
+    arm("SeqKD (teacher-written, fwd KL)", "pool", gkd(0.0, 0.0, seq_kd="true")),
+    *[arm(f"GKD λ=0.5, β={b}", "labelled", gkd(0.5, b)) for b in (0.0, 0.5, 1.0)],
+    *[arm(f"GKD λ=1, β={b}", "pool", gkd(1.0, b)) for b in (0.0, 0.5, 1.0)],
+    arm(
         "MiniLLM (mix α=0.2)",
         "pool",
         ("algorithm.name=minillm", "algorithm.mix_alpha=0.2", "algorithm.lm_coef=0.5"),
         True,
     ),
-    Arm(
+    arm(
         "MiniLLM (no mix)",
         "pool",
         ("algorithm.name=minillm", "algorithm.mix_alpha=0.0", "algorithm.lm_coef=0.5"),
         True,
     ),
-    Arm(
+    arm(
         "gated dual-KL (hard)",
         "pool",
         ("algorithm.name=gated_dual_kl", "algorithm.gate=hard", "algorithm.tau=1.0"),
     ),
-    Arm(
+    arm(
         "gated dual-KL (soft)",
         "pool",
         ("algorithm.name=gated_dual_kl", "algorithm.gate=soft", "algorithm.tau=1.0"),
     ),
-    Arm("OPD", "pool", ("algorithm.name=opd",)),
-    Arm(
+    arm("OPD", "pool", ("algorithm.name=opd",)),
+    arm(
         "RL+distill (α=0.5, EM reward, 4 samples)",
         "pool",
         (
@@ -105,16 +119,16 @@ ARMS: list[Arm] = [
 ]
 CONSTANT_LR = "learner.lr_schedule=constant"
 ARMS += [  # diagnostics: what the data split and the lr schedule do (python quality.py --controls)
-    Arm("control: GKD λ=1, β=0.5 on L", "labelled", gkd(1.0, 0.5), control=True),
-    Arm("control: supervised KD on gold 2,000", "gold", gkd(0.0, 0.0), control=True),
-    Arm("control: GKD λ=0.5, β=0.5 on gold 2,000", "gold", gkd(0.5, 0.5), control=True),
-    Arm(
+    arm("control: GKD λ=1, β=0.5 on L", "labelled", gkd(1.0, 0.5), control=True),
+    arm("control: supervised KD on gold 2,000", "gold", gkd(0.0, 0.0), control=True),
+    arm("control: GKD λ=0.5, β=0.5 on gold 2,000", "gold", gkd(0.5, 0.5), control=True),
+    arm(
         "control: GKD λ=0.5, β=0.5 on gold 2,000, constant lr",
         "gold",
         (*gkd(0.5, 0.5), CONSTANT_LR),
         control=True,
     ),
-    Arm(
+    arm(
         "control: GKD λ=1, β=0.5 on P, constant lr",
         "pool",
         (*gkd(1.0, 0.5), CONSTANT_LR),
@@ -159,6 +173,7 @@ def write_data(workdir: Path) -> dict[str, str]:
 
 
 def arm_overrides(arm: Arm, data: dict[str, str], budget: Budget, output_dir: Path) -> list[str]:
+    pretrain = data["text"] if arm.params["pretrain"] else "null"
     common = [
         "trainer.workers=local",
         "logging.wandb=disabled",
@@ -172,14 +187,14 @@ def arm_overrides(arm: Arm, data: dict[str, str], budget: Budget, output_dir: Pa
         "learner.lr_schedule=cosine",
         "rollout.max_new_tokens=6",
         "data.test=builtin:tiny/test",
-        f"data.train={data[arm.data]}",
-        f"data.pretrain={data['text'] if arm.pretrain else 'null'}",
+        f"data.train={data[arm.params['data']]}",
+        f"data.pretrain={pretrain}",
         f"output_dir={output_dir}",
     ]
     return [*common, *arm.overrides, *budget.extra]
 
 
-def run_one(arm: Arm, seed: int, data: dict[str, str], budget: Budget, workdir: Path) -> dict:
+def run_one(arm: Arm, seed: int, data: dict[str, str], budget: Budget, workdir: Path) -> ArmResult:
     from protege.config import load_config
     from protege.run import build_controller
 
@@ -197,16 +212,18 @@ def run_one(arm: Arm, seed: int, data: dict[str, str], budget: Budget, workdir: 
     curve = sorted(
         {_curve_step(r, budget.steps): _acc(r) for r in rows if _acc(r) is not None}.items()
     )
-    return {
-        "seed": seed,
-        "seconds": seconds,
-        "final": {k.split("/", 1)[1]: v for k, v in result.items() if k.startswith("eval_after/")},
-        "before": {
-            k.split("/", 1)[1]: v for k, v in result.items() if k.startswith("eval_before/")
+    return ArmResult(
+        seed,
+        final={k.split("/", 1)[1]: v for k, v in result.items() if k.startswith("eval_after/")},
+        correct=[bool(c) for c in controller.evaluator.last_correct],
+        curve=curve,
+        seconds=seconds,
+        extra={
+            "before": {
+                k.split("/", 1)[1]: v for k, v in result.items() if k.startswith("eval_before/")
+            }
         },
-        "curve": curve,
-        "correct": [bool(c) for c in controller.evaluator.last_correct],
-    }
+    )
 
 
 def _curve_step(row: dict, steps: int) -> int:
@@ -228,34 +245,15 @@ def slug(name: str) -> str:
     return "_".join(part for part in keep.split("_") if part)[:60]
 
 
-def summarize(results: dict[str, list[dict]]) -> dict[str, dict]:
-    summary = {}
-    for name, runs in results.items():
-        accuracy = [r["final"]["accuracy"] for r in runs]
-        ci = bootstrap_ci(accuracy)
-        summary[name] = {
-            "accuracy": [ci.mean, ci.low, ci.high],
-            "entropy": _mean(r["final"].get("entropy") for r in runs),
-            "distinct_2": _mean(r["final"].get("sample_distinct_2") for r in runs),
-            "pass_at_4": _mean(r["final"].get("pass_at_4") for r in runs),
-            "seconds": _mean(r["seconds"] for r in runs),
-        }
-    return summary
+METRICS = ("accuracy", "pass_at_4", "entropy", "sample_distinct_2")
+LABELS = {"pass_at_4": "pass@4", "sample_distinct_2": "distinct-2"}
 
 
-def _mean(values) -> float | None:
-    values = [v for v in values if v is not None]
-    return sum(values) / len(values) if values else None
-
-
-def comparisons(results: dict[str, list[dict]]) -> list[dict]:
+def comparisons(results: Results) -> list[dict]:
     """The orderings the papers predict, each as a paired test: by seed (the i-th run of
     both arms shares the seed) and by (seed, test example) correctness."""
-    best_on_policy = max(
-        (n for n in results if n.startswith("GKD λ=1")),
-        key=lambda n: _final_mean(results[n]),
-        default=None,
-    )
+    on_policy = [n for n in results.runs if n.startswith("GKD λ=1")]
+    best_on_policy = max(on_policy, key=lambda n: _final_mean(results, n), default=None)
     claims = [
         ("GKD: on-policy ≥ supervised KD", best_on_policy, "supervised KD (GKD λ=0, β=0)"),
         ("GKD: supervised KD ≥ SFT", "supervised KD (GKD λ=0, β=0)", "SFT on L"),
@@ -269,54 +267,35 @@ def comparisons(results: dict[str, list[dict]]) -> list[dict]:
     ]
     out = []
     for claim, a, b in claims:
-        if a not in results or b not in results:
+        if a not in results.runs or b not in results.runs:
             continue
-        by_seed = paired_test(
-            [r["final"]["accuracy"] for r in results[a]],
-            [r["final"]["accuracy"] for r in results[b]],
-        )
-        per_example = paired_test(
-            [float(c) for r in results[a] for c in r["correct"]],
-            [float(c) for r in results[b] for c in r["correct"]],
-        )
+        c = compare(results, a, b, "accuracy")
+        d = c.difference
         out.append(
             {
                 "claim": claim,
                 "a": a,
                 "b": b,
-                "difference": [
-                    by_seed.difference.mean,
-                    by_seed.difference.low,
-                    by_seed.difference.high,
-                ],
-                "p_seed": by_seed.p_value,
-                "p_example": per_example.p_value,
-                "holds": _verdict(by_seed.difference.low, by_seed.difference.high),
+                "difference": [d.mean, d.low, d.high],
+                "p_seed": c.p_seed,
+                "p_example": c.p_example,
+                "holds": c.verdict,
             }
         )
     return out
 
 
-def _verdict(low: float, high: float) -> str:
-    """'yes' when the 95% interval of A − B lies above 0, 'no' below 0, else 'tie'."""
-    if low > 0:
-        return "yes"
-    return "no" if high < 0 else "tie"
+def _final_mean(results: Results, name: str) -> float:
+    values = results.values(name, "accuracy").values()
+    return sum(values) / len(values)
 
 
-def _p(value: float) -> str:
-    return "< 1e-4" if value == 0 else f"{value:.3g}"
-
-
-def _final_mean(runs: list[dict]) -> float:
-    return sum(r["final"]["accuracy"] for r in runs) / len(runs)
-
-
-def markdown(
-    results: dict[str, list[dict]], summary: dict, claims: list[dict], meta: dict, curve_name: str
-) -> str:
-    before = results[next(iter(results))][0]["before"]
+def markdown(results: Results, claims: list[dict], curve_name: str) -> str:
+    meta = results.meta
+    before = next(iter(results.runs.values()))[0].extra["before"]
     budget = meta["budget"]
+    # files written before the harness name the wall time total_seconds
+    wall = meta["wall_seconds"] if "wall_seconds" in meta else meta["total_seconds"]
     intro = (
         f"{budget['steps']} steps x {budget['batch']} prompts per arm, {budget['seeds']} seed(s), "
         f"lr {budget['lr']} with cosine decay; accuracy = greedy exact match on {budget['eval_size']} "
@@ -324,40 +303,24 @@ def markdown(
         "distinct-2 from 4 samples per test prompt at temperature 1. Student before training: "
         f"accuracy {before['accuracy']:.3f}. Wall time per run on {meta['machine']} ({meta['note']})."
     )
-    lines = [
-        "# Quality benchmark (tiny task)",
-        "",
-        intro,
-        "",
-        "| arm | data | accuracy [95% CI] | pass@4 | entropy | distinct-2 | wall s/run |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
-    ]
-    data_of = {arm["name"]: arm["data"] for arm in meta["arms"]}
-    for name, s in summary.items():
-        acc = s["accuracy"]
-        lines.append(
-            f"| {name} | {DATA_NAMES[data_of[name]]} | {acc[0]:.3f} [{acc[1]:.3f}, {acc[2]:.3f}] | {_fmt(s['pass_at_4'])} | "
-            f"{_fmt(s['entropy'])} | {_fmt(s['distinct_2'])} | {s['seconds']:.1f} |"
-        )
+    data = {"data": {a.name: DATA_NAMES[a.params["data"]] for a in results.arms}}
+    table = markdown_table(summarise(results, METRICS), METRICS, labels=LABELS, columns=data)
+    lines = ["# Quality benchmark (tiny task)", "", intro, "", table]
     if claims:
         lines += [
             "",
             CLAIMS_NOTE,
             "",
             "| claim | A − B [95% CI] | p (seeds) | p (examples) | holds |",
+            "| --- | --- | --- | --- | --- |",
         ]
-        lines.append("| --- | --- | --- | --- | --- |")
     for c in claims:
         d = c["difference"]
         lines.append(
             f"| {c['claim']} ({c['a']} vs {c['b']}) | {d[0]:+.3f} [{d[1]:+.3f}, {d[2]:+.3f}] | "
-            f"{c['p_seed']:.3f} | {_p(c['p_example'])} | {c['holds']} |"
+            f"{c['p_seed']:.3f} | {format_p(c['p_example'])} | {c['holds']} |"
         )
-    lines += [
-        "",
-        f"Total wall time {meta['total_seconds'] / 60:.1f} min. Curves: {curve_name}.",
-        "",
-    ]
+    lines += ["", f"Total wall time {wall / 60:.1f} min. Curves: {curve_name}.", ""]
     return "\n".join(lines)
 
 
@@ -367,40 +330,6 @@ CLAIMS_NOTE = (
     "below 0.25); p (examples): sign-flip test over (seed, test example) pairs of correctness "
     "(10,000 random flips). holds: yes when the interval is above 0, no when below, tie otherwise."
 )
-
-
-def _fmt(value: float | None) -> str:
-    return "—" if value is None else f"{value:.3f}"
-
-
-def plot(results: dict[str, list[dict]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(10, 6))
-    colours = plt.get_cmap("tab20")
-    for i, (name, runs) in enumerate(results.items()):
-        steps = [s for s, _ in runs[0]["curve"]]
-        means = [sum(dict(r["curve"]).get(s, 0.0) for r in runs) / len(runs) for s in steps]
-        ax.plot(
-            steps,
-            means,
-            label=name,
-            color=colours(i % 20),
-            marker="o",
-            markersize=3,
-            linestyle="--" if i >= 10 else "-",
-        )
-    ax.set_xlabel("training step")
-    ax.set_ylabel("greedy exact match (mean over seeds)")
-    ax.set_title("tiny task: student accuracy vs step")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -434,50 +363,38 @@ def main(argv: list[str] | None = None) -> int:
     budget.steps = args.steps or budget.steps
     budget.seeds = args.seeds or budget.seeds
     budget.extra = list(args.set)
-    arms = [a for a in ARMS if a.control == args.controls]
+    arms = [a for a in ARMS if a.params["control"] == args.controls]
     arms = [a for a in arms if not args.arms or any(key in a.name for key in args.arms)]
     if args.smoke and not args.arms:
         arms = [a for a in ARMS if a.name in SMOKE_ARMS]
     workdir, out = Path(args.workdir), Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     data = write_data(workdir / "data")
-    started = time.perf_counter()
-    results: dict[str, list[dict]] = {}
-    for arm in arms:
-        for seed in range(budget.seeds):
-            run = run_one(arm, seed, data, budget, workdir)
-            results.setdefault(arm.name, []).append(run)
-            print(
-                f"[quality] {arm.name} seed {seed}: accuracy {run['final']['accuracy']:.3f} ({run['seconds']:.0f}s)",
-                flush=True,
-            )
-    meta = {
-        "budget": budget.__dict__,
-        "arms": [a.__dict__ for a in arms],
-        "total_seconds": time.perf_counter() - started,
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores",
-        "note": args.note,
-    }
-    summary, claims = summarize(results), comparisons(results)
-    stem = "quality_smoke" if args.smoke else "quality_controls" if args.controls else "quality"
-    (out / f"{stem}.json").write_text(
-        json.dumps({"meta": meta, "summary": summary, "claims": claims, "runs": results}, indent=1)
+    results = run_experiment(
+        arms, range(budget.seeds), lambda arm, seed: run_one(arm, seed, data, budget, workdir)
     )
-    print(write_report(out / f"{stem}.json", results, summary, claims, meta))
+    results.meta.update(budget=budget.__dict__, note=args.note)
+    stem = "quality_smoke" if args.smoke else "quality_controls" if args.controls else "quality"
+    print(write_report(out / f"{stem}.json", results))
     return 0
 
 
-def write_report(json_path: Path, results: dict, summary: dict, claims: list, meta: dict) -> str:
-    table = markdown(results, summary, claims, meta, curve_name=json_path.stem + "_curve.png")
+def write_report(json_path: Path, results: Results, rewrite_json: bool = True) -> str:
+    """The .json (unless only redrawing), the .md and the _curve.png next to each other."""
+    claims = comparisons(results)
+    if rewrite_json:
+        write_json(json_path, results, summarise(results, METRICS), claims=claims)
+    curve = json_path.with_name(json_path.stem + "_curve.png")
+    table = markdown(results, claims, curve_name=curve.name)
     json_path.with_suffix(".md").write_text(table)
-    plot(results, json_path.with_name(json_path.stem + "_curve.png"))
+    plot_curves(results, curve, "greedy exact match (mean over seeds)", TITLE)
     return table
 
 
+TITLE = "tiny task: student accuracy vs step"
+
+
 def render(json_path: Path) -> int:
-    saved = json.loads(json_path.read_text())
-    results = saved["runs"]
-    print(write_report(json_path, results, summarize(results), comparisons(results), saved["meta"]))
+    print(write_report(json_path, read_json(json_path), rewrite_json=False))
     return 0
 
 

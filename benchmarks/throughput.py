@@ -143,23 +143,14 @@ def run_protege(spec: dict, args: argparse.Namespace, out: Path) -> dict:
             f"output_dir={out}",
         ],
     )
-    controller = build_controller(config)
-    ends, cpu = [], []
-    try:
-        for k in range(steps):
-            started = time.perf_counter()
-            metrics = controller.step(k)
-            controller.record(k, metrics, time.perf_counter() - started)
-            ends.append(time.perf_counter())
-            cpu.append(time.process_time())
-        controller.pending.clear()
-        controller.workers.wait_sync()
-    finally:
-        controller.log.close()
-        launcher = controller.workers.launcher
-        if hasattr(launcher, "shutdown"):
-            launcher.shutdown()
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").open() if '"learner/loss"' in line]
+    ends, cpu, rows = [], [], []
+
+    def on_step(k: int, row: dict[str, float]) -> None:
+        ends.append(time.perf_counter())
+        cpu.append(time.process_time())
+        rows.append(row)
+
+    build_controller(config).run(on_step=on_step)
     measured = rows[args.warmup :]
     seconds_per_step = (ends[-1] - ends[args.warmup - 1]) / args.steps
     tokens = statistics.mean(row["rollout/tokens"] for row in measured)
@@ -347,9 +338,7 @@ def write_results(results: dict, directory: Path, name: str) -> None:
 
 def markdown(results: dict) -> str:
     setup = results["setup"]
-    trl_best = max(
-        r["steps_per_s"] for name, r in results["runs"].items() if name.startswith("TRL")
-    )
+    trl_best = _best_trl(results["runs"])
     lines = [
         "# Throughput: protege vs TRL GKDTrainer (on-policy GKD, λ=1, β=0.5)",
         "",
@@ -366,11 +355,11 @@ def markdown(results: dict) -> str:
         "| --- | ---: | ---: | ---: | ---: |",
     ]
     for name, run in results["runs"].items():
-        ratio = run["steps_per_s"] / trl_best
+        ratio = f"{run['steps_per_s'] / trl_best:.2f}×" if trl_best else "–"
         cpu = run.get("cpu_ms_per_step")  # in-process runs only: Ray actors are other processes
         cpu_cell = fmt(cpu) if cpu is not None else "–"
         speed = f"{fmt(run['steps_per_s'])} | {fmt(run['tokens_per_s'], 0)}"
-        lines.append(f"| {name} | {speed} | {ratio:.2f}× | {cpu_cell} |")
+        lines.append(f"| {name} | {speed} | {ratio} | {cpu_cell} |")
     lines += [
         "",
         (
@@ -482,7 +471,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--results", type=Path, default=RESULTS, help="where throughput.{md,json} go"
     )
-    parser.add_argument("--name", default="throughput", help="result file name (without suffix)")
+    parser.add_argument(
+        "--name",
+        help="result file name without suffix (default throughput, throughput_no_trl with --no-trl)",
+    )
     parser.add_argument("--run", help=argparse.SUPPRESS)  # internal: one run, in this process
     args = parser.parse_args(argv)
     if args.smoke:
@@ -518,14 +510,21 @@ def main(argv: list[str] | None = None) -> dict:
         },
         "teacher_payload": teacher_payload(args),
     }
-    if not args.no_trl:
-        trl_best = max(r["steps_per_s"] for n, r in median_runs.items() if n.startswith("TRL"))
+    trl_best = _best_trl(median_runs)
+    if trl_best:
         results["ratio_vs_best_trl"] = {
             n: r["steps_per_s"] / trl_best for n, r in median_runs.items()
         }
-        write_results(results, args.results, args.name)
-        print(markdown(results))
+    name = args.name or ("throughput_no_trl" if args.no_trl else "throughput")
+    write_results(results, args.results, name)
+    print(markdown(results))
     return results
+
+
+def _best_trl(runs: dict[str, dict]) -> float | None:
+    """The fastest TRL run's steps/s, None without TRL runs (--no-trl)."""
+    speeds = [r["steps_per_s"] for name, r in runs.items() if name.startswith("TRL")]
+    return max(speeds, default=None)
 
 
 def _median_run(repeats: list[dict]) -> dict:

@@ -1,35 +1,10 @@
-"""The A/B runner: summaries and the table from given scores, and the CLI end to end."""
+"""The A/B runner's CLI end to end (its summaries and table are the harness's: test_harness)."""
 
 from __future__ import annotations
 
 import json
 
-import pytest
-
-from protege.eval.ab import format_table, main, seed_overrides, summarize
-from protege.eval.stats import bootstrap_ci, paired_test
-
-
-def test_summaries_use_the_stats_functions_and_pair_by_seed():
-    results = {"base": [0.1, 0.2, 0.15], "new": [0.3, 0.35, 0.2]}
-    base, new = summarize(results, baseline="base")
-    assert base.versus_baseline is None and base.p_value is None
-    assert new.mean == bootstrap_ci(results["new"])
-    paired = paired_test(results["new"], results["base"])
-    assert new.versus_baseline == paired.difference and new.p_value == paired.p_value
-    table = format_table([base, new], "accuracy", "base")
-    lines = table.splitlines()
-    assert lines[0].startswith("| arm | accuracy mean [95% CI] | Δ vs base")
-    assert lines[3].startswith(f"| new | {new.mean} | +0.133 [") and lines[3].endswith(
-        f"| {new.p_value:.3f} | 3 |"
-    )
-
-
-def test_unknown_baseline_and_unequal_seeds_are_refused():
-    with pytest.raises(ValueError, match="baseline arm 'x'"):
-        summarize({"a": [1.0]}, baseline="x")
-    with pytest.raises(ValueError, match="equal lengths"):
-        summarize({"a": [1.0, 2.0], "b": [1.0]}, baseline="a")
+from protege.eval.ab import main, seed_overrides
 
 
 def test_seed_overrides_reach_the_algorithm_only_when_it_has_a_seed():

@@ -24,14 +24,14 @@ def _benchmark():
 def test_smoke_runs_every_arm_and_writes_the_table(tmp_path):
     bench = _benchmark()
     result = bench.main(["--smoke", "--workdir", str(tmp_path / "work"), "--out", str(tmp_path)])
-    arms = [row["arm"] for row in result["summary"]]
-    assert arms == [name for name, _, _ in bench.ARMS]
+    arms = [row["name"] for row in result["summary"]]
+    assert arms == [arm.name for arm in bench.ARMS]
     saved = json.loads((tmp_path / "kv_ablation_smoke.json").read_text())
     assert saved["meta"]["steps"] == 4 and saved["meta"]["seeds"] == 1
     table = (tmp_path / "kv_ablation_smoke.md").read_text()
     assert table.count("\n| ") == len(arms) + 2  # header, separator, one row per arm
     for row in result["summary"][1:]:
-        assert "vs_control" in row  # paired with the control, seed by seed
+        assert row["versus_baseline"]["b"] == "control"  # paired with the control, seed by seed
     assert result["meta"]["total_minutes"] < 1.0
 
 
@@ -40,8 +40,8 @@ def test_arm_configs_are_valid_and_differ_only_in_kv_settings(tmp_path):
 
     bench = _benchmark()
     configs = [
-        kv_config_from_dict(bench.arm_config(tree, 0, 10, tmp_path, tmp_path))
-        for _, _, tree in bench.ARMS
+        kv_config_from_dict(bench.arm_config(arm.params["tree"], 0, 10, tmp_path, tmp_path))
+        for arm in bench.ARMS
     ]
     for config in configs:
         assert (

@@ -33,7 +33,7 @@ def test_smoke_run_writes_table_json_and_plot(tmp_path):
     table = (out / "quality_smoke.md").read_text()
     assert "| SFT on L |" in table and "| MiniLLM (mix α=0.2) |" in table
     payload = json.loads((out / "quality_smoke.json").read_text())
-    assert set(payload["summary"]) == set(quality.SMOKE_ARMS)
+    assert {s["name"] for s in payload["summary"]} == set(quality.SMOKE_ARMS)
     for runs in payload["runs"].values():
         curve = dict(runs[0]["curve"])
         assert sorted(curve) == [0, 2, 4] and all(0.0 <= a <= 1.0 for a in curve.values())

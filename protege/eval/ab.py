@@ -12,65 +12,19 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import math
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
-from protege.eval.stats import Interval, bootstrap_ci, paired_test
-
-
-@dataclass(frozen=True)
-class ArmSummary:
-    name: str
-    values: tuple[float, ...]  # one per seed
-    mean: Interval
-    versus_baseline: Interval | None = None  # mean of (arm − baseline), paired by seed
-    p_value: float | None = None  # two-sided paired sign-flip test against the baseline
-
-
-def summarize(
-    results: dict[str, Sequence[float]],
-    baseline: str | None = None,
-    level: float = 0.95,
-    seed: int = 0,
-) -> list[ArmSummary]:
-    """One summary per arm, in the order given; arms are paired with the baseline by index
-    (the i-th value of every arm must come from the same seed)."""
-    if baseline is not None and baseline not in results:
-        raise ValueError(f"baseline arm {baseline!r} is not one of {', '.join(results)}")
-    summaries = []
-    for name, values in results.items():
-        values = tuple(float(v) for v in values)
-        summary = ArmSummary(name, values, bootstrap_ci(values, level, seed=seed))
-        if baseline is not None and name != baseline:
-            paired = paired_test(values, results[baseline], level, seed=seed)
-            summary = dataclasses.replace(
-                summary, versus_baseline=paired.difference, p_value=paired.p_value
-            )
-        summaries.append(summary)
-    return summaries
-
-
-def format_table(summaries: Sequence[ArmSummary], metric: str, baseline: str | None = None) -> str:
-    """A Markdown table: arm | metric mean [95% CI] | Δ vs baseline [CI] | paired p | n."""
-    versus = f"Δ vs {baseline}" if baseline else "Δ vs baseline"
-    lines = [
-        f"| arm | {metric} mean [95% CI] | {versus} [95% CI] | paired p | seeds |",
-        "| --- | --- | --- | --- | --- |",
-    ]
-    for s in summaries:
-        delta = "—" if s.versus_baseline is None else _signed(s.versus_baseline)
-        p_value = "—" if s.p_value is None else f"{s.p_value:.3f}"
-        lines.append(f"| {s.name} | {s.mean} | {delta} | {p_value} | {len(s.values)} |")
-    return "\n".join(lines)
-
-
-def _signed(interval: Interval) -> str:
-    return f"{interval.mean:+.3f} [{interval.low:+.3f}, {interval.high:+.3f}]"
+from protege.eval.harness import (
+    Arm,
+    ArmResult,
+    markdown_table,
+    run_experiment,
+    summarise,
+    write_json,
+)
 
 
 def seed_overrides(algorithm_name: str, seed: int) -> list[str]:
@@ -114,14 +68,14 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    arms = [(preset, preset, []) for preset in args.presets]
-    arms += [(spec[0], spec[1], spec[2:]) for spec in args.arm or []]
+    arms = [Arm(preset, params={"preset": preset}) for preset in args.presets]
+    arms += [Arm(s[0], tuple(s[2:]), params={"preset": s[1]}) for s in args.arm or []]
     if not arms:
         print(
             "error: name at least one preset or --arm LABEL PRESET [a.b=value ...]", file=sys.stderr
         )
         return 2
-    labels = [label for label, _, _ in arms]
+    labels = [arm.name for arm in arms]
     if len(set(labels)) != len(labels):
         print(f"error: arm labels must be distinct, got {labels}", file=sys.stderr)
         return 2
@@ -132,42 +86,28 @@ def main(argv: list[str] | None = None) -> int:
     from protege.config import ConfigError
     from protege.data import DataError
 
-    results: dict[str, list[float]] = {}
-    raw: dict[str, list[dict]] = {}
+    def run(arm: Arm, seed: int) -> ArmResult:
+        out = str(Path(args.output_dir) / arm.name / f"seed{seed}")
+        metrics, seconds = run_arm(arm.params["preset"], [*args.set, *arm.overrides], seed, out)
+        if args.metric not in metrics:
+            known = ", ".join(sorted(metrics)) or "none (is data.test set?)"
+            raise MissingMetric(f"run gave no {args.metric!r}; metrics: {known}")
+        return ArmResult(seed, metrics, seconds=seconds)
+
     try:
-        for label, preset, overrides in arms:
-            for seed in range(args.seeds):
-                out = str(Path(args.output_dir) / label / f"seed{seed}")
-                metrics, seconds = run_arm(preset, [*args.set, *overrides], seed, out)
-                if args.metric not in metrics:
-                    known = ", ".join(sorted(metrics)) or "none (is data.test set?)"
-                    print(f"error: run gave no {args.metric!r}; metrics: {known}", file=sys.stderr)
-                    return 2
-                results.setdefault(label, []).append(metrics[args.metric])
-                raw.setdefault(label, []).append({"seed": seed, "seconds": seconds, **metrics})
-                print(
-                    f"[ab] {label} seed {seed}: {args.metric}={metrics[args.metric]:.4f} ({seconds:.0f}s)",
-                    flush=True,
-                )
-    except (ConfigError, DataError, ValueError) as error:
+        results = run_experiment(arms, range(args.seeds), run)
+    except (ConfigError, DataError, ValueError, MissingMetric) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    summaries = summarize(results, baseline)
-    print(format_table(summaries, args.metric, baseline))
+    summaries = summarise(results, [args.metric], baseline)
+    print(markdown_table(summaries, [args.metric], baseline))
     if args.json:
-        payload = {
-            "metric": args.metric,
-            "baseline": baseline,
-            "runs": raw,
-            "summary": [_as_dict(s) for s in summaries],
-        }
-        Path(args.json).write_text(json.dumps(payload, indent=2))
+        write_json(Path(args.json), results, summaries, metric=args.metric, baseline=baseline)
     return 0
 
 
-def _as_dict(summary: ArmSummary) -> dict:
-    out = dataclasses.asdict(summary)
-    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in out.items()}
+class MissingMetric(Exception):
+    """A run did not report the metric being compared."""
 
 
 def _parser() -> argparse.ArgumentParser:
