@@ -3,7 +3,15 @@
 Importing this package registers every built-in algorithm in `ALGORITHMS`.
 """
 
-from protege.algorithms import gated_dual_kl, gkd, minillm, opd, rl_distill  # noqa: F401
+from protege.algorithms import (  # noqa: F401
+    distillm,
+    gated_dual_kl,
+    gkd,
+    minillm,
+    opd,
+    rl_distill,
+    taid,
+)
 from protege.algorithms.registry import ALGORITHMS, Algorithm, build_algorithm, register
 
 __all__ = ["ALGORITHMS", "Algorithm", "build_algorithm", "register"]

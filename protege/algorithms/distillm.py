@@ -9,7 +9,7 @@ from typing import Any, Literal
 from torch import Tensor
 
 from protege.algorithms.divergences import masked_mean, skew_forward_kl, skew_reverse_kl
-from protege.algorithms.registry import check, register
+from protege.algorithms.registry import AlgorithmDefaults, check, register
 from protege.algorithms.teacher_view import paired_logprobs
 from protege.records import RolloutBatch, RolloutPlan
 
@@ -18,7 +18,7 @@ SkewDivergence = Literal["skew_forward", "skew_reverse"]
 
 @register("distillm")
 @dataclass(frozen=True)
-class DistiLLM:
+class DistiLLM(AlgorithmDefaults):
     """Token-level α-skew divergence between teacher p_T and student q_θ (DistiLLM §3.1):
 
     * skew_forward: SKL^(α) = KL(p_T ‖ α·p_T + (1−α)·q_θ)
@@ -62,12 +62,6 @@ class DistiLLM:
             topk=self.topk,
             temperature=self.temperature,
         )
-
-    def advantages(self, batch: RolloutBatch) -> RolloutBatch:
-        return batch
-
-    def loss_for(self, step: int) -> DistiLLM:
-        return self
 
     def loss(self, student: Any, batch: RolloutBatch) -> tuple[Tensor, dict[str, float]]:
         """Token mean of the skew divergence; `student.logits` [B,T,V] predict the responses."""
