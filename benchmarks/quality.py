@@ -104,6 +104,22 @@ ARMS: list[Arm] = [
         "pool",
         ("algorithm.name=gated_dual_kl", "algorithm.gate=soft", "algorithm.tau=1.0"),
     ),
+    arm(
+        "TAID (on-policy, t 0.4→1 adaptive)",
+        "pool",
+        ("algorithm.name=taid", "algorithm.total_steps=300"),
+        notes="interpolated target from the detached student to the teacher (Shing et al. 2025)",
+    ),
+    arm(
+        "DistiLLM skew RKL α=0.1 (λ=1)",
+        "pool",
+        ("algorithm.name=distillm", "algorithm.divergence=skew_reverse", "algorithm.lmbda=1.0"),
+    ),
+    arm(
+        "DistiLLM skew FKL α=0.1 (λ=1)",
+        "pool",
+        ("algorithm.name=distillm", "algorithm.divergence=skew_forward", "algorithm.lmbda=1.0"),
+    ),
     arm("OPD", "pool", ("algorithm.name=opd",)),
     arm(
         "RL+distill (α=0.5, EM reward, 4 samples)",
@@ -345,6 +361,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int)
     parser.add_argument("--arms", nargs="*", help="run only arms whose name contains one of these")
     parser.add_argument("--out", default=str(RESULTS), help="where quality.md/json/png go")
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="keep the runs already in the output JSON; run the rest",
+    )
     parser.add_argument("--workdir", default=str(ROOT / "runs" / "quality"))
     parser.add_argument(
         "--note", default="2 CPU cores shared with other jobs: wall times are inflated"
@@ -369,11 +390,17 @@ def main(argv: list[str] | None = None) -> int:
         arms = [a for a in ARMS if a.name in SMOKE_ARMS]
     workdir, out = Path(args.workdir), Path(args.out)
     data = write_data(workdir / "data")
+    stem = "quality_smoke" if args.smoke else "quality_controls" if args.controls else "quality"
+    previous = (
+        read_json(out / f"{stem}.json") if args.merge and (out / f"{stem}.json").exists() else None
+    )
     results = run_experiment(
-        arms, range(budget.seeds), lambda arm, seed: run_one(arm, seed, data, budget, workdir)
+        arms,
+        range(budget.seeds),
+        lambda arm, seed: run_one(arm, seed, data, budget, workdir),
+        previous=previous,
     )
     results.meta.update(budget=budget.__dict__, note=args.note)
-    stem = "quality_smoke" if args.smoke else "quality_controls" if args.controls else "quality"
     print(write_report(out / f"{stem}.json", results))
     return 0
 

@@ -220,6 +220,9 @@ def read_tree(preset: str | Path | None, overrides: list[str]) -> dict[str, Any]
     tree = _read_preset(preset) if preset else {}
     for override in overrides:
         key, value = _parse_override(override)
+        if key.startswith("teachers.") and "teachers" not in tree:
+            # Indexing the list starts from the preset's one teacher (or the default one).
+            tree["teachers"] = [tree.pop("teacher", {})]
         _assign(tree, key, value)
     return tree
 

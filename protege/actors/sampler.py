@@ -276,8 +276,6 @@ def rollout_batch(
         prompt_mask=prompt_mask,
         group_ids=torch.arange(prompts.size).repeat_interleave(n),
         answers=tuple(a for a in prompts.answers for _ in range(n)),
-        pretrain_ids=prompts.pretrain_ids,
-        pretrain_mask=prompts.pretrain_mask,
         step=prompts.step,
         weights_version=version,
         extras=extras,
