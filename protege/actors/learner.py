@@ -75,6 +75,11 @@ class Learner:
         return self._model
 
     @property
+    def algorithm_modules(self) -> torch.nn.ModuleDict:
+        """The algorithm's trainable modules (empty when it declares none)."""
+        return self._trained.extras
+
+    @property
     def lora(self) -> bool:
         return self.config.student.lora.enabled
 
