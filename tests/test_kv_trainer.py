@@ -31,6 +31,7 @@ def _config(tmp_path, *overrides):
     return load_kv_config("kv_distill", [*SMALL, f"output_dir={tmp_path}", *overrides])
 
 
+@pytest.mark.slow  # a learning run
 def test_kv_loss_falls_on_train_and_heldout_together(tmp_path):
     run = KVRun(
         _config(tmp_path, "trainer.steps=60", "trainer.log_every=10", "loss.layer_warmup=0.0")
@@ -91,6 +92,7 @@ def test_padding_is_inert_through_the_whole_module(tmp_path):
     run.shutdown()
 
 
+@pytest.mark.slow
 def test_phase1_one_model_two_prompts(tmp_path):
     config = _config(
         tmp_path,
