@@ -1,15 +1,12 @@
-"""`PromptSource` serves the same batches as its original, uncached algorithm.
-
-`reference_batches` is a verbatim copy of the first implementation (reshuffle every
-batch, tokenise every row every step). Resume and checkpoint tests rely on a seed
-giving the same rows, padding and completions, so any optimisation must match it
-bit for bit.
-"""
+"""`PromptSource`'s contract: each epoch serves every row once in a seeded order, a resumed
+source continues the same sequence, prompts are left-padded and completions right-padded
+ending in exactly one EOS. Rows are identified by their token ids (the tiny rows' prompts
+are distinct), never by the source's internals."""
 
 from __future__ import annotations
 
 import copy
-import random
+import itertools
 
 import pytest
 import torch
@@ -19,7 +16,14 @@ from protege.modeling import load_tokenizer
 from protege.records import PromptBatch
 from protege.tasks import tiny
 
-STEPS = 30
+BATCH_FIELDS = (
+    "prompt_ids",
+    "prompt_mask",
+    "completion_ids",
+    "completion_mask",
+    "pretrain_ids",
+    "pretrain_mask",
+)
 
 
 @pytest.fixture(scope="module")
@@ -48,161 +52,188 @@ def pretrain() -> list[str]:
     return read_text_lines(tiny.pretrain_path())
 
 
-def reference_batches(
-    rows,
-    tokenizer,
-    batch_size,
-    seed=0,
-    max_prompt_tokens=256,
-    pretrain=None,
-    chat_template=False,
-    steps=STEPS,
-) -> list[dict]:
-    """The original algorithm, step by step, as plain values."""
-
-    def pad(sequences, left):
-        width = max(len(s) for s in sequences)
-        ids = torch.full((len(sequences), width), tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(sequences), width), dtype=torch.bool)
-        for i, seq in enumerate(sequences):
-            span = slice(width - len(seq), width) if left else slice(0, len(seq))
-            ids[i, span] = torch.tensor(seq, dtype=torch.long)
-            mask[i, span] = True
-        return ids, mask
-
-    position, batches = 0, []
-    for step in range(steps):
-        indices = []
-        while len(indices) < batch_size:
-            epoch, offset = divmod(position, len(rows))
-            order = list(range(len(rows)))
-            random.Random(seed * 7919 + epoch).shuffle(order)
-            take = min(batch_size - len(indices), len(rows) - offset)
-            indices.extend(order[offset : offset + take])
-            position += take
-        chosen = [rows[i] for i in indices]
-        prompts = [row.prompt for row in chosen]
-        if chat_template and tokenizer.chat_template:
-            prompts = [
-                tokenizer.apply_chat_template(
-                    [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False
-                )
-                for p in prompts
-            ]
-        encoded = tokenizer(
-            prompts,
-            add_special_tokens=not chat_template,
-            truncation=True,
-            max_length=max_prompt_tokens,
-        )["input_ids"]
-        batch = {"step": step, "answers": tuple(row.answer for row in chosen)}
-        batch["prompt_ids"], batch["prompt_mask"] = pad(encoded, left=True)
-        batch["completion_ids"] = batch["completion_mask"] = None
-        if all(row.completion is not None for row in chosen):
-            eos = tokenizer.eos_token_id
-            encoded = tokenizer([row.completion for row in chosen], add_special_tokens=False)
-            encoded = [ids if ids and ids[-1] == eos else [*ids, eos] for ids in encoded.input_ids]
-            batch["completion_ids"], batch["completion_mask"] = pad(encoded, left=False)
-        batch["pretrain_ids"] = batch["pretrain_mask"] = None
-        if pretrain:
-            rng = random.Random(seed * 104729 + step)
-            texts = [pretrain[rng.randrange(len(pretrain))] for _ in range(batch_size)]
-            encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
-            batch["pretrain_ids"], batch["pretrain_mask"] = pad(encoded, left=False)
-        batches.append(batch)
-    return batches
+def tokens(tokenizer, text: str, special: bool = True) -> list[int]:
+    return tokenizer(text, add_special_tokens=special)["input_ids"]
 
 
-def assert_same(got: PromptBatch, expected: dict) -> None:
-    assert got.step == expected["step"]
-    assert got.answers == expected["answers"]
-    for name in (
-        "prompt_ids",
-        "prompt_mask",
-        "completion_ids",
-        "completion_mask",
-        "pretrain_ids",
-        "pretrain_mask",
-    ):
-        value, want = getattr(got, name), expected[name]
-        if want is None:
-            assert value is None, name
-        else:
-            assert value.dtype == want.dtype, name
-            assert torch.equal(value, want), f"step {got.step}: {name} differs"
+def real(ids: torch.Tensor, mask: torch.Tensor) -> list[list[int]]:
+    """Each row's unpadded ids."""
+    return [row[keep].tolist() for row, keep in zip(ids, mask)]
 
 
-def with_some_completions_missing(rows: list[Row]) -> list[Row]:
-    """Every 7th row without a completion: most batches then carry none."""
-    return [
-        Row(row.prompt, None if i % 7 == 0 else row.completion, row.answer)
-        for i, row in enumerate(rows)
-    ]
+def served_rows(batch: PromptBatch, data: list[Row], tokenizer) -> list[int]:
+    """Indices into `data` of the rows `batch` holds, in order (found by their prompt ids)."""
+    index = {tuple(tokens(tokenizer, row.prompt)): i for i, row in enumerate(data)}
+    assert len(index) == len(data), "the test rows' prompts must be distinct"
+    served = [index[tuple(ids)] for ids in real(batch.prompt_ids, batch.prompt_mask)]
+    assert batch.answers == tuple(data[i].answer for i in served)  # answers travel with rows
+    return served
 
 
-CASES = {
-    # name: (rows, batch_size, seed, max_prompt_tokens, pretrain, drop completions, chat)
-    "default": (slice(None), 32, 0, 256, False, False, False),
-    "pretrain": (slice(None), 32, 3, 256, True, False, False),
-    "epoch_boundary_mid_batch": (slice(0, 50), 32, 1, 256, True, False, False),
-    "batch_larger_than_data": (slice(0, 7), 16, 2, 256, False, False, False),
-    "truncated_prompts": (slice(0, 40), 8, 5, 4, False, False, False),
-    "missing_completions": (slice(0, 60), 4, 0, 256, False, True, False),
-    "chat_template": (slice(0, 50), 32, 7, 256, False, False, True),
-}
+def serve(source: PromptSource, steps: range) -> list[PromptBatch]:
+    return [source.next(step) for step in steps]
 
 
-@pytest.mark.parametrize("case", CASES)
-def test_batches_match_the_original_algorithm(case, rows, tokenizer, chat_tokenizer, pretrain):
-    part, batch_size, seed, max_prompt_tokens, use_pretrain, drop, chat = CASES[case]
-    if chat:
-        tokenizer = chat_tokenizer
-    data = rows[part]
-    if drop:
-        data = with_some_completions_missing(data)
-    corpus = pretrain if use_pretrain else None
-    expected = reference_batches(
-        data, tokenizer, batch_size, seed, max_prompt_tokens, corpus, chat_template=chat
-    )
-    source = PromptSource(
-        data,
-        tokenizer,
-        batch_size,
-        seed=seed,
-        chat_template=chat,
-        max_prompt_tokens=max_prompt_tokens,
-        pretrain=corpus,
-    )
-    for step in range(STEPS):
-        assert_same(source.next(step), expected[step])
-    if chat:  # the template must reach the prompts
-        assert (expected[0]["prompt_ids"][:, -1] == tokenizer.convert_tokens_to_ids(" ")).all()
-    if drop:  # the case must exercise both kinds of batch
-        kinds = {b["completion_ids"] is None for b in expected}
-        assert kinds == {True, False}
+def assert_same_batches(got: list[PromptBatch], expected: list[PromptBatch]) -> None:
+    assert len(got) == len(expected)
+    for mine, theirs in zip(got, expected):
+        assert mine.step == theirs.step and mine.answers == theirs.answers
+        for name in BATCH_FIELDS:
+            a, b = getattr(mine, name), getattr(theirs, name)
+            assert (a is None) == (b is None), name
+            if a is not None:
+                assert a.dtype == b.dtype and torch.equal(a, b), f"step {mine.step}: {name}"
 
 
-def test_resume_from_state_dict_continues_the_same_sequence(rows, tokenizer, pretrain):
+def epochs_of(sequence: list[int], size: int) -> list[list[int]]:
+    return [sequence[start : start + size] for start in range(0, len(sequence), size)]
+
+
+@pytest.mark.parametrize("num_rows,batch_size", [(50, 10), (50, 32), (7, 16)])
+def test_every_epoch_serves_every_row_exactly_once(rows, tokenizer, num_rows, batch_size):
+    """Also when a batch straddles an epoch boundary, or is larger than the data (7 rows,
+    16 per batch: one batch holds two whole epochs and the start of a third)."""
+    data = rows[:num_rows]
+    source = PromptSource(data, tokenizer, batch_size, seed=1)
+    batches = serve(source, range(12))
+    assert all(batch.size == batch_size for batch in batches)
+    assert [batch.step for batch in batches] == list(range(12))
+    sequence = [i for batch in batches for i in served_rows(batch, data, tokenizer)]
+    epochs = epochs_of(sequence, num_rows)
+    for epoch in epochs[:-1]:
+        assert sorted(epoch) == list(range(num_rows))
+    assert len(set(epochs[-1])) == len(epochs[-1])  # the unfinished epoch repeats no row
+    assert len(epochs) >= 3
+    assert epochs[0] != epochs[1]  # each epoch is reshuffled
+    assert epochs[0] != sorted(epochs[0])  # and shuffled at all
+
+
+def test_the_order_is_a_function_of_the_seed(rows, tokenizer, pretrain):
     data = rows[:50]
-    expected = reference_batches(data, tokenizer, 32, seed=4, pretrain=pretrain)
-    first = PromptSource(data, tokenizer, 32, seed=4, pretrain=pretrain)
-    for step in range(13):
-        first.next(step)
-    state = first.state_dict()
-    assert state == {"position": 13 * 32}
+
+    def batches(seed: int) -> list[PromptBatch]:
+        return serve(PromptSource(data, tokenizer, 16, seed=seed, pretrain=pretrain), range(8))
+
+    first = batches(seed=3)
+    assert_same_batches(batches(seed=3), first)
+    other = batches(seed=4)
+    assert [served_rows(b, data, tokenizer) for b in other] != [
+        served_rows(b, data, tokenizer) for b in first
+    ]
+    assert any(not torch.equal(a.pretrain_ids, b.pretrain_ids) for a, b in zip(first, other))
+
+
+def test_a_resumed_source_continues_the_uninterrupted_sequence(rows, tokenizer, pretrain):
+    data = rows[:50]
+    uninterrupted = PromptSource(data, tokenizer, 32, seed=4, pretrain=pretrain)
+    serve(uninterrupted, range(13))
+    state = uninterrupted.state_dict()
+    expected = serve(uninterrupted, range(13, 30))
+
     resumed = PromptSource(data, tokenizer, 32, seed=4, pretrain=pretrain)
-    resumed.load_state_dict(state)
-    for step in range(13, STEPS):
-        assert_same(resumed.next(step), expected[step])
+    resumed.load_state_dict(copy.deepcopy(state))
+    assert_same_batches(serve(resumed, range(13, 30)), expected)
 
 
 def test_rewinding_a_used_source_replays_its_batches(rows, tokenizer):
-    """Loading an earlier state into a source that has already served (and cached) rows."""
-    data = rows[:50]
-    expected = reference_batches(data, tokenizer, 32, seed=6)
-    source = PromptSource(data, tokenizer, 32, seed=6)
-    for step in range(20):
-        source.next(step)
-    source.load_state_dict({"position": 5 * 32})
-    for step in range(5, STEPS):
-        assert_same(source.next(step), expected[step])
+    """Loading an earlier state into a source that has already served rows past it."""
+    source = PromptSource(rows[:50], tokenizer, 32, seed=6)
+    serve(source, range(5))
+    state = source.state_dict()
+    expected = serve(source, range(5, 20))
+    serve(source, range(20, 25))
+    source.load_state_dict(state)
+    assert_same_batches(serve(source, range(5, 20)), expected)
+
+
+@pytest.mark.parametrize("max_prompt_tokens", [256, 4])
+def test_prompts_are_left_padded_and_truncated(rows, tokenizer, max_prompt_tokens):
+    assert tokenizer.truncation_side == "right"
+    data = rows[:40]
+    source = PromptSource(data, tokenizer, 8, seed=5, max_prompt_tokens=max_prompt_tokens)
+    batch = source.next(0)
+    full = {tuple(tokens(tokenizer, row.prompt)): row for row in data}
+    ids, mask = batch.prompt_ids, batch.prompt_mask
+    assert ids.dtype == torch.long and mask.dtype == torch.bool and ids.shape == mask.shape
+    lengths = mask.sum(-1)
+    assert mask[:, -1].all() and int(lengths.max()) == ids.shape[1]  # no all-pad column
+    for row_ids, row_mask, length in zip(ids, mask, lengths.tolist()):
+        assert row_mask[-length:].all() and not row_mask[:-length].any()  # pads on the left
+        assert (row_ids[~row_mask] == tokenizer.pad_token_id).all()
+    kept = real(ids, mask)
+    if max_prompt_tokens == 256:
+        assert len(set(lengths.tolist())) > 1  # the batch exercises the padding
+        assert all(tuple(prompt) in full for prompt in kept)
+    else:
+        assert max(len(prompt) for prompt in kept) == 4
+        prefixes = {key[:4] for key in full}
+        assert all(tuple(prompt) in prefixes for prompt in kept)
+
+
+def test_completions_end_in_exactly_one_eos(rows, tokenizer):
+    """Whether or not the completion text already ends with the EOS token."""
+    eos = tokenizer.eos_token_id
+    with_eos = rows[:10]
+    assert all(row.completion.endswith(tokenizer.eos_token) for row in with_eos)
+    without_eos = [
+        Row(row.prompt, row.completion.removesuffix(tokenizer.eos_token), row.answer)
+        for row in rows[10:20]
+    ]
+    data = with_eos + without_eos
+    batch = PromptSource(data, tokenizer, len(data), seed=0).next(0)
+    ids, mask = batch.completion_ids, batch.completion_mask
+    assert ids.dtype == torch.long and mask.dtype == torch.bool and ids.shape == mask.shape
+    lengths = mask.sum(-1)
+    assert int(lengths.max()) == ids.shape[1]
+    for served, row_ids, row_mask, length in zip(
+        served_rows(batch, data, tokenizer), ids, mask, lengths.tolist()
+    ):
+        assert row_mask[:length].all() and not row_mask[length:].any()  # pads on the right
+        assert (row_ids[~row_mask] == tokenizer.pad_token_id).all()
+        completion = row_ids[row_mask].tolist()
+        text = data[served].completion.removesuffix(tokenizer.eos_token)
+        assert completion == [*tokens(tokenizer, text, special=False), eos]
+
+
+def test_a_batch_with_a_row_missing_its_completion_carries_none(rows, tokenizer):
+    data = [
+        Row(row.prompt, None if i % 7 == 0 else row.completion, row.answer)
+        for i, row in enumerate(rows[:60])
+    ]
+    source = PromptSource(data, tokenizer, 4, seed=0)
+    kinds = set()
+    for step in range(30):
+        batch = source.next(step)
+        complete = all(data[i].completion is not None for i in served_rows(batch, data, tokenizer))
+        assert (batch.completion_ids is not None) == complete
+        assert (batch.completion_mask is not None) == complete
+        kinds.add(complete)
+    assert kinds == {True, False}  # both kinds of batch occurred
+
+
+def test_pretraining_text_is_drawn_per_step_from_the_corpus(rows, tokenizer, pretrain):
+    source = PromptSource(rows[:20], tokenizer, 6, seed=2, pretrain=pretrain)
+    corpus = {tuple(tokens(tokenizer, line, special=False)) for line in pretrain}
+    batches = serve(source, range(4))
+    for batch in batches:
+        ids, mask = batch.pretrain_ids, batch.pretrain_mask
+        assert ids.shape[0] == 6 and mask.dtype == torch.bool
+        for length, row_mask in zip(mask.sum(-1).tolist(), mask):
+            assert row_mask[:length].all() and not row_mask[length:].any()
+        assert all(tuple(line) in corpus for line in real(ids, mask))
+    assert any(
+        not torch.equal(a.pretrain_ids, b.pretrain_ids) for a, b in itertools.pairwise(batches)
+    )
+    assert PromptSource(rows[:20], tokenizer, 6).next(0).pretrain_ids is None
+
+
+def test_the_chat_template_reaches_the_prompts(rows, chat_tokenizer):
+    data = rows[:20]
+    batch = PromptSource(data, chat_tokenizer, 8, seed=7, chat_template=True).next(0)
+    templated = {
+        tuple(tokens(chat_tokenizer, f"={row.prompt} ", special=False)): row.answer for row in data
+    }
+    prompts = real(batch.prompt_ids, batch.prompt_mask)
+    assert [templated[tuple(ids)] for ids in prompts] == list(batch.answers)
+    plain = PromptSource(data, chat_tokenizer, 8, seed=7, chat_template=False).next(0)
+    assert [ids[1:-1] for ids in prompts] == real(plain.prompt_ids, plain.prompt_mask)

@@ -191,6 +191,7 @@ def trl_jsd():
     return GKDTrainer.generalized_jsd_loss
 
 
+@pytest.mark.slow  # importing TRL takes seconds
 @pytest.mark.parametrize("temperature", [1.0, 1.7])
 @pytest.mark.parametrize("beta", BETAS + [0.3])
 def test_generalized_jsd_agrees_with_trl(trl_jsd, beta, temperature):

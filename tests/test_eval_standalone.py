@@ -110,6 +110,7 @@ def test_bad_input_is_one_clear_line(case, message, tmp_path, capsys):
     assert err.startswith("error:") and message in err and "Traceback" not in err
 
 
+@pytest.mark.slow  # a fresh interpreter imports torch and transformers
 def test_module_entry_point_reports_errors_without_traceback(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(

@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 from protege.config import load_config
 from protege.modeling import response_logits
@@ -89,12 +90,14 @@ def test_stale_batch_keeps_the_sampling_policy_logprobs(tmp_path):
     differ from the learner's current ones: the importance ratio q_θ/q_old is not 1."""
     config = local_config(tmp_path, "trainer.steps=3", "trainer.max_staleness=1", "learner.lr=0.05")
     controller = build_controller(config)
-    learner = controller.pipeline.learners[0]._target
-    controller.step(0)
-    stale = controller.pipeline.resolve(controller.rollouts.pending[1].shards)[0]
-    assert stale.weights_version == 0 and learner.version == 1
+    assert controller.step(0)["learner/version"] == 1
+    submitted = controller.rollouts.take(1)  # submitted during step 0's update
+    stale = controller.pipeline.gather(submitted.shards, submitted.prompts)
+    assert stale.weights_version == 0
+    controller.pipeline.save_final(str(tmp_path / "after_step_0"))  # the learner's weights now
+    learner = AutoModelForCausalLM.from_pretrained(tmp_path / "after_step_0").eval()
     with torch.no_grad():
-        logits = response_logits(learner.model, stale).float()
+        logits = response_logits(learner, stale).float()
     current = torch.log_softmax(logits, -1).gather(-1, stale.response_ids.unsqueeze(-1)).squeeze(-1)
     mask = stale.response_mask
     assert not torch.allclose(current[mask], stale.student_logprobs[mask], atol=1e-4)
