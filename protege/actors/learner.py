@@ -20,9 +20,10 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedModel
 
-from protege.actors.deepspeed_engine import StepResult, TrainingEngine
+from protege.actors.step_result import StepResult
 from protege.actors.teacher import teacher_outputs
-from protege.config import Config, LoraConfig
+from protege.config import Config
+from protege.lora import wrap_with_lora as _with_lora
 from protege.modeling import load_model, load_tokenizer, response_logits
 from protege.records import RolloutBatch, RolloutPlan, WeightUpdate
 
@@ -42,6 +43,8 @@ class Learner:
     ):
         self.config = config
         self.rank, self.world_size = rank, world_size
+        from protege.actors.deepspeed_engine import TrainingEngine  # DeepSpeed: in the worker only
+
         self.algorithm = config.build_algorithm()
         model = load_model(config.student.model, config.student.dtype)
         if config.student.lora.enabled:
@@ -277,24 +280,6 @@ class Learner:
         copy = _with_lora(load_model(student.model, student.dtype), student.lora, seed=0)
         set_peft_model_state_dict(copy, self._adapter_state_dict())
         return copy.merge_and_unload()
-
-
-def _with_lora(model: PreTrainedModel, lora: LoraConfig, seed: int) -> torch.nn.Module:
-    """The model wrapped with a fresh LoRA adapter: only adapter weights train. Seeded so all
-    data-parallel ranks start from the same adapter."""
-    from peft import LoraConfig as PeftLoraConfig
-    from peft import get_peft_model
-
-    peft_config = PeftLoraConfig(
-        r=lora.r,
-        lora_alpha=lora.alpha,
-        lora_dropout=lora.dropout,
-        target_modules=list(lora.target_modules),
-        task_type="CAUSAL_LM",
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return get_peft_model(model, peft_config)
 
 
 def _on_device(batch: RolloutBatch, device: torch.device) -> RolloutBatch:
