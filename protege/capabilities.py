@@ -217,6 +217,20 @@ def lora_problem(config: Config) -> str | None:
     return None
 
 
+def vllm_models_on_cpu(config: Config, cuda_available: bool) -> list[str]:
+    """The models vLLM workers will run on CPU: in-process workers use this process's
+    device; Ray actors without GPUs see none (Ray hides the devices from them)."""
+    roles = [(config.rollout, config.student.model)]
+    if config.teacher.model != SELF_TEACHER:
+        roles.append((config.teacher, config.teacher.model))
+    local = config.trainer.workers == "local"
+    return [
+        model
+        for role, model in roles
+        if role.backend == "vllm" and (not cuda_available if local else role.num_gpus == 0)
+    ]
+
+
 def config_problem(config: Config, plans: Sequence[RolloutPlan]) -> str | None:
     """The first reason `config` cannot run the algorithm's `plans`, or None."""
     for plan in plans:

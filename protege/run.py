@@ -5,8 +5,10 @@ from __future__ import annotations
 import socket
 import sys
 
+import torch
+
 from protege.algorithms.registry import Algorithm
-from protege.capabilities import config_problem, weight_sync_problem
+from protege.capabilities import config_problem, vllm_models_on_cpu, weight_sync_problem
 from protege.config import Config, load_config
 from protege.controller import Controller
 from protege.data import PromptSource, read_jsonl, read_text_lines, require_completions
@@ -47,6 +49,13 @@ def check_setup(config: Config, algorithm: Algorithm) -> None:
     reason = config_problem(config, plans)
     if reason:
         raise ValueError(reason)
+    models = vllm_models_on_cpu(config, torch.cuda.is_available())
+    if models:  # reads each model's config.json only; vLLM itself is not imported
+        from protege.actors.vllm_engine import cpu_head_size_problem
+
+        reason = next(filter(None, map(cpu_head_size_problem, models)), None)
+        if reason:
+            raise ValueError(reason)
 
 
 def check_weight_sync(config: Config) -> None:

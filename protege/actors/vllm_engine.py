@@ -47,13 +47,18 @@ def check_cpu_head_size(path: str) -> None:
     a message that names the way out (the built-in tiny student's heads are 16 wide)."""
     if not on_cpu():
         return
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(path)
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    reason = vllm_cpu_head_size_problem(path, head_dim)
+    reason = cpu_head_size_problem(path)
     if reason is not None:
         raise ValueError(reason)
+
+
+def cpu_head_size_problem(model: str) -> str | None:
+    """None when vLLM's CPU attention can run `model` (a path, hub id or builtin:...)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(resolve_path(model))
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return vllm_cpu_head_size_problem(model, head_dim)
 
 
 def make_engine(
