@@ -5,8 +5,10 @@ from __future__ import annotations
 import socket
 import sys
 
-from protege.actors.backends import sampler_problem, teacher_problem
+import torch
+
 from protege.algorithms.registry import Algorithm
+from protege.capabilities import config_problem, vllm_models_on_cpu, weight_sync_problem
 from protege.config import Config, load_config
 from protege.controller import Controller
 from protege.data import PromptSource, read_jsonl, read_text_lines, require_completions
@@ -46,36 +48,17 @@ def check_setup(config: Config, algorithm: Algorithm) -> None:
     """Refuse, before any model loads, what this configuration cannot run."""
     check_rules(config.reward.rules)  # a bad rule fails now, not when the reward worker starts
     plans = [algorithm.plan(k) for k in range(max(config.trainer.steps, 1))]
-    for plan in plans:
-        reason = sampler_problem(config.rollout.backend, plan)
+    reason = config_problem(config, plans)
+    if reason:
+        raise ValueError(reason)
+    models = vllm_models_on_cpu(config, torch.cuda.is_available())
+    if models:  # reads each model's config.json only; vLLM itself is not imported
+        from protege.actors.vllm_engine import cpu_head_size_problem
+
+        reason = next(filter(None, map(cpu_head_size_problem, models)), None)
         if reason:
-            raise ValueError(
-                f"rollout.backend={config.rollout.backend!r} cannot run this plan: {reason}"
-            )
-        reason = (
-            teacher_problem(config.teacher.backend, plan) if plan.teacher_need != "none" else None
-        )
-        if reason:
-            raise ValueError(
-                f"teacher.backend={config.teacher.backend!r} cannot score this plan: {reason}"
-            )
-    check_weight_sync(config)
+            raise ValueError(reason)
     check_teachers(config, algorithm)
-    if config.teacher.is_self:
-        if config.teacher.backend == "vllm" and config.rollout.backend != "vllm":
-            raise ValueError(
-                "teacher.model=self with teacher.backend=vllm scores with the rollout engine "
-                "(adapter off), so it needs rollout.backend=vllm too"
-            )
-        if not config.student.lora.enabled:
-            raise ValueError(
-                "teacher.model: self (LoRA self-distillation) needs student.lora.enabled=true"
-            )
-        if any(p.needs_teacher_in_decoding or p.source == "teacher" for p in plans):
-            raise ValueError(
-                "teacher.model: self cannot write tokens during sampling (teacher-mixed sampling, "
-                "rewrite, seq_kd); turn those off in the algorithm section"
-            )
 
 
 def check_teachers(config: Config, algorithm: Algorithm) -> None:
@@ -91,18 +74,9 @@ def check_teachers(config: Config, algorithm: Algorithm) -> None:
 
 
 def check_weight_sync(config: Config) -> None:
-    if config.rollout.weight_sync != "nccl":
-        return
-    if config.rollout.backend != "vllm" or config.trainer.workers != "ray":
-        raise ValueError(
-            "rollout.weight_sync=nccl broadcasts to vLLM engines in Ray actors; it needs "
-            "rollout.backend=vllm and trainer.workers=ray (else use object_store)"
-        )
-    if config.student.lora.enabled:
-        raise ValueError(
-            "rollout.weight_sync=nccl broadcasts full weights; a LoRA student ships only its "
-            "adapter through the object store (set rollout.weight_sync=object_store)"
-        )
+    reason = weight_sync_problem(config)
+    if reason:
+        raise ValueError(reason)
 
 
 def read_training_rows(config: Config, algorithm: Algorithm):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from protege.actors.backends import teacher_problem, vllm_sampler_problem
+from protege.capabilities import teacher_problem, vllm_sampler_problem
 from protege.records import RewriteSpec, RolloutPlan
 
 

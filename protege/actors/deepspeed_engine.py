@@ -19,7 +19,6 @@ import logging
 import math
 import os
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import deepspeed
@@ -28,16 +27,10 @@ import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 from torch import Tensor
 
+from protege.actors.step_result import StepResult
 from protege.config import LearnerConfig
 
 deepspeed.utils.logger.setLevel(logging.WARNING)  # its INFO lines drown the progress output
-
-
-@dataclass(frozen=True)
-class StepResult:
-    applied: bool  # False when the gradient norm was not finite (weights untouched)
-    grad_norm: float  # global norm before clipping (inf when the step was skipped)
-    lr: float  # learning rate this step used
 
 
 def init_distributed(rank: int, world_size: int, master_addr: str, master_port: int) -> None:

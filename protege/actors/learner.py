@@ -20,10 +20,12 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedModel
 
-from protege.actors.deepspeed_engine import StepResult, TrainingEngine
+from protege.actors.step_result import StepResult
 from protege.actors.teacher import teacher_outputs
 from protege.algorithms.registry import ModuleContext, StepLoss
-from protege.config import Config, LoraConfig
+from protege.capabilities import NCCL_NOT_WITH_LORA, SELF_TEACHER_NEEDS_LORA
+from protege.config import Config
+from protege.lora import wrap_with_lora as _with_lora
 from protege.modeling import load_model, load_model_config, load_tokenizer
 from protege.records import RolloutBatch, RolloutPlan, WeightUpdate, lm_targets
 from protege.student import StudentForward
@@ -45,6 +47,8 @@ class Learner:
     ):
         self.config = config
         self.rank, self.world_size = rank, world_size
+        from protege.actors.deepspeed_engine import TrainingEngine  # DeepSpeed: in the worker only
+
         self.algorithm = config.build_algorithm()  # stateless default loss; builds modules
         model = load_model(config.student.model, config.student.dtype)
         if config.student.lora.enabled:
@@ -168,10 +172,7 @@ class Learner:
     def score_as_teacher(self, batch: RolloutBatch, plan: RolloutPlan) -> RolloutBatch:
         """Teacher outputs from the student's own base model (LoRA adapter disabled)."""
         if not self.lora:
-            raise ValueError(
-                "teacher.model='self' needs student.lora.enabled: the teacher is the base "
-                "model with the adapter disabled"
-            )
+            raise ValueError(SELF_TEACHER_NEEDS_LORA)
         with self._model.disable_adapter(), _eval_mode(self._engine.module):
             return teacher_outputs(
                 self._engine.module, batch, plan, self.config.teacher.micro_batch_size
@@ -192,10 +193,7 @@ class Learner:
         rank 0 sends, sampler i brings `receivers[i]` GPU workers. Every rank must call it.
         Untested on GPU here (no GPU in CI); see protege.actors.vllm_weight_sync."""
         if self.lora:
-            raise ValueError(
-                "rollout.weight_sync=nccl broadcasts full weights; a LoRA student ships only its "
-                "adapter through the object store (set rollout.weight_sync=object_store)"
-            )
+            raise ValueError(NCCL_NOT_WITH_LORA)
         from protege.actors.vllm_weight_sync import WeightBroadcast
 
         items = functools.partial(self._engine.gathered_items, lambda name: True, STUDENT)
@@ -254,24 +252,6 @@ class Learner:
         copy = _with_lora(load_model(student.model, student.dtype), student.lora, seed=0)
         set_peft_model_state_dict(copy, self._adapter_state_dict())
         return copy.merge_and_unload()
-
-
-def _with_lora(model: PreTrainedModel, lora: LoraConfig, seed: int) -> torch.nn.Module:
-    """The model wrapped with a fresh LoRA adapter: only adapter weights train. Seeded so all
-    data-parallel ranks start from the same adapter."""
-    from peft import LoraConfig as PeftLoraConfig
-    from peft import get_peft_model
-
-    peft_config = PeftLoraConfig(
-        r=lora.r,
-        lora_alpha=lora.alpha,
-        lora_dropout=lora.dropout,
-        target_modules=list(lora.target_modules),
-        task_type="CAUSAL_LM",
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return get_peft_model(model, peft_config)
 
 
 def _on_device(batch: RolloutBatch, device: torch.device) -> RolloutBatch:

@@ -18,11 +18,20 @@ import torch
 from torch import Tensor
 
 from protege.actors.decoding import Choice, Decoder, TokenChooser, teacher_mode
+from protege.capabilities import (
+    FULL_UPDATE_TO_LORA_SAMPLER,
+    LORA_UPDATE_TO_FULL_SAMPLER,
+    SELF_TEACHER,
+    SELF_TEACHER_NEEDS_LORA,
+    cannot_run,
+    sampler_problem,
+    stale_update,
+)
 from protege.config import LoraConfig, RolloutConfig
+from protege.lora import wrap_with_lora
 from protege.modeling import check_same_vocabulary, load_model, load_tokenizer, response_logits
 from protege.records import PromptBatch, RolloutBatch, RolloutPlan, TokenSource, WeightUpdate
 
-SELF_TEACHER = "self"  # teacher.model value: the student's base model with the LoRA adapter off
 Replica = tuple[torch.nn.Module, Callable | None]  # (model, context factory switching LoRA off)
 
 
@@ -44,8 +53,10 @@ class HFSampler:
         self.dtype = dtype
         self.tokenizer = load_tokenizer(student_model)
         self.student = load_model(student_model, dtype).eval().requires_grad_(False)
+        # peft injects the adapter into `student` in place; its forward then uses it (B = 0:
+        # the identity until the first update). Adapter tensors load through `peft_model`.
         lora_on = lora is not None and lora.enabled
-        self.peft_model = _wrap_lora(self.student, lora) if lora_on else None
+        self.peft_model = wrap_with_lora(self.student, lora, seed).eval() if lora_on else None
         self.teacher_model = teacher_model
         self._teacher: Replica | None = None
         self.pad_id = int(self.tokenizer.pad_token_id)
@@ -70,20 +81,8 @@ class HFSampler:
 
     @staticmethod
     def supports(plan: RolloutPlan) -> str | None:
-        """None when this backend can run `plan`, else why not (a vLLM backend answers the
-        same question with its own limits)."""
-        if plan.samples_per_prompt < 1:
-            return f"samples_per_prompt must be >= 1, got {plan.samples_per_prompt}"
-        if not 0.0 <= plan.mix_alpha <= 1.0:
-            return f"mix_alpha must be in [0, 1], got {plan.mix_alpha}"
-        if plan.source != "student" and plan.needs_teacher_in_decoding:
-            return (
-                "teacher-mixed sampling and teacher rewrite steer student sampling; they cannot "
-                f"apply to responses from source={plan.source!r}"
-            )
-        if plan.rewrite is not None and not 0.0 < plan.rewrite.top_p <= 1.0:
-            return f"rewrite top_p must be in (0, 1], got {plan.rewrite.top_p}"
-        return None
+        """None when this backend can run `plan`, else why not."""
+        return sampler_problem("hf", plan)
 
     def generate(self, prompts: PromptBatch, plan: RolloutPlan) -> RolloutBatch:
         """Responses to `prompts` (each repeated `plan.samples_per_prompt` times), written
@@ -91,7 +90,7 @@ class HFSampler:
         started = time.perf_counter()
         reason = self.supports(plan)
         if reason is not None:
-            raise ValueError(f"the HF sampler cannot run this plan: {reason}")
+            raise ValueError(cannot_run("rollout", "hf", reason))
         # Seeded by (seed, step), not by history: a resumed run samples what the
         # uninterrupted one did, with no sampler state in the checkpoint.
         self.generator.manual_seed(_step_seed(self.seed, prompts.step))
@@ -127,17 +126,11 @@ class HFSampler:
     def load_weights(self, update: WeightUpdate) -> None:
         """Take the learner's weights: the full state dict, or the LoRA adapter only."""
         if update.version < self._version:
-            raise ValueError(
-                f"stale weight update: version {update.version} is older than the sampler's "
-                f"version {self._version}"
-            )
+            raise ValueError(stale_update(update.version, self._version))
         if update.lora_only:
             self._load_adapter(update.tensors)
         elif self.peft_model is not None:
-            raise ValueError(
-                "full weight update sent to a sampler holding a LoRA adapter; send lora_only "
-                "updates, or disable student.lora"
-            )
+            raise ValueError(FULL_UPDATE_TO_LORA_SAMPLER)
         else:
             self.student.load_state_dict(update.tensors, strict=True)
         self._version = update.version
@@ -146,9 +139,7 @@ class HFSampler:
         from peft import set_peft_model_state_dict
 
         if self.peft_model is None:
-            raise ValueError(
-                "a lora_only weight update needs a sampler built with student.lora.enabled"
-            )
+            raise ValueError(LORA_UPDATE_TO_FULL_SAMPLER)
         result = set_peft_model_state_dict(self.peft_model, tensors)
         missing = [key for key in result.missing_keys if "lora_" in key]
         if result.unexpected_keys or missing:
@@ -246,10 +237,7 @@ class HFSampler:
     def _load_teacher(self, name: str) -> Replica:
         if name == SELF_TEACHER:
             if self.peft_model is None:
-                raise ValueError(
-                    "teacher.model='self' needs student.lora.enabled (the base model with the "
-                    "adapter off is the teacher)"
-                )
+                raise ValueError(SELF_TEACHER_NEEDS_LORA)
             return self.student, self.peft_model.disable_adapter
         check_same_vocabulary(self.tokenizer, load_tokenizer(name))
         return load_model(name, self.dtype).eval().requires_grad_(False).to(self.device), None
@@ -312,21 +300,6 @@ def dataset_fields(
 def _step_seed(seed: int, step: int) -> int:
     """A generator seed for (seed, step), distinct for nearby pairs of either."""
     return (seed * 0x9E3779B97F4A7C15 + step * 0xBF58476D1CE4E5B9 + 1) % (1 << 63)
-
-
-def _wrap_lora(model: torch.nn.Module, lora: LoraConfig):
-    """Inject a LoRA adapter into `model` in place (its forward then uses the adapter) and
-    return the peft model, through which adapter tensors are loaded."""
-    from peft import LoraConfig as PeftLoraConfig
-    from peft import get_peft_model
-
-    config = PeftLoraConfig(
-        r=lora.r,
-        lora_alpha=lora.alpha,
-        lora_dropout=lora.dropout,
-        target_modules=list(lora.target_modules),
-    )
-    return get_peft_model(model, config).eval()
 
 
 def _eos_ids(tokenizer, model: torch.nn.Module) -> list[int]:

@@ -13,6 +13,7 @@ import time
 import torch
 from torch import Tensor
 
+from protege.capabilities import SELF_TEACHER, SELF_TEACHER_HAS_NO_SCORER
 from protege.modeling import load_model, response_logits, vocab_size
 from protege.records import RolloutBatch, RolloutPlan
 
@@ -81,11 +82,8 @@ class TeacherScorer:
     """A frozen teacher that scores rollout batches (wrapped as a Ray actor elsewhere)."""
 
     def __init__(self, model: str, dtype: str = "float32", micro_batch_size: int = 64) -> None:
-        if model == "self":
-            raise ValueError(
-                "teacher.model='self' (LoRA self-distillation) is scored inside the learner with "
-                "the adapter disabled; no TeacherScorer is needed"
-            )
+        if model == SELF_TEACHER:
+            raise ValueError(SELF_TEACHER_HAS_NO_SCORER)
         if micro_batch_size < 1:
             raise ValueError(f"teacher.micro_batch_size must be >= 1, got {micro_batch_size}")
         self.model = load_model(model, dtype).eval()

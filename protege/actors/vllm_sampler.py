@@ -18,16 +18,27 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from protege.actors.backends import teacher_problem, vllm_sampler_problem
-from protege.actors.sampler import SELF_TEACHER, _step_seed, dataset_fields, rollout_batch
+from protege.actors.sampler import _step_seed, dataset_fields, rollout_batch
 from protege.actors.vllm_engine import (
+    lora_request,
     make_engine,
-    real_tokens,
+    outputs_from_scores,
     remove_dir,
+    sampling_params,
     score_sequences,
+    token_prompts,
     write_adapter,
 )
-from protege.actors.vllm_teacher import outputs_from_scores
+from protege.capabilities import (
+    FULL_UPDATE_TO_LORA_SAMPLER,
+    LORA_UPDATE_TO_FULL_SAMPLER,
+    SELF_TEACHER,
+    SELF_TEACHER_NEEDS_LORA,
+    cannot_run,
+    sampler_problem,
+    stale_update,
+    teacher_problem,
+)
 from protege.config import LoraConfig, RolloutConfig
 from protege.modeling import load_tokenizer, resolve_path
 from protege.records import PromptBatch, RolloutBatch, RolloutPlan, WeightUpdate
@@ -71,14 +82,14 @@ class VLLMSampler:
     @staticmethod
     def supports(plan: RolloutPlan) -> str | None:
         """None when vLLM can run `plan`, else why not (naming the HF backend)."""
-        return vllm_sampler_problem(plan)
+        return sampler_problem("vllm", plan)
 
     # -- sampling ------------------------------------------------------------------------
     def generate(self, prompts: PromptBatch, plan: RolloutPlan) -> RolloutBatch:
         started = time.perf_counter()
         reason = self.supports(plan)
         if reason is not None:
-            raise ValueError(f"the vLLM sampler cannot run this plan: {reason}")
+            raise ValueError(cannot_run("rollout", "vllm", reason))
         n = plan.samples_per_prompt
         prompt_ids = prompts.prompt_ids.repeat_interleave(n, dim=0)
         prompt_mask = prompts.prompt_mask.bool().repeat_interleave(n, dim=0)
@@ -93,9 +104,7 @@ class VLLMSampler:
 
     def greedy_texts(self, prompts: PromptBatch, max_new_tokens: int) -> list[str]:
         """The current student's greedy responses as text, up to EOS, special tokens dropped."""
-        from vllm import SamplingParams
-
-        params = SamplingParams(
+        params = sampling_params(
             temperature=0.0,
             max_tokens=max_new_tokens,
             stop_token_ids=self.eos_ids,
@@ -108,9 +117,7 @@ class VLLMSampler:
     def _sample(
         self, prompts: PromptBatch, n: int, prompt_ids: Tensor, prompt_mask: Tensor
     ) -> dict:
-        from vllm import SamplingParams
-
-        params = SamplingParams(
+        params = sampling_params(
             n=n,
             temperature=self.rollout.temperature,
             top_p=self.rollout.top_p,
@@ -165,9 +172,7 @@ class VLLMSampler:
         return dataset_fields(prompts, prompt_ids, prompt_mask, n, self.pad_id, score)
 
     def _run(self, ids: Tensor, mask: Tensor, params) -> list:
-        from vllm.inputs import TokensPrompt
-
-        requests = [TokensPrompt(prompt_token_ids=row) for row in real_tokens(ids, mask)]
+        requests = token_prompts(ids, mask)
         return self.llm.generate(requests, params, lora_request=self._lora(), use_tqdm=False)
 
     # -- LoRA self-distillation: the same engine with no adapter is the teacher ----------
@@ -175,13 +180,10 @@ class VLLMSampler:
         """Teacher outputs from the student's base model: this engine with no adapter
         (teacher.model='self' with teacher.backend='vllm'); no second model in memory."""
         if self.lora is None or self.teacher_model not in (None, SELF_TEACHER):
-            raise ValueError(
-                "scoring with the rollout engine's base model needs student.lora.enabled and "
-                "teacher.model='self'"
-            )
+            raise ValueError(SELF_TEACHER_NEEDS_LORA)
         reason = teacher_problem("vllm", plan)
         if reason is not None:
-            raise ValueError(f"the vLLM self-teacher cannot score this plan: {reason}")
+            raise ValueError(cannot_run("teacher", "vllm", reason))
         if plan.teacher_need == "none":
             return batch
         scores = score_sequences(self.llm, batch, plan.topk if plan.teacher_need == "topk" else 0)
@@ -192,17 +194,11 @@ class VLLMSampler:
         """Take the learner's weights: the full state dict loaded in place (no restart), or
         with LoRA a new adapter version (the base weights never travel again)."""
         if update.version < self._version:
-            raise ValueError(
-                f"stale weight update: version {update.version} is older than the sampler's "
-                f"version {self._version}"
-            )
+            raise ValueError(stale_update(update.version, self._version))
         if update.lora_only:
             self._load_adapter(update)
         elif self.lora is not None:
-            raise ValueError(
-                "full weight update sent to a sampler holding a LoRA adapter; send lora_only "
-                "updates, or disable student.lora"
-            )
+            raise ValueError(FULL_UPDATE_TO_LORA_SAMPLER)
         else:
             # vLLM's in-place reload: checkpoint-format (HF) names, layerwise processing.
             weights = list(update.tensors.items())
@@ -213,29 +209,22 @@ class VLLMSampler:
         self._version = update.version
 
     def _load_adapter(self, update: WeightUpdate) -> None:
-        from vllm.lora.request import LoRARequest
-
         if self.lora is None:
-            raise ValueError(
-                "a lora_only weight update needs a sampler built with student.lora.enabled"
-            )
+            raise ValueError(LORA_UPDATE_TO_FULL_SAMPLER)
         previous = self._adapter
         lora_id = (previous[0] + 1) if previous else 1  # a new id per version: no stale cache
         directory = self._adapter_root / f"v{update.version}-{lora_id}"
         path = write_adapter(update.tensors, self.lora, directory)
-        self.llm.llm_engine.add_lora(LoRARequest(f"student-{lora_id}", lora_id, path))
+        self.llm.llm_engine.add_lora(lora_request(lora_id, path))
         self._adapter = (lora_id, path)
         if previous is not None:
             self.llm.llm_engine.remove_lora(previous[0])
             remove_dir(previous[1])
 
     def _lora(self):
-        from vllm.lora.request import LoRARequest
-
         if self._adapter is None:
             return None  # version 0: peft starts with B = 0, so the adapter is the identity
-        lora_id, path = self._adapter
-        return LoRARequest(f"student-{lora_id}", lora_id, path)
+        return lora_request(*self._adapter)
 
     # -- GPU weight broadcast (NCCL): called by the learner's rank 0 through the actor ---
     # These mirror vLLM's weight-sync client protocol (vllm.distributed.weight_transfer),

@@ -10,35 +10,23 @@ side cheap at large k. Shapes: B rows, T response tokens, K top-k.
 from __future__ import annotations
 
 import torch
-from torch import Tensor
 
-from protege.actors.backends import teacher_problem
-from protege.actors.vllm_engine import make_engine, score_sequences
+from protege.actors.vllm_engine import make_engine, outputs_from_scores, score_sequences
+from protege.capabilities import (
+    SELF_TEACHER,
+    SELF_TEACHER_HAS_NO_SCORER,
+    cannot_run,
+    teacher_problem,
+)
 from protege.records import RolloutBatch, RolloutPlan
-
-
-def outputs_from_scores(
-    scores: dict[str, Tensor], batch: RolloutBatch, plan: RolloutPlan
-) -> dict[str, Tensor]:
-    """RolloutBatch teacher fields from `score_sequences`' output."""
-    mask = batch.response_mask
-    fields = {"teacher_logprobs": scores["sampled"].masked_fill(~mask, 0.0)}
-    if plan.teacher_need == "topk":
-        fields["teacher_topk_ids"] = scores["topk_ids"]
-        fields["teacher_topk_logprobs"] = scores["topk_logprobs"]
-        fields["teacher_tail_logprobs"] = scores["tail"]
-    return fields
 
 
 class VLLMTeacherScorer:
     """A frozen teacher in an in-process vLLM engine that scores rollout batches."""
 
     def __init__(self, model: str, dtype: str = "float32", micro_batch_size: int = 64) -> None:
-        if model == "self":
-            raise ValueError(
-                "teacher.model='self' is scored by the student's own base model (the learner, or "
-                "the vLLM rollout engine with no adapter); no teacher scorer is needed"
-            )
+        if model == SELF_TEACHER:
+            raise ValueError(SELF_TEACHER_HAS_NO_SCORER)
         if micro_batch_size < 1:
             raise ValueError(f"teacher.micro_batch_size must be >= 1, got {micro_batch_size}")
         # vLLM batches internally; rows are submitted `micro_batch_size` at a time only to
@@ -59,7 +47,7 @@ class VLLMTeacherScorer:
     def score(self, batch: RolloutBatch, plan: RolloutPlan) -> RolloutBatch:
         reason = teacher_problem("vllm", plan)
         if reason is not None:
-            raise ValueError(f"the vLLM teacher cannot score this plan: {reason}")
+            raise ValueError(cannot_run("teacher", "vllm", reason))
         if plan.teacher_need == "none":
             return batch
         topk = plan.topk if plan.teacher_need == "topk" else 0
