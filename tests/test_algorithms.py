@@ -14,7 +14,8 @@ import math
 import pytest
 import torch
 
-from protege.algorithms import ALGORITHMS, build_algorithm
+from protege.algorithms import ALGORITHMS as REGISTERED
+from protege.algorithms import build_algorithm
 from protege.algorithms.advantages import whiten
 from protege.algorithms.divergences import (
     forward_kl,
@@ -59,6 +60,9 @@ TEACHER_FORMS = [
     {"teacher_output": "topk", "topk": VOCAB},  # K = V
     {"teacher_output": "full"},
 ]
+
+# Every algorithm the package ships (tests register toy algorithms of their own).
+ALGORITHMS = {n: c for n, c in REGISTERED.items() if c.__module__.startswith("protege.")}
 
 
 def variants() -> list:

@@ -176,7 +176,7 @@ def test_capabilities_imports_only_the_standard_library():
 @pytest.mark.parametrize(
     "statement",
     [
-        "import protege.run, protege.controller, protege.workers, protege.actors.ray_actors",
+        "import protege.run, protege.controller, protege.pipeline, protege.launch, protege.actors.ray_actors",
         # the driver names the worker classes (Ray wraps them there) for either backend
         (
             "from protege.actors.backends import sampler_class, teacher_class; "
