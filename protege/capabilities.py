@@ -201,14 +201,14 @@ def weight_sync_problem(config: Config) -> str | None:
 
 def self_teacher_problem(config: Config, plans: Sequence[RolloutPlan]) -> str | None:
     for teacher in config.teachers:
-        if teacher.model != SELF_TEACHER:
+        if not teacher.is_self:
             continue
         if teacher.backend == "vllm" and config.rollout.backend != "vllm":
             return SELF_TEACHER_VLLM_NEEDS_VLLM_ROLLOUT
         if not config.student.lora.enabled:
             return SELF_TEACHER_NEEDS_LORA
     decoding = any(p.needs_teacher_in_decoding or p.source == "teacher" for p in plans)
-    if config.teacher.model == SELF_TEACHER and decoding:  # the first teacher steers decoding
+    if config.teacher.is_self and decoding:  # the first teacher steers decoding
         return SELF_TEACHER_CANNOT_DECODE
     return None
 
@@ -223,7 +223,7 @@ def vllm_models_on_cpu(config: Config, cuda_available: bool) -> list[str]:
     """The models vLLM workers will run on CPU: in-process workers use this process's
     device; Ray actors without GPUs see none (Ray hides the devices from them)."""
     roles = [(config.rollout, config.student.model)]
-    roles += [(t, t.model) for t in config.teachers if t.model != SELF_TEACHER]
+    roles += [(t, t.model) for t in config.teachers if not t.is_self]
     local = config.trainer.workers == "local"
     return [
         model

@@ -24,6 +24,7 @@ from pydantic import (
 
 from protege.algorithms import build_algorithm
 from protege.algorithms.registry import Algorithm, AlgorithmConfigError
+from protege.capabilities import SELF_TEACHER
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
 
@@ -53,7 +54,6 @@ class StudentConfig(Section):
     lora: LoraConfig = LoraConfig()
 
 
-SELF = "self"  # teacher.model: the student's own base model (LoRA adapter off)
 
 
 class TeacherConfig(Section):
@@ -71,7 +71,7 @@ class TeacherConfig(Section):
     @property
     def is_self(self) -> bool:
         """The student's base model is the teacher (LoRA self-distillation)."""
-        return self.model == SELF
+        return self.model == SELF_TEACHER
 
 
 class RolloutConfig(Section):
