@@ -39,7 +39,7 @@ class ConfigError(ValueError):
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
-    @field_validator("*")
+    @field_validator("*", mode="before")
     @classmethod
     def _finite(cls, value: Any) -> Any:
         """Every float key is a finite number: `learner.lr=.inf` would make every weight inf."""

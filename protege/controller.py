@@ -161,6 +161,9 @@ class Controller:
     def maybe_checkpoint(self, k: int) -> None:
         if not self.checkpoint_due(k):
             return
+        if self.bad_steps:  # keep the last checkpoint from before the non-finite steps
+            self.log.warning(f"step {k}: no checkpoint during a run of non-finite steps")
+            return
         config = self.config
         meta = {
             "config_hash": config_hash(config),
