@@ -117,8 +117,10 @@ class Controller:
     def check_numerics(self, k: int, metrics: dict[str, float]) -> None:
         """Stop on weights that became non-finite, or after `trainer.max_bad_steps` skipped
         (non-finite loss or gradient) steps in a row; nothing is saved from such a state."""
-        good = f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint else (
-            "no checkpoint was written (trainer.save_every)"
+        good = (
+            f"the last good checkpoint is {self.last_checkpoint}"
+            if self.last_checkpoint
+            else ("no checkpoint was written (trainer.save_every)")
         )
         if metrics.get("learner/nonfinite_weights"):
             raise TrainingStopped(
@@ -132,7 +134,9 @@ class Controller:
         self.bad_steps = self.bad_steps + 1 if skipped else 0
         if not skipped:
             return
-        self.log.warning(f"step {k}: non-finite loss or gradient; update skipped, weights untouched")
+        self.log.warning(
+            f"step {k}: non-finite loss or gradient; update skipped, weights untouched"
+        )
         most = self.config.trainer.max_bad_steps
         if most and self.bad_steps >= most:
             raise TrainingStopped(

@@ -119,7 +119,9 @@ def config_changes(saved: dict[str, Any], now: dict[str, Any]) -> list[tuple[str
     keys = sorted(k for k in old.keys() | new.keys() if not _free(k))
     missing = "<unset>"
     return [
-        (k, old.get(k, missing), new.get(k, missing)) for k in keys if old.get(k, missing) != new.get(k, missing)
+        (k, old.get(k, missing), new.get(k, missing))
+        for k in keys
+        if old.get(k, missing) != new.get(k, missing)
     ]
 
 
@@ -137,7 +139,9 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def _free(key: str) -> bool:
-    return any(key == free or (free.endswith((".", "_")) and key.startswith(free)) for free in FREE_KEYS)
+    return any(
+        key == free or (free.endswith((".", "_")) and key.startswith(free)) for free in FREE_KEYS
+    )
 
 
 def truncate_metrics(path: Path, step: int) -> None:

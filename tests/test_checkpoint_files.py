@@ -73,9 +73,7 @@ def test_a_write_killed_midway_leaves_no_step_folder(tmp_path):
     ],
     ids=["tampered", "truncated", "missing", "bad-manifest", "no-manifest"],
 )
-def test_resume_falls_back_past_a_broken_checkpoint_naming_what_is_wrong(
-    tmp_path, damage, problem
-):
+def test_resume_falls_back_past_a_broken_checkpoint_naming_what_is_wrong(tmp_path, damage, problem):
     write_checkpoint(tmp_path, 1, writer(), META)
     newest = write_checkpoint(tmp_path, 2, writer(), META)
     damage(newest)
@@ -96,8 +94,11 @@ def test_a_full_disk_is_reported_with_the_path_and_the_fix(tmp_path):
     def full(folder):
         raise OSError(errno.ENOSPC, "No space left on device", str(folder / "model.pt"))
 
-    with pytest.raises(CheckpointError, match=r"No space left on device while writing .*model\.pt"
-                       r": free space or lower trainer.keep_last"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"No space left on device while writing .*model\.pt"
+        r": free space or lower trainer.keep_last",
+    ):
         write_checkpoint(tmp_path, 1, full, META)
     assert not list(tmp_path.iterdir())  # the partial folder is removed
 
@@ -154,7 +155,9 @@ def test_rollouts_in_flight_round_trip_without_pickle(tmp_path, monkeypatch):
     for a, b in zip(got.shards, want.shards):
         for name, value in vars(b).items():
             if isinstance(value, torch.Tensor):
-                assert getattr(a, name).dtype == value.dtype and torch.equal(getattr(a, name), value)
+                assert getattr(a, name).dtype == value.dtype and torch.equal(
+                    getattr(a, name), value
+                )
             else:
                 assert getattr(a, name) == value, name
 

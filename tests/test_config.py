@@ -149,6 +149,8 @@ def test_every_float_key_must_be_finite(override, key):
 
 
 def test_resume_is_false_true_or_auto():
-    assert [load_config(None, [f"trainer.resume={v}"]).trainer.resume for v in ("false", "true", "auto")] == [False, True, "auto"]
+    assert [
+        load_config(None, [f"trainer.resume={v}"]).trainer.resume for v in ("false", "true", "auto")
+    ] == [False, True, "auto"]
     with pytest.raises(ConfigError, match="trainer.resume"):
         load_config(None, ["trainer.resume=maybe"])

@@ -102,7 +102,9 @@ def test_resume_true_without_a_complete_checkpoint_is_refused(tmp_path):
 
 def test_resume_auto_continues_the_run_and_logs_each_step_once(tmp_path):
     out = tmp_path / "run"
-    build_controller(local(out, "trainer.steps=3", "trainer.save_every=2", "trainer.resume=auto")).run()
+    build_controller(
+        local(out, "trainer.steps=3", "trainer.save_every=2", "trainer.resume=auto")
+    ).run()
     uninterrupted = losses(out)  # steps 0, 1, 2: step 2 ran after the checkpoint
     resumed = build_controller(
         local(out, "trainer.steps=4", "trainer.save_every=2", "trainer.resume=auto")
@@ -117,9 +119,15 @@ def test_resume_auto_continues_the_run_and_logs_each_step_once(tmp_path):
 @pytest.mark.parametrize(
     "override, refusal",
     [
-        ("student.model=builtin:tiny/teacher", r"student.model='builtin:tiny/student'.*'builtin:tiny/teacher'"),
+        (
+            "student.model=builtin:tiny/teacher",
+            r"student.model='builtin:tiny/student'.*'builtin:tiny/teacher'",
+        ),
         ("algorithm.name=gkd", r"algorithm.name='nan_from'.*'gkd'"),
-        ("learner.lr=0.5", r"changed hyper-parameters: learner.lr: 0.001 -> 0.5.*resume_allow_changes"),
+        (
+            "learner.lr=0.5",
+            r"changed hyper-parameters: learner.lr: 0.001 -> 0.5.*resume_allow_changes",
+        ),
     ],
 )
 def test_resume_refuses_another_model_algorithm_or_changed_hyperparameters(
@@ -132,7 +140,10 @@ def test_resume_refuses_another_model_algorithm_or_changed_hyperparameters(
 def test_changed_hyperparameters_resume_with_resume_allow_changes(finished_run, tmp_path, capsys):
     out = copy_of(finished_run, tmp_path)
     config = local(
-        out, "trainer.steps=5", "trainer.resume=true", "learner.lr=0.002",
+        out,
+        "trainer.steps=5",
+        "trainer.resume=true",
+        "learner.lr=0.002",
         "trainer.resume_allow_changes=true",
     )
     build_controller(config).run()
@@ -154,7 +165,9 @@ def test_a_tampered_checkpoint_is_skipped_for_the_previous_one(finished_run, tmp
 
 def test_keep_last_keeps_the_newest_checkpoints(tmp_path):
     out = tmp_path / "run"
-    build_controller(local(out, "trainer.steps=3", "trainer.save_every=1", "trainer.keep_last=2")).run()
+    build_controller(
+        local(out, "trainer.steps=3", "trainer.save_every=1", "trainer.keep_last=2")
+    ).run()
     names = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert names == ["step_0000002", "step_0000003"]
     assert all(verify(out / "checkpoints" / name) is None for name in names)
@@ -163,7 +176,10 @@ def test_keep_last_keeps_the_newest_checkpoints(tmp_path):
 def test_nonfinite_losses_in_a_row_stop_the_run_and_keep_the_last_good_checkpoint(tmp_path):
     out = tmp_path / "run"
     config = local(
-        out, "trainer.steps=8", "trainer.save_every=1", "trainer.max_bad_steps=2",
+        out,
+        "trainer.steps=8",
+        "trainer.save_every=1",
+        "trainer.max_bad_steps=2",
         "algorithm.bad_from=2",
     )
     with pytest.raises(TrainingStopped, match=r"step 3: 2 steps in a row .*step_0000002"):
@@ -176,7 +192,8 @@ def test_nonfinite_losses_in_a_row_stop_the_run_and_keep_the_last_good_checkpoin
 
 
 @pytest.mark.parametrize(
-    "weight_decay, stop", [("0.0", "2 steps in a row"), ("1e10", "step 0: .*weights are not finite")]
+    "weight_decay, stop",
+    [("0.0", "2 steps in a row"), ("1e10", "step 0: .*weights are not finite")],
 )
 def test_an_overflowing_lr_stops_the_run_without_a_final_model(tmp_path, weight_decay, stop):
     """lr=1e30 moves every weight by ~1e30 (Adam's step is ~lr): the next losses are NaN and
@@ -184,7 +201,10 @@ def test_an_overflowing_lr_stops_the_run_without_a_final_model(tmp_path, weight_
     weights inf behind a finite gradient, caught right after that step."""
     out = tmp_path / "run"
     config = local(
-        out, "trainer.steps=6", "learner.lr=1e30", f"learner.weight_decay={weight_decay}",
+        out,
+        "trainer.steps=6",
+        "learner.lr=1e30",
+        f"learner.weight_decay={weight_decay}",
         "trainer.max_bad_steps=2",
     )
     with pytest.raises(TrainingStopped, match=stop):

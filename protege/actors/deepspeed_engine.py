@@ -161,7 +161,8 @@ class TrainingEngine:
         shards; the answer is reduced over ranks so all agree."""
         params = [p for p in self._engine.module.parameters() if p.requires_grad]
         tensors = [getattr(p, "ds_tensor", p) for p in params]
-        finite = all(bool(torch.isfinite(t).all()) for t in tensors if t.numel())
+        checks = [torch.isfinite(t).all() for t in tensors if t.numel()]
+        finite = bool(torch.stack(checks).all()) if checks else True  # one device sync
         return self.all_reduce(float(finite), "min") == 1.0
 
     def all_reduce(self, value: float, op: str) -> float:
