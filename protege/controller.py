@@ -21,7 +21,7 @@ from protege.evaluation import Evaluator
 from protege.metrics_log import MetricsLog, phase_accounting
 from protege.pipeline import Pipeline
 from protege.records import PromptBatch
-from protege.resume import config_hash
+from protege.resume import config_hash, saved_config
 from protege.rollout_files import load_rollouts, save_rollouts
 from protege.rollouts import RolloutQueue
 
@@ -173,7 +173,7 @@ class Controller:
             "config_hash": config_hash(config),
             "algorithm": self.algo.name,
             "student_model": config.student.model,
-            "config": config.model_dump(mode="json"),
+            "config": saved_config(config),
         }
         self.last_checkpoint = write_checkpoint(
             Path(config.output_dir) / "checkpoints",

@@ -10,6 +10,7 @@ step so no step appears twice.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -95,7 +96,7 @@ def check_compatible(
             )
     if manifest.config_hash == config_hash(config):
         return
-    changes = config_changes(manifest.config, config.model_dump(mode="json"))
+    changes = config_changes(manifest.config, saved_config(config))
     if not changes:
         return
     listed = "; ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in changes)
@@ -107,9 +108,19 @@ def check_compatible(
     warn(f"resuming with changed hyper-parameters: {listed}")
 
 
+def saved_config(config: Config) -> dict[str, Any]:
+    """The config as a checkpoint records it: JSON, with every algorithm hyper-parameter
+    (defaults included, so `algorithm.beta=0.5` equals an unset default of 0.5)."""
+    tree = config.model_dump(mode="json")
+    algorithm = config.build_algorithm()
+    params = {f.name: getattr(algorithm, f.name) for f in dataclasses.fields(algorithm) if f.init}
+    tree["algorithm"] = json.loads(json.dumps({"name": algorithm.name, **params}, default=str))
+    return tree
+
+
 def config_hash(config: Config) -> str:
     """sha256 of the config without the keys a resume may change (FREE_KEYS)."""
-    kept = {k: v for k, v in flatten(config.model_dump(mode="json")).items() if not _free(k)}
+    kept = {k: v for k, v in flatten(saved_config(config)).items() if not _free(k)}
     return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()
 
 

@@ -18,6 +18,7 @@ from protege.checkpoint import CheckpointError, verify
 from protege.config import load_config
 from protege.controller import TrainingStopped
 from protege.records import RolloutPlan
+from protege.resume import config_changes, config_hash, saved_config
 from protege.run import build_controller
 
 
@@ -211,3 +212,28 @@ def test_an_overflowing_lr_stops_the_run_without_a_final_model(tmp_path, weight_
         build_controller(config).run()
     assert not (out / "final").exists()
     assert not list(out.glob(".tmp-*"))
+
+
+def test_the_change_list_ignores_run_length_logging_and_explicit_defaults():
+    saved = saved_config(load_config(None, ["algorithm.name=gkd"]))
+    same = load_config(
+        None,
+        [
+            "algorithm.beta=0.5",  # gkd's default, now explicit
+            "trainer.steps=7",
+            "trainer.resume=auto",
+            "trainer.eval_every=3",
+            "logging.project=x",
+            "output_dir=elsewhere",
+        ],
+    )
+    assert config_changes(saved, saved_config(same)) == []
+    assert config_hash(same) == config_hash(load_config(None))
+    changed = load_config(
+        None, ["algorithm.beta=0.1", "learner.lr=0.01", "teachers.0.dtype=bfloat16"]
+    )
+    assert config_changes(saved, saved_config(changed)) == [
+        ("algorithm.beta", 0.5, 0.1),
+        ("learner.lr", 0.001, 0.01),
+        ("teachers.0.dtype", "float32", "bfloat16"),
+    ]
