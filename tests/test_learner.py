@@ -438,7 +438,7 @@ def test_two_ranks_on_halves_equal_one_rank_on_the_whole_batch(tiny_dirs, tmp_pa
 
 
 # -- numerics guard --------------------------------------------------------------------------
-@pytest.mark.parametrize("zero_stage", [0, 2])
+@pytest.mark.parametrize("zero_stage", [0, 2, zero3_slow(3)])
 def test_an_update_that_overflows_the_weights_is_flagged_and_never_saved(
     tiny_dirs, tmp_path, zero_stage
 ):
