@@ -217,9 +217,8 @@ def run_one(arm: Arm, seed: int, data: dict[str, str], budget: Budget, workdir: 
     output_dir = workdir / "runs" / slug(arm.name) / f"seed{seed}"
     overrides = arm_overrides(arm, data, budget, output_dir)
     name = load_config(None, overrides).algorithm["name"]
-    config = load_config(None, [*overrides, *seed_overrides(name, seed)])
-    if (output_dir / "metrics.jsonl").exists():
-        (output_dir / "metrics.jsonl").unlink()
+    # a rerun replaces the arm's old run (metrics.jsonl, checkpoints) instead of being refused
+    config = load_config(None, [*overrides, *seed_overrides(name, seed), "trainer.overwrite=true"])
     started = time.perf_counter()
     controller = build_controller(config)
     result = controller.run()

@@ -8,6 +8,7 @@ The defaults run the built-in tiny task on CPU (`builtin:tiny/...` paths).
 from __future__ import annotations
 
 import difflib
+import math
 import re
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -37,6 +38,14 @@ class ConfigError(ValueError):
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _finite(cls, value: Any) -> Any:
+        """Every float key is a finite number: `learner.lr=.inf` would make every weight inf."""
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError("must be a finite number")
+        return value
 
 
 class LoraConfig(Section):
@@ -147,7 +156,13 @@ class TrainerConfig(Section):
     )  # samples per test prompt (pass@k, entropy, ...); 0: greedy only
     eval_teacher_kl: bool = False  # with eval_samples: also reverse/forward KL to the teacher
     save_every: int = Field(0, ge=0)  # 0: no intermediate checkpoints
-    resume: bool = False
+    keep_last: int = Field(0, ge=0)  # complete checkpoints kept (older ones deleted); 0: all
+    # false: a fresh run (refused in a used output_dir unless `overwrite`); true: resume from
+    # the newest complete checkpoint (refused when there is none); auto: resume if one exists.
+    resume: bool | Literal["auto"] = False
+    resume_allow_changes: bool = False  # resume although hyper-parameters changed (listed)
+    overwrite: bool = False  # a fresh run deletes an old run's metrics and checkpoints
+    max_bad_steps: int = Field(5, ge=0)  # stop after this many non-finite steps in a row; 0: never
     max_staleness: int = Field(0, ge=0)
     workers: Literal["ray", "local"] = "ray"  # local: every role in this process (tests, debugging)
 
@@ -190,6 +205,9 @@ class Config(Section):
     @field_validator("algorithm")
     @classmethod
     def _check_algorithm(cls, params: dict[str, Any]) -> dict[str, Any]:
+        for key, value in _floats(params):
+            if not math.isfinite(value):
+                raise AlgorithmConfigError(key, f"must be a finite number (got {value!r})")
         build_algorithm(params)  # raises AlgorithmConfigError naming the key
         return params
 
@@ -208,6 +226,19 @@ class Config(Section):
 
     def build_algorithm(self) -> Algorithm:
         return build_algorithm(self.algorithm)
+
+
+def _floats(tree: Any, prefix: str = "") -> list[tuple[str, float]]:
+    """(dotted key, value) of every float in a nested mapping/list."""
+    items = tree.items() if isinstance(tree, dict) else enumerate(tree)
+    out = []
+    for key, value in items:
+        dotted = f"{prefix}{key}"
+        if isinstance(value, float):
+            out.append((dotted, value))
+        elif isinstance(value, (dict, list)):
+            out.extend(_floats(value, f"{dotted}."))
+    return out
 
 
 def load_config(preset: str | Path | None = None, overrides: list[str] = ()) -> Config:
@@ -324,7 +355,8 @@ def _describe(error: ValidationError, root: type[BaseModel]) -> str:
             # A whole-model check: its message names the keys itself.
             lines.append(str(item["msg"]).removeprefix("Value error, "))
         else:
-            lines.append(f"{path}: {item['msg']} (got {item.get('input')!r})")
+            message = str(item["msg"]).removeprefix("Value error, ")
+            lines.append(f"{path}: {message} (got {item.get('input')!r})")
     return "invalid config:\n  " + "\n  ".join(lines)
 
 

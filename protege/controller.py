@@ -8,19 +8,27 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from protege.algorithms.registry import Algorithm
-from protege.checkpoint import latest_checkpoint, load_controller_state, save_controller_state
+from protege.checkpoint import (
+    load_controller_state,
+    save_controller_state,
+    write_atomically,
+    write_checkpoint,
+)
 from protege.config import Config
 from protege.data import PromptSource
 from protege.evaluation import Evaluator
 from protege.metrics_log import MetricsLog, phase_accounting
 from protege.pipeline import Pipeline
 from protege.records import PromptBatch
+from protege.resume import config_hash, saved_config
+from protege.rollout_files import load_rollouts, save_rollouts
 from protege.rollouts import RolloutQueue
 
-PENDING_FILE = "pending_rollouts.pt"
+
+class TrainingStopped(ValueError):
+    """The run stopped on bad numerics; the message names the step, the cause and the last
+    good checkpoint."""
 
 
 class Controller:
@@ -32,10 +40,14 @@ class Controller:
         algorithm: Algorithm,
         evaluator: Evaluator | None,
         log: MetricsLog,
+        resume_from: Path | None = None,
     ):
+        """`resume_from`: a verified checkpoint (`protege.resume.prepare_output_dir`)."""
         self.config, self.pipeline, self.prompts = config, pipeline, prompts
         self.algo, self.evaluator, self.log = algorithm, evaluator, log
-        self.start_step = 0
+        self.resume_from, self.start_step = resume_from, 0
+        self.bad_steps = 0  # consecutive steps skipped for a non-finite loss or gradient
+        self.last_checkpoint: Path | None = resume_from
         trainer = config.trainer
         self.rollouts = RolloutQueue(
             self.rollout, prompts, trainer.steps, trainer.max_staleness, self.checkpoint_due
@@ -63,21 +75,26 @@ class Controller:
 
     def run(self, on_step: Callable[[int, dict[str, float]], None] | None = None) -> dict:
         """Resume if asked, evaluate, train `trainer.steps` steps, evaluate, save.
-        `on_step(k, row)` sees every step's metrics row as written to metrics.jsonl."""
-        self.resume()
-        before = self.evaluate("eval_before")
-        for k in range(self.start_step, self.config.trainer.steps):
-            started = time.perf_counter()
-            metrics = self.step(k)
-            row = self.record(k, metrics, time.perf_counter() - started)
-            if on_step is not None:
-                on_step(k, row)
-            self.maybe_checkpoint(k)
-        self.rollouts.clear()  # rollouts past the last step (filled for a checkpoint)
-        self.pipeline.wait_sync()  # the last update has reached the samplers
-        after = self.evaluate("eval_after")
-        self.pipeline.save_final(str(Path(self.config.output_dir) / "final"))
-        self.log.close()
+        `on_step(k, row)` sees every step's metrics row as written to metrics.jsonl. A resumed
+        run keeps the first run's eval_before row instead of evaluating again."""
+        try:
+            if self.resume_from is not None:
+                self.resume(self.resume_from)
+            before = {} if self.resume_from else self.evaluate("eval_before")
+            for k in range(self.start_step, self.config.trainer.steps):
+                started = time.perf_counter()
+                metrics = self.step(k)
+                row = self.record(k, metrics, time.perf_counter() - started)
+                if on_step is not None:
+                    on_step(k, row)
+                self.check_numerics(k, metrics)
+                self.maybe_checkpoint(k)
+            self.rollouts.clear()  # rollouts past the last step (filled for a checkpoint)
+            self.pipeline.wait_sync()  # the last update has reached the samplers
+            after = self.evaluate("eval_after")
+            self.save_final()
+        finally:
+            self.log.close()
         return {**before, **after}
 
     def record(self, k: int, metrics: dict[str, float], seconds: float) -> dict[str, float]:
@@ -87,11 +104,7 @@ class Controller:
         )
         row = {"step": k, **metrics, **phases, **accounting}
         self.log.write(row)
-        if metrics.get("learner/nonfinite") or not math.isfinite(metrics.get("learner/loss", 0.0)):
-            self.log.warning(
-                f"step {k}: non-finite loss or gradient; update skipped, weights untouched"
-            )
-        elif metrics.get("learner/empty_batch"):
+        if metrics.get("learner/empty_batch"):
             self.log.warning(f"step {k}: every response was empty; update skipped")
         if (
             self.evaluator
@@ -100,6 +113,36 @@ class Controller:
         ):
             self.evaluate("eval", step=k)
         return row
+
+    def check_numerics(self, k: int, metrics: dict[str, float]) -> None:
+        """Stop on weights that became non-finite, or after `trainer.max_bad_steps` skipped
+        (non-finite loss or gradient) steps in a row; nothing is saved from such a state."""
+        good = (
+            f"the last good checkpoint is {self.last_checkpoint}"
+            if self.last_checkpoint
+            else ("no checkpoint was written (trainer.save_every)")
+        )
+        if metrics.get("learner/nonfinite_weights"):
+            raise TrainingStopped(
+                f"step {k}: the student's weights are not finite after the update (grad norm "
+                f"{metrics.get('learner/grad_norm')}, lr {metrics.get('learner/lr')}); stopped "
+                f"without saving; {good}. Lower learner.lr or learner.max_grad_norm"
+            )
+        skipped = metrics.get("learner/nonfinite") or not math.isfinite(
+            metrics.get("learner/loss", 0.0)
+        )
+        self.bad_steps = self.bad_steps + 1 if skipped else 0
+        if not skipped:
+            return
+        self.log.warning(
+            f"step {k}: non-finite loss or gradient; update skipped, weights untouched"
+        )
+        most = self.config.trainer.max_bad_steps
+        if most and self.bad_steps >= most:
+            raise TrainingStopped(
+                f"step {k}: {self.bad_steps} steps in a row had a non-finite loss or gradient "
+                f"(trainer.max_bad_steps={most}); stopped; {good}"
+            )
 
     def evaluate(self, prefix: str, step: int | None = None) -> dict[str, float]:
         """Evaluation's worker calls are timed apart (`time/eval` in its own row), so they never
@@ -120,25 +163,47 @@ class Controller:
         return bool(every) and (k + 1) % every == 0
 
     def maybe_checkpoint(self, k: int) -> None:
-        if self.checkpoint_due(k):
-            path = Path(self.config.output_dir) / "checkpoints" / f"step_{k + 1:07d}"
-            path.mkdir(parents=True, exist_ok=True)
-            self.pipeline.save_checkpoint(str(path / "learner"))
-            # Rollouts already sampled for later steps are part of the state: resampling them
-            # after a resume would use newer weights than the uninterrupted run did.
-            torch.save(self.rollouts.resolved(self.pipeline.resolve), path / PENDING_FILE)
-            save_controller_state(path, k + 1, self.prompts, self.algo)
+        if not self.checkpoint_due(k):
+            return
+        if self.bad_steps:  # keep the last checkpoint from before the non-finite steps
+            self.log.warning(f"step {k}: no checkpoint during a run of non-finite steps")
+            return
+        config = self.config
+        meta = {
+            "config_hash": config_hash(config),
+            "algorithm": self.algo.name,
+            "student_model": config.student.model,
+            "config": saved_config(config),
+        }
+        self.last_checkpoint = write_checkpoint(
+            Path(config.output_dir) / "checkpoints",
+            k + 1,
+            lambda folder: self.write_state(folder, k + 1),
+            meta,
+            keep_last=config.trainer.keep_last,
+        )
 
-    def resume(self) -> None:
-        if not self.config.trainer.resume:
-            return
-        path = latest_checkpoint(Path(self.config.output_dir) / "checkpoints")
-        if path is None:
-            self.log.warning("trainer.resume is set but no checkpoint exists yet; starting fresh")
-            return
+    def write_state(self, folder: Path, next_step: int) -> None:
+        self.pipeline.save_checkpoint(str(folder / "learner"))
+        # Rollouts already sampled for later steps are part of the state: resampling them
+        # after a resume would use newer weights than the uninterrupted run did.
+        save_rollouts(folder, self.rollouts.resolved(self.pipeline.resolve))
+        save_controller_state(folder, next_step, self.prompts, self.algo)
+
+    def resume(self, path: Path) -> None:
+        """Load a checkpoint whose manifest `prepare_output_dir` verified (so the learner's
+        pickled DeepSpeed files are the ones this run wrote)."""
         self.pipeline.load_checkpoint(str(path / "learner"))
         self.start_step = load_controller_state(path, self.prompts, self.algo)
-        if (path / PENDING_FILE).exists():
-            self.rollouts.restore(torch.load(path / PENDING_FILE, weights_only=False))
+        self.rollouts.restore(load_rollouts(path))
         self.pipeline.sync_weights()
         self.log.warning(f"resumed from {path} at step {self.start_step}")
+
+    def save_final(self) -> None:
+        """`final/`, written atomically; the learner refuses non-finite weights."""
+        final = Path(self.config.output_dir) / "final"
+        try:
+            write_atomically(final, lambda folder: self.pipeline.save_final(str(folder)))
+        except ValueError as error:
+            self.log.warning(f"{final} not written: {error}")
+            raise

@@ -17,12 +17,14 @@ from protege.launch import LocalLauncher
 from protege.metrics_log import MetricsLog
 from protege.modeling import check_same_vocabulary, load_tokenizer
 from protege.pipeline import Pipeline
+from protege.resume import prepare_output_dir
 from protege.rewards import check_rules
 
 
 def build_controller(config: Config) -> Controller:
     algorithm = config.build_algorithm()
     check_setup(config, algorithm)
+    resume_from = prepare_output_dir(config)  # before any model loads or metrics.jsonl opens
     tokenizer = load_tokenizer(config.student.model)
     for teacher in config.teachers:
         if not teacher.is_self:
@@ -41,7 +43,8 @@ def build_controller(config: Config) -> Controller:
         rows = read_jsonl(config.data.test)[: config.trainer.eval_size]
         evaluator = Evaluator.from_config(rows, tokenizer, config)
     pipeline = Pipeline(config, make_launcher(config), master_port=free_port())
-    return Controller(config, pipeline, prompts, algorithm, evaluator, MetricsLog(config))
+    log = MetricsLog(config)
+    return Controller(config, pipeline, prompts, algorithm, evaluator, log, resume_from)
 
 
 def check_setup(config: Config, algorithm: Algorithm) -> None:

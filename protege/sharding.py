@@ -73,6 +73,7 @@ SHARED_LEARNER_METRICS = frozenset(
         "learner/version",
         "learner/nonfinite",
         "learner/empty_batch",
+        "learner/nonfinite_weights",  # reduced over ranks inside the learner
     }
 )
 LEARNER_SECONDS = "learner/seconds"

@@ -126,3 +126,31 @@ def test_config_is_frozen():
     config = load_config(None)
     with pytest.raises(ValidationError, match="frozen"):
         config.trainer.steps = 5
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("learner.lr=.inf", "learner.lr"),
+        ("learner.max_grad_norm=.inf", "learner.max_grad_norm"),
+        ("rollout.temperature=.nan", "rollout.temperature"),
+        ("reward.rules.0.weight=.inf", "reward.rules.0.weight"),
+        ("algorithm.beta=.nan", "algorithm.beta"),
+        ("algorithm.name=minillm", None),  # a finite default stays fine
+    ],
+)
+def test_every_float_key_must_be_finite(override, key):
+    overrides = [override, "reward.rules.0.name=exact_match"] if "rules" in override else [override]
+    if key is None:
+        load_config(None, overrides)
+        return
+    with pytest.raises(ConfigError, match=rf"{key}: must be a finite number"):
+        load_config(None, overrides)
+
+
+def test_resume_is_false_true_or_auto():
+    assert [
+        load_config(None, [f"trainer.resume={v}"]).trainer.resume for v in ("false", "true", "auto")
+    ] == [False, True, "auto"]
+    with pytest.raises(ConfigError, match="trainer.resume"):
+        load_config(None, ["trainer.resume=maybe"])

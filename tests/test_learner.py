@@ -435,3 +435,26 @@ def test_two_ranks_on_halves_equal_one_rank_on_the_whole_batch(tiny_dirs, tmp_pa
     for result in ranks:
         assert result["skipped"]["learner/skipped"] == 1.0 and result["untouched"]
         assert result["skipped"]["learner/version"] == 1.0
+
+
+# -- numerics guard --------------------------------------------------------------------------
+@pytest.mark.parametrize("zero_stage", [0, 2, zero3_slow(3)])
+def test_an_update_that_overflows_the_weights_is_flagged_and_never_saved(
+    tiny_dirs, tmp_path, zero_stage
+):
+    """lr=1e30 with weight decay 1e10 makes fp32 weights inf behind a finite gradient (AdamW
+    decays by 1 - lr·wd): the step is applied, so the guard checks the weights after it."""
+    learner = Learner(make_config(tiny_dirs, zero_stage=zero_stage, lr=1e30, weight_decay=1e10))
+    metrics = learner.train(make_batch(tiny_dirs))
+    assert metrics["learner/skipped"] == 0.0 and math.isfinite(metrics["learner/grad_norm"])
+    assert metrics["learner/nonfinite_weights"] == 1.0
+    with pytest.raises(ValueError, match="refusing to save .*final.*not finite"):
+        learner.save_final(str(tmp_path / "final"))
+    assert not (tmp_path / "final").exists()
+    with pytest.raises(ValueError, match="not finite"):
+        learner.save_checkpoint(str(tmp_path / "ckpt"))
+
+
+def test_a_normal_update_keeps_the_weights_finite(tiny_dirs):
+    metrics = Learner(make_config(tiny_dirs)).train(make_batch(tiny_dirs))
+    assert metrics["learner/nonfinite_weights"] == 0.0

@@ -155,11 +155,21 @@ class TrainingEngine:
         norm = float("nan") if norm is None else float(norm)
         return StepResult(applied=self._engine.was_step_applied(), grad_norm=norm, lr=lr)
 
+    def weights_finite(self) -> bool:
+        """Every trainable weight finite, on every rank (an overflowing update, e.g. a huge
+        lr, can make them inf behind a finite gradient). Under ZeRO-3 each rank checks its
+        shards; the answer is reduced over ranks so all agree."""
+        params = [p for p in self._engine.module.parameters() if p.requires_grad]
+        tensors = [getattr(p, "ds_tensor", p) for p in params]
+        checks = [torch.isfinite(t).all() for t in tensors if t.numel()]
+        finite = bool(torch.stack(checks).all()) if checks else True  # one device sync
+        return self.all_reduce(float(finite), "min") == 1.0
+
     def all_reduce(self, value: float, op: str) -> float:
-        """`value` summed ("sum") or maxed ("max") over data-parallel ranks."""
+        """`value` summed ("sum"), maxed ("max") or minimised ("min") over data-parallel ranks."""
         if self.world_size == 1:
             return value
-        ops = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}
+        ops = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
         device = get_accelerator().current_device_name()
         tensor = torch.tensor([value], dtype=torch.float64, device=device)
         dist.all_reduce(tensor, op=ops[op])

@@ -33,6 +33,10 @@ from protege.student import StudentForward
 STUDENT = "student."  # the student's parameter names inside the trained container
 
 
+class NonFiniteWeights(ValueError):
+    """The student's weights hold inf or NaN; they are not saved."""
+
+
 class Learner:
     """The student under training: DeepSpeed ZeRO, optional LoRA, any registered algorithm,
     plus the algorithm's own trainable modules (trained, saved and restored with it)."""
@@ -131,7 +135,12 @@ class Learner:
                 totals[key] = totals.get(key, 0.0) + value
         result = self._engine.step()
         self._version += int(result.applied)
-        return {**self._metrics(batch, result, totals.pop("learner/loss")), **totals}
+        metrics = self._metrics(batch, result, totals.pop("learner/loss"))
+        # An applied step can still overflow the weights (a huge lr): nothing saves them then.
+        metrics["learner/nonfinite_weights"] = float(
+            result.applied and not self._engine.weights_finite()
+        )
+        return {**metrics, **totals}
 
     def _loss_pass(self, micro: RolloutBatch, step_loss: StepLoss) -> tuple[Tensor, dict]:
         micro = _on_device(micro, self._device())  # the loss reads teacher outputs, masks, ...
@@ -162,6 +171,7 @@ class Learner:
             "learner/skipped": float(not step.applied),
             "learner/nonfinite": float(not step.applied and not empty),
             "learner/empty_batch": float(empty),
+            "learner/nonfinite_weights": 0.0,
             "learner/version": float(self._version),
         }
 
@@ -221,18 +231,24 @@ class Learner:
         return get_peft_model_state_dict(self._model, state_dict=gathered)
 
     def save_checkpoint(self, path: str) -> None:
-        """Everything needed to resume exactly; every rank must call it."""
+        """Everything needed to resume exactly; every rank must call it. Refused for
+        non-finite weights (a checkpoint of them could only be resumed into a broken run)."""
+        self._require_finite_weights(path)
         state = {"version": self._version, "torch_rng": torch.get_rng_state()}
         self._engine.save_checkpoint(path, state)
 
     def load_checkpoint(self, path: str) -> None:
+        """DeepSpeed unpickles its files (torch.load(weights_only=False)): load only a
+        checkpoint whose manifest was verified (`protege.checkpoint.verify`)."""
         state = self._engine.load_checkpoint(path)
         self._version = int(state["version"])
         torch.set_rng_state(state["torch_rng"])
 
     def save_final(self, path: str) -> None:
         """An HF model directory (LoRA merged when `student.lora.merge_on_save`, else a peft
-        adapter directory) plus the student's tokenizer. Under ZeRO-3 every rank must call it."""
+        adapter directory) plus the student's tokenizer. Under ZeRO-3 every rank must call it.
+        Refused when a weight is not finite: an inf/NaN model is never saved as a result."""
+        self._require_finite_weights(path)
         out = Path(path)
         out.mkdir(parents=True, exist_ok=True)
         lora = self.config.student.lora
@@ -243,6 +259,13 @@ class Learner:
         else:
             self._model.save_pretrained(out, state_dict=self.state_dict())
         load_tokenizer(self.config.student.model).save_pretrained(out)
+
+    def _require_finite_weights(self, path: str) -> None:
+        if not self._engine.weights_finite():
+            raise NonFiniteWeights(
+                f"refusing to save {path}: the student's weights are not finite (an update "
+                "overflowed; lower learner.lr); the last good checkpoint is left as it was"
+            )
 
     def _merged_copy(self) -> PreTrainedModel:
         """A fresh base model with the trained adapter merged in; the live model is untouched."""
