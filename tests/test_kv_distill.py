@@ -88,6 +88,12 @@ def test_prefixed_teacher_lands_on_the_students_real_positions():
             kv.values[1][b][:, real[b]], own.values[1][b, :, len(prefix) : len(prefix) + n]
         )
         assert kv.keys[0][b][:, ~real[b]].eq(0).all()
+    # segment alignment: the answer maps one-to-one, the longer prompt is resampled
+    segment = scorer.score(batch, RolloutPlan(teacher_need="kv", kv_time_align="segment"))
+    for b in range(batch.size):
+        n, p = int(real[b].sum()), int(batch.prompt_mask[b].sum())
+        answer = segment.teacher_kv[0].values[1][b][:, real[b]][:, p:]
+        torch.testing.assert_close(answer, own.values[1][b, :, len(prefix) + p : len(prefix) + n])
 
 
 def test_two_teachers_append_their_kv_in_order(scorer_a):

@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import uuid
+from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -43,10 +44,15 @@ def files_signature(model: str) -> str:
 class KVStore:
     """Keyed teacher-KV rows on disk (see the module docstring)."""
 
-    def __init__(self, directory: str | Path, fingerprint: str):
+    def __init__(self, directory: str | Path, fingerprint: str, memory_bytes: int = 1 << 30):
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.fingerprint = fingerprint
+        # Rows recently written or read stay in memory too (least recently used evicted past
+        # `memory_bytes`): from the second epoch on, a small data set is served from RAM.
+        self.memory_bytes = memory_bytes
+        self._memory: OrderedDict[str, RowKV] = OrderedDict()
+        self._memory_used = 0
         self._where: dict[str, tuple[str, int]] = {}  # key -> (shard file, layers)
         self._scanned: set[str] = set()
         self.refresh()
@@ -70,12 +76,12 @@ class KVStore:
 
     def get(self, keys: Sequence[str]) -> list[RowKV | None]:
         """The stored rows for `keys` (None where a key is not stored)."""
-        if any(key not in self._where for key in keys):
+        out: list[RowKV | None] = [self._recall(key) for key in keys]
+        if any(row is None and key not in self._where for row, key in zip(out, keys)):
             self.refresh()
-        out: list[RowKV | None] = [None] * len(keys)
         by_file: dict[str, list[int]] = {}
         for i, key in enumerate(keys):
-            if key in self._where:
+            if out[i] is None and key in self._where:
                 by_file.setdefault(self._where[key][0], []).append(i)
         for name, rows in by_file.items():
             with safe_open(str(self.directory / name), framework="pt") as shard:
@@ -85,6 +91,7 @@ class KVStore:
                         (shard.get_tensor(f"{keys[i]}.k{j}"), shard.get_tensor(f"{keys[i]}.v{j}"))
                         for j in range(layers)
                     ]
+                    self._remember(keys[i], out[i])
         return out
 
     def put(self, rows: dict[str, RowKV]) -> None:
@@ -104,3 +111,20 @@ class KVStore:
         save_file(tensors, str(temporary), metadata={"layers": str(layers.pop())})
         os.replace(temporary, self.directory / name)
         self.refresh()
+        for key, row in rows.items():
+            self._remember(key, [(k.clone(), v.clone()) for k, v in row])
+
+    def _recall(self, key: str) -> RowKV | None:
+        row = self._memory.get(key)
+        if row is not None:
+            self._memory.move_to_end(key)
+        return row
+
+    def _remember(self, key: str, row: RowKV) -> None:
+        if key in self._memory:
+            return
+        self._memory[key] = row
+        self._memory_used += sum(k.nbytes + v.nbytes for k, v in row)
+        while self._memory_used > self.memory_bytes and self._memory:
+            _, old = self._memory.popitem(last=False)
+            self._memory_used -= sum(k.nbytes + v.nbytes for k, v in old)
