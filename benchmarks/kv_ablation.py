@@ -1,6 +1,6 @@
 """The seed's control ladder for multi-teacher KV distillation, measured on the built-in task.
 
-    python benchmarks/kv_ablation.py             # 10 arms x 3 seeds x 1000 steps (see below)
+    python benchmarks/kv_ablation.py             # 11 arms x 3 seeds x 1000 steps (see below)
     python benchmarks/kv_ablation.py --smoke     # few steps, one seed, < 60 s
     python benchmarks/kv_ablation.py --seeds 5 --steps 600
     python benchmarks/kv_ablation.py --seeds 5 --arms two_router,single_b --merge   # add arms
@@ -52,8 +52,8 @@ BOTTLENECK = {"projector": "bottleneck", "train_projector": True}
 TWO = [TEACHER_A, TEACHER_B]
 
 # (arm, what it adds, teachers, kv_distill fields on top of the shared ones) — seed 004's
-# ladder. Its "+cka" and "+task" rungs are not here: the pipeline's kv_distill refuses
-# layer_map=cka and has no task-conditional fusion yet (see the notes).
+# ladder. Its "+task" rung is not here: the pipeline's kv_distill has no task-conditional
+# fusion yet (see the notes).
 _LADDER: list[tuple[str, str, list[dict], dict[str, Any]]] = [
     ("control", "no KV distillation (δ·CE only)", [TEACHER_A], {"distill": False}),
     (
@@ -64,10 +64,16 @@ _LADDER: list[tuple[str, str, list[dict], dict[str, Any]]] = [
     ),
     ("+bottleneck", "+ trained elastic-bottleneck projector", [TEACHER_A], {**BASIC, **BOTTLENECK}),
     (
+        "+cka",
+        "+ CKA top-2 layer map",
+        [TEACHER_A],
+        {**BASIC, **BOTTLENECK, "layer_map": "cka"},
+    ),
+    (
         "+segment",
         "+ segment-aware time alignment",
         [TEACHER_A],
-        {**BASIC, **BOTTLENECK, "time_align": "segment"},
+        {**BASIC, **BOTTLENECK, "layer_map": "cka", "time_align": "segment"},
     ),
     (
         "two_attention",
@@ -77,11 +83,12 @@ _LADDER: list[tuple[str, str, list[dict], dict[str, Any]]] = [
     ),
     (
         "everything",
-        "A+B, bottleneck, segment, per-layer learnable router + entropy, attention KL γ=0.05",
+        "A+B, bottleneck, CKA, segment, per-layer learnable router + entropy, attention KL γ=0.05",
         TWO,
         {
             **BASIC,
             **BOTTLENECK,
+            "layer_map": "cka",
             "time_align": "segment",
             "fusion": "router",
             "per_layer_router": True,
@@ -180,9 +187,8 @@ NOTES = [
         "Notes. Every arm runs the main pipeline (`algorithm.name: kv_distill`, the controller, "
         "the learner actor, the main evaluator). The built-in task gives every model the same "
         "character tokens, so segment-aware time alignment is the identity here; it matters when "
-        "a teacher reads a longer prompt (phase 1, `tests/test_kv_distill.py`). Seed 004's +cka "
-        "and +task rungs are not run: the pipeline's kv_distill refuses layer_map=cka (no "
-        "calibration hidden states in the learner yet) and has no task-conditional fusion. "
+        "a teacher reads a longer prompt (phase 1, `tests/test_kv_distill.py`). Seed 004's +task "
+        "rung is not run: the pipeline's kv_distill has no task-conditional fusion yet. "
         "With n paired seeds the exact sign-flip p-value cannot go below 2/2^n. Wall time "
         "includes set-up and evaluation and depends on what else runs on the machine."
     ),

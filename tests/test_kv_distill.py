@@ -223,12 +223,30 @@ def test_micro_batches_add_up_and_the_router_gets_gradients(scorer_a):
     assert total["loss"] == pytest.approx(loss.item(), rel=0.1)
 
 
-def test_control_arm_reads_no_teacher_and_cka_is_refused():
+def test_control_arm_reads_no_teacher():
     control = build_algorithm({"name": "kv_distill", "distill": False})
     assert control.plan(0).teacher_need == "none" and control.plan(0).source == "dataset"
+    assert control.modules(ModuleContext(None)) == {}
     assert build_algorithm({"name": "kv_distill"}).plan(7).teacher_need == "kv"
-    with pytest.raises(ValueError, match="algorithm.layer_map"):
-        build_algorithm({"name": "kv_distill", "layer_map": "cka"})
+    with pytest.raises(ValueError, match="algorithm.delta"):
+        build_algorithm({"name": "kv_distill", "distill": False, "delta": 0.0})
+
+
+def test_cka_layer_map_is_calibrated_on_training_rows():
+    algorithm = build_algorithm({"name": "kv_distill", "layer_map": "cka", "cka_rows": 16})
+    context = ModuleContext(
+        load_model(STUDENT).config,
+        (load_model(TEACHER).config,),
+        ("a",),
+        student_model=STUDENT,
+        teacher_models=(TEACHER,),
+        train_data="builtin:tiny/train",
+    )
+    (layer_map,) = algorithm.modules(context)["kv"].layer_maps
+    assert len(layer_map) == 2  # one entry per student layer
+    for entry in layer_map:
+        assert len(entry) == 2 and sum(w for _, w in entry) == pytest.approx(1.0)
+        assert all(0 <= t < 4 for t, _ in entry)
 
 
 # -------------------------------------------------------------------------- the pipeline

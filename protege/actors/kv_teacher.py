@@ -127,10 +127,7 @@ class KVTeacherScorer:
                 [(k[b][:, real[b]], v[b][:, real[b]]) for k, v in zip(keys, values)]
                 for b in range(batch.size)
             ]
-        student = self._student_rows(batch)
-        rows = [
-            {"prompt": p, "completion": c} for p, c in zip(*_texts(student, self.student_tokenizer))
-        ]
+        student, rows = self._student_rows(batch)
         teacher = make_batch(self.tokenizer, rows, self.prefix)
         kv = forward_kv(self.model, teacher, self.spec).kv
         aligned = to_student_time(kv, teacher, student, self.spec, mode)
@@ -140,24 +137,24 @@ class KVTeacherScorer:
             for b, n in enumerate(lengths)
         ]
 
-    def _student_rows(self, batch: RolloutBatch) -> KVBatch:
+    def _student_rows(self, batch: RolloutBatch) -> tuple[KVBatch, list[dict[str, str]]]:
         """The student's real tokens of every row, right-packed, with the character span of
-        each token in the decoded text (what char alignment compares)."""
+        each token in the decoded text (what char alignment compares), and the decoded
+        prompt and completion texts the teacher reads."""
         ids, mask, _ = sequence_inputs(batch)
         prompt_lengths = batch.prompt_mask.sum(-1)
         tokens = [ids[b][mask[b].bool()] for b in range(batch.size)]
         width = max(len(t) for t in tokens)
         input_ids = torch.zeros(batch.size, width, dtype=torch.long)
         attention = torch.zeros(batch.size, width, dtype=torch.bool)
-        offsets = []
+        offsets, texts = [], []
         for b, row in enumerate(tokens):
             input_ids[b, : len(row)], attention[b, : len(row)] = row, True
-            spans, end = [], 0
-            for token in row.tolist():
-                piece = self.student_tokenizer.decode([token])
-                spans.append((end, end + len(piece)))
-                end += len(piece)
-            offsets.append(tuple(spans))
+            pieces = [self.student_tokenizer.decode([token]) for token in row.tolist()]
+            ends = torch.tensor([len(piece) for piece in pieces]).cumsum(0).tolist()
+            offsets.append(tuple(zip([0, *ends[:-1]], ends)))
+            p = int(prompt_lengths[b])
+            texts.append({"prompt": "".join(pieces[:p]), "completion": "".join(pieces[p:])})
         columns = torch.arange(width)[None]
         return KVBatch(
             input_ids=input_ids,
@@ -166,19 +163,7 @@ class KVTeacherScorer:
             prompt_lengths=prompt_lengths,
             task_ids=torch.zeros(batch.size, dtype=torch.long),
             offsets=tuple(offsets),
-        )
-
-
-def _texts(student: KVBatch, tokenizer) -> tuple[list[str], list[str]]:
-    """(prompt texts, completion texts) the student's real tokens decode to."""
-    prompts, completions = [], []
-    for b in range(student.input_ids.shape[0]):
-        row = student.input_ids[b][student.attention_mask[b]].tolist()
-        pieces = [tokenizer.decode([token]) for token in row]
-        p = int(student.prompt_lengths[b])
-        prompts.append("".join(pieces[:p]))
-        completions.append("".join(pieces[p:]))
-    return prompts, completions
+        ), texts
 
 
 def _pairs(kv: LayerKV) -> list[tuple[Tensor, Tensor]]:

@@ -43,6 +43,9 @@ class KVDistill(AlgorithmDefaults):
     time_align: Literal["resample", "segment", "char"] = "segment"  # teachers on other tokens
     layer_map: Literal["proportional", "cka"] = "proportional"
     interpolate_layers: bool = False  # proportional map: blend the two nearest teacher layers
+    cka_top_k: int = 2  # cka map: each student layer learns from its k most similar layers
+    cka_temperature: float = 0.1  # cka map: softmax(CKA / temperature) over those k
+    cka_rows: int = 64  # cka map: first training rows whose hidden states calibrate it
     projector: Literal["linear", "bottleneck"] = "linear"
     train_projector: bool = False  # False: the projector's initialisation is a fixed map
     mlp_ratio: float = 2.0  # bottleneck width / student head_dim
@@ -67,12 +70,9 @@ class KVDistill(AlgorithmDefaults):
             check(getattr(self, name) > 0, name, f"must be > 0, got {getattr(self, name)}")
         check(0 < self.shallow_fraction <= 1, "shallow_fraction", "must be in (0, 1]")
         check(self.layer_warmup_steps >= 0, "layer_warmup_steps", "must be >= 0")
-        check(
-            self.layer_map != "cka",
-            "layer_map",
-            "'cka' needs hidden states of calibration rows from every teacher, which the "
-            "pipeline's learner does not collect yet; use 'proportional'",
-        )
+        check(self.cka_top_k >= 1, "cka_top_k", f"must be >= 1, got {self.cka_top_k}")
+        check(self.cka_temperature > 0, "cka_temperature", "must be > 0")
+        check(self.cka_rows >= 2, "cka_rows", f"must be >= 2, got {self.cka_rows}")
         weights = self.fusion_weights
         check(
             weights is None or (all(w >= 0 for w in weights) and sum(weights) > 0),
@@ -106,10 +106,14 @@ class KVDistill(AlgorithmDefaults):
             )
         student = KVSpec.from_config(context.student_config)
         teachers = [KVSpec.from_config(c) for c in context.teacher_configs]
-        maps = [
-            proportional_layer_map(t.layers, student.layers, self.interpolate_layers)
-            for t in teachers
-        ]
+        maps = (
+            self._cka_maps(context)
+            if self.layer_map == "cka"
+            else [
+                proportional_layer_map(t.layers, student.layers, self.interpolate_layers)
+                for t in teachers
+            ]
+        )
         targets = KVTargets(
             student,
             teachers,
@@ -122,6 +126,26 @@ class KVDistill(AlgorithmDefaults):
             similarity_temperature=self.similarity_temperature,
         )
         return {KV_MODULE: targets}
+
+    def _cka_maps(self, context: ModuleContext) -> list:
+        """CKA maps from hidden states of the first `cka_rows` training rows (computed alike
+        on every learner rank: same models, same rows)."""
+        from protege.data import read_jsonl
+        from protege.kv.model import cka_layer_maps
+
+        if context.train_data is None or not context.teacher_models:
+            raise ValueError("kv_distill layer_map=cka needs the teachers' models and data.train")
+        rows = [
+            {"prompt": row.prompt, "completion": row.completion or ""}
+            for row in read_jsonl(context.train_data)[: self.cka_rows]
+        ]
+        return cka_layer_maps(
+            context.student_model,
+            context.teacher_models,
+            rows,
+            self.cka_top_k,
+            self.cka_temperature,
+        )
 
     def loss(self, student: StudentForward, batch: RolloutBatch) -> tuple[Tensor, dict[str, float]]:
         if not self.distill:

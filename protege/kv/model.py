@@ -194,3 +194,36 @@ def _per_sample(alpha: Tensor, mask: Tensor) -> Tensor:
         return alpha
     m = mask.to(alpha.dtype)[..., None]
     return (alpha * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+
+def cka_layer_maps(
+    student_model: str,
+    teacher_models: Sequence[str],
+    rows: Sequence[dict[str, str]],
+    top_k: int,
+    temperature: float,
+) -> list[LayerMap]:
+    """One CKA top-k layer map per teacher from hidden states of `rows` (prompt ⧺ completion,
+    teacher-forced); every teacher must tokenise them as the student does."""
+    from protege.kv.batch import make_batch
+    from protege.kv.layer_align import cka_layer_map, hidden_states_for_cka
+    from protege.modeling import load_model, load_tokenizer
+
+    def hidden(model: str) -> list[Tensor]:
+        batch = make_batch(load_tokenizer(model), list(rows))
+        return hidden_states_for_cka(
+            load_model(model).eval(), batch.input_ids, batch.attention_mask.long()
+        )
+
+    student = hidden(student_model)
+    maps = []
+    for model in teacher_models:
+        teacher = hidden(model)
+        if teacher[0].shape[0] != student[0].shape[0]:
+            raise ValueError(
+                f"layer_map=cka: teacher {model!r} reads {teacher[0].shape[0]} tokens of the "
+                f"calibration rows, the student {student[0].shape[0]} (another tokenizer); "
+                "use layer_map=proportional"
+            )
+        maps.append(cka_layer_map(student, teacher, top_k, temperature))
+    return maps
