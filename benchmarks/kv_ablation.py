@@ -205,7 +205,7 @@ def markdown(results: Results) -> str:
         f"{meta['seeds']} seed(s) × {meta['steps']} steps of batch 32, lr 3e-3, δ = 0.1 answer "
         f"CE in every arm; accuracy = greedy exact match on {meta['eval_size']} held-out sums; "
         "mean [95% bootstrap interval over seeds]; Δ vs control = paired accuracy difference "
-        "(sign-flip p-value). Student before training: accuracy 0.100. Measured {meta['date']} on {meta['machine']} in "
+        f"(sign-flip p-value). Student before training: accuracy 0.100. Measured {meta['date']} on {meta['machine']} in "
         f"{meta['total_minutes']:.1f} min."
     )
     lines = ["# KV-distillation ablation (built-in tiny task)", "", intro, "", table]

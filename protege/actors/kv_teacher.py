@@ -14,6 +14,7 @@ With a cache directory it is a caching teacher: rows already scored are read fro
 
 from __future__ import annotations
 
+import hashlib
 import time
 from pathlib import Path
 
@@ -61,6 +62,9 @@ class KVTeacherScorer:
             self.tokenizer.get_vocab() == self.student_tokenizer.get_vocab()
         )
         self.signature = f"{files_signature(model)}|{dtype}|prefix={prefix!r}"
+        if not self.same_tokens:  # the teacher reads what the student's tokens decode to
+            vocab = sorted(self.student_tokenizer.get_vocab().items())
+            self.signature += "|student=" + hashlib.sha256(repr(vocab).encode()).hexdigest()
         self.cache_dir = cache_dir
         self._stores: dict[str, KVStore] = {}
         self.forward_rows = 0  # rows run through the model so far (tests read it)

@@ -24,6 +24,11 @@ from torch import Tensor
 from protege.algorithms.divergences import masked_mean
 from protege.algorithms.policy_gradient import token_logprobs
 from protege.algorithms.registry import AlgorithmDefaults, ModuleContext, check, register
+from protege.kv.extract import KVSpec
+from protege.kv.layer_align import proportional_layer_map
+from protege.kv.loss import LossWeights, layer_weights
+from protege.kv.model import FusionOptions, KVTargets, StudentKV, cka_layer_maps, fused_kv_loss
+from protege.modeling import sequence_inputs
 from protege.records import RolloutBatch, RolloutPlan
 
 if TYPE_CHECKING:
@@ -91,10 +96,6 @@ class KVDistill(AlgorithmDefaults):
     def modules(self, context: ModuleContext) -> dict[str, Any]:
         if not self.distill:
             return {}
-        from protege.kv.extract import KVSpec
-        from protege.kv.layer_align import proportional_layer_map
-        from protege.kv.model import KVTargets
-
         if any(c is None for c in context.teacher_configs):
             raise ValueError("kv_distill: teacher.model=self has no KV cache of its own")
         if self.fusion_weights is not None and len(self.fusion_weights) != len(
@@ -131,7 +132,6 @@ class KVDistill(AlgorithmDefaults):
         """CKA maps from hidden states of the first `cka_rows` training rows (computed alike
         on every learner rank: same models, same rows)."""
         from protege.data import read_jsonl
-        from protege.kv.model import cka_layer_maps
 
         if context.train_data is None or not context.teacher_models:
             raise ValueError("kv_distill layer_map=cka needs the teachers' models and data.train")
@@ -151,10 +151,6 @@ class KVDistill(AlgorithmDefaults):
         if not self.distill:
             ce = self._answer_ce(student, batch)
             return self.delta * ce, {"kv/ce": ce.item()}
-        from protege.kv.loss import LossWeights, layer_weights
-        from protege.kv.model import FusionOptions, StudentKV, fused_kv_loss
-        from protege.modeling import sequence_inputs
-
         queries = self.gamma > 0 or self.fusion == "attention"
         student.want("kv", "hidden", *(("queries",) if queries else ()))
         ce = self._answer_ce(student, batch)
