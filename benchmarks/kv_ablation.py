@@ -1,6 +1,6 @@
 """The seed's control ladder for multi-teacher KV distillation, measured on the built-in task.
 
-    python benchmarks/kv_ablation.py             # 12 arms x 3 seeds x 1000 steps (see below)
+    python benchmarks/kv_ablation.py             # 11 arms x 3 seeds x 1000 steps (see below)
     python benchmarks/kv_ablation.py --smoke     # few steps, one seed, < 60 s
     python benchmarks/kv_ablation.py --seeds 5 --steps 600
     python benchmarks/kv_ablation.py --seeds 5 --arms two_router,single_b --merge   # add arms
@@ -8,13 +8,13 @@
 Every arm trains the shipped student for the same steps, batch, LR and answer-CE weight δ;
 arms differ only in what KV distillation adds, so "control" (δ·CE alone, no KV term) is the
 baseline each arm is compared with, seed by seed (paired sign-flip test). Reported per arm:
-greedy exact-match accuracy and answer perplexity on the 200 held-out sums (mean and 95%
+greedy exact-match accuracy on the 200 held-out sums (the main evaluator; mean and 95%
 bootstrap interval over seeds), the paired accuracy difference to the control, and wall time.
 Writes benchmarks/results/kv_ablation.md and .json (or kv_ablation_smoke.* with --smoke).
 
-Time: one 1000-step run takes ~13-16 s on an idle 2-core machine, so the default 36 runs
-take ~8-10 min; the committed table (--seeds 5, 60 runs) took longer because other jobs kept
-the load average at 3-10 on the same 2 cores (see its header).
+Every arm is a main-pipeline run (`algorithm.name: kv_distill`, `trainer.workers=local`);
+teachers cache their KV under <workdir>/teacher_kv/<teacher>, shared by all arms and seeds.
+The committed table was measured with the old standalone KV trainer (see its header).
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch
 
+from protege.config import config_from_dict
 from protege.eval.harness import (
     Arm,
     ArmResult,
@@ -41,182 +42,170 @@ from protege.eval.harness import (
     to_json,
     write_json,
 )
-from protege.kv.config import kv_config_from_dict
-from protege.kv.trainer import run_kv_distill
+from protege.run import build_controller
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TEACHER_A = {"name": "a", "model": "builtin:tiny/teacher"}
 TEACHER_B = {"name": "b", "model": "builtin:tiny/teacher_b"}
-BASIC = {
-    "time": "resample",
-    "layers": "proportional",
-    "projector": "linear",
-    "train_projector": False,
-}
+BASIC = {"time_align": "resample", "projector": "linear", "train_projector": False}
 BOTTLENECK = {"projector": "bottleneck", "train_projector": True}
+TWO = [TEACHER_A, TEACHER_B]
 
-# (arm, what it adds, config tree on top of the shared settings) — seed 004's ladder.
-_LADDER: list[tuple[str, str, dict[str, Any]]] = [
-    ("control", "no KV distillation (δ·CE only)", {"distill": False, "teachers": [TEACHER_A]}),
+# (arm, what it adds, teachers, kv_distill fields on top of the shared ones) — seed 004's
+# ladder. Its "+task" rung is not here: the pipeline's kv_distill has no task-conditional
+# fusion yet (see the notes).
+_LADDER: list[tuple[str, str, list[dict], dict[str, Any]]] = [
+    ("control", "no KV distillation (δ·CE only)", [TEACHER_A], {"distill": False}),
     (
         "single_basic",
         "teacher A, linear projector, proportional layers, uniform resampling",
-        {"teachers": [TEACHER_A], "align": BASIC},
+        [TEACHER_A],
+        BASIC,
     ),
-    (
-        "+bottleneck",
-        "+ trained elastic-bottleneck projector",
-        {"teachers": [TEACHER_A], "align": {**BASIC, **BOTTLENECK}},
-    ),
+    ("+bottleneck", "+ trained elastic-bottleneck projector", [TEACHER_A], {**BASIC, **BOTTLENECK}),
     (
         "+cka",
         "+ CKA top-2 layer map",
-        {"teachers": [TEACHER_A], "align": {**BASIC, **BOTTLENECK, "layers": "cka"}},
+        [TEACHER_A],
+        {**BASIC, **BOTTLENECK, "layer_map": "cka"},
     ),
     (
         "+segment",
         "+ segment-aware time alignment",
-        {
-            "teachers": [TEACHER_A],
-            "align": {**BASIC, **BOTTLENECK, "layers": "cka", "time": "segment"},
-        },
+        [TEACHER_A],
+        {**BASIC, **BOTTLENECK, "layer_map": "cka", "time_align": "segment"},
     ),
     (
         "two_attention",
         "teachers A+B, attention fusion (student queries over teacher keys)",
-        {
-            "teachers": [TEACHER_A, TEACHER_B],
-            "align": {**BASIC, "time": "segment"},
-            "fusion": {"kind": "attention"},
-        },
-    ),
-    (
-        "+task",
-        "teachers A+B, task-conditional weights (carry / no carry)",
-        {
-            "teachers": [TEACHER_A, TEACHER_B],
-            "align": {**BASIC, "time": "segment"},
-            "fusion": {"kind": "task"},
-        },
+        TWO,
+        {**BASIC, "time_align": "segment", "fusion": "attention"},
     ),
     (
         "everything",
         "A+B, bottleneck, CKA, segment, per-layer learnable router + entropy, attention KL γ=0.05",
+        TWO,
         {
-            "teachers": [TEACHER_A, TEACHER_B],
-            "align": {**BASIC, **BOTTLENECK, "layers": "cka", "time": "segment"},
-            "fusion": {"kind": "router", "per_layer": True},
-            "loss": {"gamma": 0.05},
+            **BASIC,
+            **BOTTLENECK,
+            "layer_map": "cka",
+            "time_align": "segment",
+            "fusion": "router",
+            "per_layer_router": True,
+            "gamma": 0.05,
         },
     ),
     # Seed 002 phase 4: fixed weights -> similarity routing -> learnable router (A+B, basic).
-    (
-        "two_fixed",
-        "teachers A+B, fixed uniform weights",
-        {"teachers": [TEACHER_A, TEACHER_B], "align": {**BASIC, "time": "segment"}},
-    ),
+    ("two_fixed", "teachers A+B, fixed uniform weights", TWO, {**BASIC, "time_align": "segment"}),
     (
         "two_similarity",
         "teachers A+B, similarity routing (cosine to per-teacher KV prototypes)",
-        {
-            "teachers": [TEACHER_A, TEACHER_B],
-            "align": {**BASIC, "time": "segment"},
-            "fusion": {"kind": "similarity"},
-        },
+        TWO,
+        {**BASIC, "time_align": "segment", "fusion": "similarity"},
     ),
     (
         "two_router",
         "teachers A+B, per-layer learnable router + entropy 0.01 (the example's preset)",
-        {
-            "teachers": [TEACHER_A, TEACHER_B],
-            "align": {**BASIC, "time": "segment"},
-            "fusion": {"kind": "router", "per_layer": True},
-        },
+        TWO,
+        {**BASIC, "time_align": "segment", "fusion": "router", "per_layer_router": True},
     ),
     # Not in the seed's ladder: the same-head-dim teacher alone, frozen identity-shaped projector.
     (
         "single_b",
         "teacher B alone (same head_dim as the student), basic alignment",
-        {"teachers": [TEACHER_B], "align": BASIC},
+        [TEACHER_B],
+        BASIC,
     ),
 ]
-ARMS = [Arm(name, notes=what, params={"tree": tree}) for name, what, tree in _LADDER]
+ARMS = [
+    Arm(name, notes=what, params={"teachers": teachers, "algorithm": fields})
+    for name, what, teachers, fields in _LADDER
+]
 
 
 def arm_config(
-    tree: dict[str, Any], seed: int, steps: int, output: Path, kv_dir: Path
+    arm: Arm, seed: int, steps: int, eval_size: int, output: Path, kv_dir: Path
 ) -> dict[str, Any]:
-    shared = {
-        "loss": {"delta": 0.1},
+    """The main pipeline's config tree for one arm and seed: the example's preset settings
+    (batch 32, lr 3e-3, δ = 0.1, shallow layers for the first 30% of steps), teachers that
+    cache their KV under `kv_dir` (shared by every arm and seed: rows are keyed by content)."""
+    teachers = [
+        {**t, "kv_cache": True, "kv_cache_dir": str(kv_dir / t["name"])}
+        for t in arm.params["teachers"]
+    ]
+    algorithm = {
+        "name": "kv_distill",
+        "fusion": "fixed",
+        "delta": 0.1,
+        "layer_warmup_steps": int(0.3 * steps),
+        **arm.params["algorithm"],
+    }
+    return {
+        "teachers": teachers,
+        "algorithm": algorithm,
         "learner": {"lr": 3e-3},
+        "data": {"shuffle_seed": seed},
         "trainer": {
             "steps": steps,
             "batch_size": 32,
             "seed": seed,
-            "log_every": max(1, steps // 10),
-            "plots": False,
-            "kv_dir": str(kv_dir),
+            "eval_size": eval_size,
+            "workers": "local",
         },
+        "logging": {"wandb": "disabled", "progress": False},
         "output_dir": str(output),
     }
-    merged = {**shared, **tree}
-    for key in ("loss", "trainer"):
-        merged[key] = {**shared[key], **tree.get(key, {})}
-    return merged
 
 
 def run_arm(arm: Arm, seed: int, steps: int, eval_size: int, workdir: Path) -> ArmResult:
-    """One arm, one seed, through the KV trainer (the one call to swap for the main pipeline)."""
-    tree = arm.params["tree"]
-    kv_dir = workdir / "teacher_kv" / _kv_key(tree)
-    config = arm_config(tree, seed, steps, workdir / arm.name / str(seed), kv_dir)
-    config["trainer"]["eval_size"] = eval_size
+    """One arm, one seed, through the main pipeline (`protege.run.build_controller`)."""
+    config = arm_config(
+        arm, seed, steps, eval_size, workdir / arm.name / str(seed), workdir / "teacher_kv"
+    )
     torch.manual_seed(seed)
     start = time.perf_counter()
-    summary = run_kv_distill(kv_config_from_dict(config))
+    train_seconds = 0.0
+
+    def on_step(k: int, row: dict[str, float]) -> None:
+        nonlocal train_seconds
+        train_seconds += row.get("time/step", 0.0)
+
+    result = build_controller(config_from_dict(config)).run(on_step)
     return ArmResult(
         seed,
-        final={k: summary["after"][k] for k in ("accuracy", "perplexity")},
+        final={"accuracy": result["eval_after/accuracy"]},
         seconds=round(time.perf_counter() - start, 2),
         extra={
-            "before": summary["before"],
-            "train_seconds": summary["train_seconds"],
-            "heldout_kv_final": summary["heldout_kv"][-1] if summary["heldout_kv"] else None,
+            "before": {"accuracy": result["eval_before/accuracy"]},
+            "train_seconds": round(train_seconds, 2),
         },
     )
 
 
-def _kv_key(tree: dict[str, Any]) -> str:
-    """Arms whose teachers and time alignment agree share one precomputed KV store."""
-    teachers = "+".join(t["name"] for t in tree.get("teachers", [TEACHER_A]))
-    return f"{teachers}_{tree.get('align', {}).get('time', 'segment')}"
-
-
 NOTES = [
     (
-        "Notes. The built-in task gives every model the same character tokens, so segment-aware "
-        "time alignment is the identity here (+segment equals +cka run for run); it matters when "
-        "a teacher reads a longer prompt (phase 1, `tests/test_kv_extract.py`). Both teachers are "
-        "~100% accurate on both sub-tasks, so the task-conditional table is ~uniform (0.50/0.50): "
-        "+task measures uniform A+B fusion. With n paired seeds the exact sign-flip p-value cannot "
-        "go below 2/2^n (0.0625 for 5). Wall time includes set-up and evaluation and depends on "
-        "what else runs on the machine."
+        "Notes. Every arm runs the main pipeline (`algorithm.name: kv_distill`, the controller, "
+        "the learner actor, the main evaluator). The built-in task gives every model the same "
+        "character tokens, so segment-aware time alignment is the identity here; it matters when "
+        "a teacher reads a longer prompt (phase 1, `tests/test_kv_distill.py`). Seed 004's +task "
+        "rung is not run: the pipeline's kv_distill has no task-conditional fusion yet. "
+        "With n paired seeds the exact sign-flip p-value cannot go below 2/2^n. Wall time "
+        "includes set-up and evaluation and depends on what else runs on the machine."
     ),
 ]
 
 
 def markdown(results: Results) -> str:
     meta = results.meta
-    summaries = summarise(results, ["accuracy", "perplexity"], baseline="control")
-    labels = {"accuracy": "accuracy ↑", "perplexity": "perplexity ↓"}
+    summaries = summarise(results, ["accuracy"], baseline="control")
+    labels = {"accuracy": "accuracy ↑"}
     adds = {"adds": {arm.name: arm.notes for arm in results.arms}}
-    table = markdown_table(summaries, ["accuracy", "perplexity"], "control", labels, adds)
+    table = markdown_table(summaries, ["accuracy"], "control", labels, adds)
     intro = (
         f"{meta['seeds']} seed(s) × {meta['steps']} steps of batch 32, lr 3e-3, δ = 0.1 answer "
         f"CE in every arm; accuracy = greedy exact match on {meta['eval_size']} held-out sums; "
-        "perplexity of the gold answers; mean [95% bootstrap interval over seeds]; Δ vs "
-        "control = paired accuracy difference (sign-flip p-value). Student before training: "
-        f"accuracy 0.100, perplexity 3.601. Measured {meta['date']} on {meta['machine']} in "
+        "mean [95% bootstrap interval over seeds]; Δ vs control = paired accuracy difference "
+        f"(sign-flip p-value). Student before training: accuracy 0.100. Measured {meta['date']} on {meta['machine']} in "
         f"{meta['total_minutes']:.1f} min."
     )
     lines = ["# KV-distillation ablation (built-in tiny task)", "", intro, "", table]
@@ -295,7 +284,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         eval_size=args.eval_size,
         total_minutes=results.meta["wall_seconds"] / 60,
     )
-    summaries = summarise(results, ["accuracy", "perplexity"], baseline="control")
+    summaries = summarise(results, ["accuracy"], baseline="control")
     write_json(out / f"{stem}.json", results, summaries)
     (out / f"{stem}.md").write_text(markdown(results))
     print(markdown(results))

@@ -1,38 +1,21 @@
 """Multi-teacher KV-cache distillation on the built-in tiny task; pass a.b=value overrides.
 
-    python examples/kv_distill.py                              # two teachers, CPU, ~1 min
-    python examples/kv_distill.py phase1.enabled=true align.time=char   # one model, two prompts
-    python examples/kv_distill.py trainer.workers=ray          # teachers as Ray actors
+    python examples/kv_distill.py                        # teachers A + B, router fusion
+    python examples/kv_distill.py trainer.workers=local  # every role in this process
+    python examples/kv_distill.py algorithm.distill=false   # the control: δ·CE only
 
-Prints the student's accuracy and perplexity before → after, and where the plots went.
+Phase 1 of seed 002 (one model read with two prompts = two teachers): give the second
+teacher the first one's model and a prefix, and align by characters:
+
+    python examples/kv_distill.py teachers.1.model=builtin:tiny/teacher \\
+        'teachers.1.prefix=12+34=46;' algorithm.time_align=char
+
+Prints the student's greedy accuracy before -> after; metrics (kv/loss, kv/mse_k, ...,
+kv/route_entropy) go to <output_dir>/metrics.jsonl and wandb, the student to
+<output_dir>/final, teacher KV to <output_dir>/teacher_kv/<teacher name>.
 """
 
-import sys
-
-from protege.kv.config import load_kv_config
-from protege.kv.trainer import run_kv_distill
-
-
-def main(argv: list[str]) -> None:
-    config = load_kv_config("kv_distill", argv)
-    teachers = ", ".join(
-        f"{t.name}={t.model}{' (prefix ' + repr(t.prefix) + ')' if t.prefix else ''}"
-        for t in config.effective_teachers()
-    )
-    print(
-        f"KV distillation: student {config.student} <- {teachers}; fusion {config.fusion.kind}",
-        flush=True,
-    )
-    summary = run_kv_distill(config)
-    before, after = summary["before"], summary["after"]
-    print(f"accuracy   {before['accuracy']:.3f} -> {after['accuracy']:.3f}")
-    print(f"perplexity {before['perplexity']:.3f} -> {after['perplexity']:.3f}")
-    print(
-        f"held-out KV loss {summary['heldout_kv'][0]:.3f} -> {summary['heldout_kv'][-1]:.3f} "
-        f"({summary['steps']} steps, {summary['train_seconds']:.1f} s)"
-    )
-    print(f"outputs in {config.output_dir}: " + ", ".join(summary.get("plots", [])))
-
+from protege.run import main
 
 if __name__ == "__main__":  # Ray spawns processes that re-import this file
-    main(sys.argv[1:])
+    main("kv_distill")

@@ -76,6 +76,11 @@ class TeacherConfig(Section):
     micro_batch_size: int = Field(64, ge=1)
     num_cpus: float = Field(0.25, ge=0)
     num_gpus: float = Field(0.0, ge=0)
+    # K-V outputs (algorithm kv_distill): text read before every sequence (seed 002 phase 1:
+    # one model, two prompts), and a disk cache of scored rows (a caching teacher).
+    prefix: str = ""
+    kv_cache: bool = False
+    kv_cache_dir: str | None = None  # default: <output_dir>/teacher_kv/<name>
 
     @property
     def is_self(self) -> bool:

@@ -110,7 +110,7 @@ def spawn_roles(config: Any, launcher: Launcher, master_port: int) -> Roles:
     teachers = []
     for spec in config.teachers:
         placement = place_teacher(spec, config)
-        handles = by_placement.get(placement) or _spawn_teacher(spec, launcher)
+        handles = by_placement.get(placement) or _spawn_teacher(spec, launcher, config)
         teachers.append(TeacherClient(spec.name, placement, handles))
     roles = Roles(learners, samplers, teachers, _spawn_rewarders(config, launcher))
     roles.nccl_sync = _join_weight_broadcast(config, launcher, roles)
@@ -149,12 +149,17 @@ def _spawn_samplers(config: Any, launcher: Launcher) -> list[Any]:
     return launcher.spawn("rollout", sampler_class(rollout.backend), resources, args)
 
 
-def _spawn_teacher(spec: Any, launcher: Launcher) -> list[Any]:
+def _spawn_teacher(spec: Any, launcher: Launcher, config: Any) -> list[Any]:
     from protege.actors.backends import teacher_class
 
-    args = [(spec.model, spec.dtype, spec.micro_batch_size)] * spec.num_workers
+    cls, args = teacher_class(spec.backend), (spec.model, spec.dtype, spec.micro_batch_size)
+    if config.build_algorithm().plan(0).teacher_need == "kv":  # K-V outputs (kv_distill)
+        from protege.actors.kv_teacher import KVTeacherScorer, kv_cache_dir
+
+        cls = KVTeacherScorer
+        args = (*args, config.student.model, spec.prefix, kv_cache_dir(spec, config))
     resources = [Resources(spec.num_cpus, spec.num_gpus)] * spec.num_workers
-    return launcher.spawn(f"teacher-{spec.name}", teacher_class(spec.backend), resources, args)
+    return launcher.spawn(f"teacher-{spec.name}", cls, resources, [args] * spec.num_workers)
 
 
 def _spawn_rewarders(config: Any, launcher: Launcher) -> list[Any]:

@@ -15,7 +15,9 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-TeacherNeed = Literal["none", "sampled", "topk", "full"]
+from protege.kv.cache import KV_PREFIX, LayerKV, concat_kv, flatten_kv, unflatten_kv
+
+TeacherNeed = Literal["none", "sampled", "topk", "full", "kv"]
 Source = Literal["student", "dataset", "teacher"]
 
 
@@ -50,6 +52,8 @@ class RolloutPlan:
     mix_alpha: float = 0.0  # MiniLLM teacher-mixed sampling: p~ = a*p_T + (1-a)*q
     rewrite: RewriteSpec | None = None  # gated dual-KL teacher rewrite
     pretrain_weight: float = 0.0  # weight of the LM loss on pre-training text (0 = off)
+    # teacher_need "kv": how a teacher reading other tokens (prefix, tokenizer) is aligned
+    kv_time_align: Literal["resample", "segment", "char"] = "segment"
 
     @property
     def needs_teacher_in_decoding(self) -> bool:
@@ -104,6 +108,9 @@ class RolloutBatch:
     teacher_topk_logprobs: Tensor | None = None  # [B,T,K] their log-probs
     teacher_tail_logprobs: Tensor | None = None  # [B,T] log of the teacher mass outside top-k
     teacher_logits: Tensor | None = None  # [B,T,V] full teacher logits
+    # one LayerKV per KV teacher, in config order: L_t × [B,H_t,P+T,D_t] on the student's
+    # sequence layout, keys with the teacher's RoPE undone, 0 where the student pads
+    teacher_kv: tuple[LayerKV, ...] | None = None
     rewards: Tensor | None = None  # [B] float, sequence rewards
     advantages: Tensor | None = None  # [B,T] float, per-token advantages
     importance_weights: Tensor | None = None  # [B,T] float, detached correction weights
@@ -123,6 +130,8 @@ class RolloutBatch:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             (tensors if isinstance(value, Tensor) else rest)[f.name] = value
+        if rest.pop("teacher_kv") is not None:
+            tensors.update(flatten_kv(self.teacher_kv))
         return _unpack_batch, (pack_tensors(tensors), rest)
 
     def replace(self, **changes) -> RolloutBatch:
@@ -159,6 +168,8 @@ class RolloutBatch:
                 changes[f.name] = value[index]
         if self.answers:
             changes["answers"] = tuple(self.answers[i] for i in index.tolist())
+        if self.teacher_kv is not None:
+            changes["teacher_kv"] = tuple(kv.select(index) for kv in self.teacher_kv)
         return dataclasses.replace(self, **changes)
 
     def shards(self, parts: int, keep_empty: bool = False) -> list[RolloutBatch]:
@@ -256,6 +267,11 @@ def concat(batches: list[RolloutBatch]) -> RolloutBatch:
             raise ValueError(f"cannot concatenate batches where only some have {name!r}")
         left = name.startswith("prompt")
         changes[name] = torch.cat(_pad_to_common(values, left=left), dim=0)
+    if any(b.teacher_kv is not None for b in batches):
+        if any(b.teacher_kv is None for b in batches):
+            raise ValueError("cannot concatenate batches where only some have 'teacher_kv'")
+        prompts = [int(b.prompt_ids.shape[1]) for b in batches]
+        changes["teacher_kv"] = concat_kv([b.teacher_kv for b in batches], prompts)
     changes["answers"] = tuple(a for b in batches for a in b.answers)
     changes["token_count"] = None
     changes["pretrain_token_count"] = None
@@ -344,4 +360,6 @@ def _unpack_weights(version: int, packed: tuple, lora_only: bool) -> WeightUpdat
 
 
 def _unpack_batch(packed: tuple, rest: dict) -> RolloutBatch:
-    return RolloutBatch(**unpack_tensors(*packed), **rest)
+    tensors = unpack_tensors(*packed)
+    kv = {name: tensors.pop(name) for name in list(tensors) if name.startswith(KV_PREFIX)}
+    return RolloutBatch(**tensors, **rest, teacher_kv=unflatten_kv(kv))

@@ -26,8 +26,9 @@ def build_controller(config: Config) -> Controller:
     check_setup(config, algorithm)
     resume_from = prepare_output_dir(config)  # before any model loads or metrics.jsonl opens
     tokenizer = load_tokenizer(config.student.model)
+    kv = algorithm.plan(0).teacher_need == "kv"  # K-V teachers realign other tokenizers
     for teacher in config.teachers:
-        if not teacher.is_self:
+        if not teacher.is_self and not kv:
             check_same_vocabulary(tokenizer, load_tokenizer(teacher.model))
     prompts = PromptSource(
         read_training_rows(config, algorithm),
@@ -67,6 +68,17 @@ def check_setup(config: Config, algorithm: Algorithm) -> None:
 def check_teachers(config: Config, algorithm: Algorithm) -> None:
     """Token-level losses read one teacher's outputs; several teachers need an algorithm
     that reads each of them (its `reads_teachers` says how many)."""
+    kv = any(algorithm.plan(k).teacher_need == "kv" for k in range(max(config.trainer.steps, 1)))
+    for spec in config.teachers:
+        if spec.prefix and not kv:
+            raise ValueError(
+                f"teachers.{spec.name}.prefix is read only by K-V teachers (kv_distill)"
+            )
+        if kv and (spec.backend != "hf" or spec.is_self):
+            raise ValueError(
+                f"teacher {spec.name!r}: K-V outputs come from an HF teacher model "
+                "(teacher.backend=hf, a model other than 'self')"
+            )
     most = getattr(algorithm, "reads_teachers", 1)
     if len(config.teachers) > most:
         names = [t.name for t in config.teachers]

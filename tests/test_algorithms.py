@@ -55,6 +55,11 @@ EXTRA_VARIANTS: dict[str, list[dict]] = {
     "opd": [{"gamma": 0.9}, {"clip_eps": 0.2}],
 }
 
+# Algorithms whose default loss reads more of the student than its logits run the shared
+# tests in their logits-only form (KV distillation's K/V loss needs a real student and
+# teacher caches: tests/test_kv_distill.py).
+LOGITS_ONLY: dict[str, dict] = {"kv_distill": {"distill": False}}
+
 TEACHER_FORMS = [
     {"teacher_output": "topk", "topk": 4},  # K < V
     {"teacher_output": "topk", "topk": VOCAB},  # K = V
@@ -71,6 +76,7 @@ def variants() -> list:
         cls = ALGORITHMS[name]
         fields = {f.name for f in dataclasses.fields(cls) if f.init}
         for extra in [{}] + EXTRA_VARIANTS.get(name, []):
+            extra = {**LOGITS_ONLY.get(name, {}), **extra}
             forms = [{}]
             if "teacher_output" in fields and cls(**extra).plan(0).teacher_need in ("topk", "full"):
                 forms = TEACHER_FORMS
@@ -231,7 +237,7 @@ def test_registered_algorithms_are_frozen_with_a_plan(name):
         with pytest.raises(dataclasses.FrozenInstanceError):
             setattr(algorithm, fields[0].name, None)
     plan = algorithm.plan(0)
-    assert plan.teacher_need in ("none", "sampled", "topk", "full")
+    assert plan.teacher_need in ("none", "sampled", "topk", "full", "kv")
     assert plan.source in ("student", "dataset", "teacher")
 
 

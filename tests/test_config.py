@@ -11,8 +11,7 @@ from pydantic import ValidationError
 from protege.algorithms import ALGORITHMS
 from protege.config import CONFIG_DIR, Config, ConfigError, load_config
 
-# kv_distill.yaml is not a pipeline preset: protege.kv.config loads it (tests/test_kv_trainer.py).
-PRESETS = sorted(p for p in CONFIG_DIR.glob("*.yaml") if p.stem != "kv_distill")
+PRESETS = sorted(CONFIG_DIR.glob("*.yaml"))
 
 
 @pytest.mark.parametrize("preset", PRESETS, ids=[p.stem for p in PRESETS])

@@ -32,22 +32,24 @@ def test_smoke_runs_every_arm_and_writes_the_table(tmp_path):
     assert table.count("\n| ") == len(arms) + 2  # header, separator, one row per arm
     for row in result["summary"][1:]:
         assert row["versus_baseline"]["b"] == "control"  # paired with the control, seed by seed
-    assert result["meta"]["total_minutes"] < 1.0
+    assert result["meta"]["total_minutes"] < 3.0  # ten pipeline builds
 
 
 def test_arm_configs_are_valid_and_differ_only_in_kv_settings(tmp_path):
-    from protege.kv.config import kv_config_from_dict
+    from protege.config import config_from_dict
 
     bench = _benchmark()
     configs = [
-        kv_config_from_dict(bench.arm_config(arm.params["tree"], 0, 10, tmp_path, tmp_path))
-        for arm in bench.ARMS
+        config_from_dict(bench.arm_config(arm, 0, 10, 16, tmp_path, tmp_path)) for arm in bench.ARMS
     ]
     for config in configs:
-        assert (
-            config.learner.lr,
-            config.loss.delta,
-            config.trainer.steps,
-            config.trainer.batch_size,
-        ) == (3e-3, 0.1, 10, 32)
-    assert not configs[0].distill and all(c.distill for c in configs[1:])
+        algorithm = config.algorithm
+        assert algorithm["name"] == "kv_distill" and algorithm["delta"] == 0.1
+        assert (config.learner.lr, config.trainer.steps, config.trainer.batch_size) == (
+            3e-3,
+            10,
+            32,
+        )
+        assert all(t.kv_cache for t in config.teachers)
+    distill = [c.build_algorithm().distill for c in configs]
+    assert not distill[0] and all(distill[1:])

@@ -77,6 +77,7 @@ def test_every_row_field_is_sliced_by_select():
             "step",
             "weights_version",
             "extras",
+            "teacher_kv",  # per-row LayerKVs, selected on their own (tests/test_kv_distill.py)
         )
     }
 

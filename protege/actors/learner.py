@@ -311,7 +311,13 @@ def _algorithm_modules(algorithm, config: Config, student_config) -> dict[str, t
         None if spec.is_self else load_model_config(spec.model) for spec in config.teachers
     )
     context = ModuleContext(
-        student_config, teachers, tuple(t.name for t in config.teachers), config.trainer.seed
+        student_config,
+        teachers,
+        tuple(t.name for t in config.teachers),
+        config.trainer.seed,
+        student_model=config.student.model,
+        teacher_models=tuple(t.model for t in config.teachers),
+        train_data=config.data.train,
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.trainer.seed)

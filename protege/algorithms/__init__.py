@@ -7,6 +7,7 @@ from protege.algorithms import (  # noqa: F401
     distillm,
     gated_dual_kl,
     gkd,
+    kv_distill,
     minillm,
     opd,
     rl_distill,

@@ -70,6 +70,10 @@ class ModuleContext:
     teacher_configs: tuple[Any, ...] = ()  # one HF config per teacher (None: the student itself)
     teacher_names: tuple[str, ...] = ()
     seed: int = 0
+    # Where the models and training rows are, for modules calibrated on data (CKA layer maps)
+    student_model: str = ""
+    teacher_models: tuple[str, ...] = ()
+    train_data: str | None = None
 
 
 class AlgorithmDefaults:

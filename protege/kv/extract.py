@@ -1,4 +1,5 @@
-"""Per-layer key/value caches from HF causal LMs, and the teacher worker that serves them.
+"""Per-layer key/value caches from HF causal LMs (the teacher scorer in
+`protege.actors.kv_teacher` and `StudentForward.kv` both read them through here).
 
 A cache layer is K and V of shape [B, H_kv, T, D] with H_kv = `num_key_value_heads` (GQA/MQA:
 fewer than the query heads) and D = head_dim. HF caches keys *after* RoPE; teachers hand out
@@ -14,12 +15,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from protege.kv.batch import KVBatch, TimeAlign, alignment_matrices, make_batch
-from protege.kv.layer_align import hidden_states_for_cka
-from protege.kv.loss import answer_token_nll
+from protege.kv.batch import KVBatch, TimeAlign, alignment_matrices
+from protege.kv.cache import LayerKV
 from protege.kv.rope import RopeSpec, apply_rope, undo_rope
 from protege.kv.time_align import pool_teacher
-from protege.modeling import load_model, load_tokenizer
 
 
 @dataclass(frozen=True)
@@ -50,14 +49,6 @@ class KVSpec:
             int(config.hidden_size),
             RopeSpec.from_config(config),
         )
-
-
-@dataclass(frozen=True)
-class LayerKV:
-    """Keys and values of every layer on one time axis (CPU or device tensors)."""
-
-    keys: tuple[Tensor, ...]  # L × [B,H_kv,T,D]
-    values: tuple[Tensor, ...]  # L × [B,H_kv,T,D]
 
 
 def check_cache_shape(tensor: Tensor, spec: KVSpec, layer: int, what: str = "keys") -> None:
@@ -182,51 +173,3 @@ def to_student_time(
         values = [pool_teacher(v, align) for v in values]
     mask = student.attention_mask[:, None, :, None].to(keys[0].device)
     return LayerKV(tuple(k * mask for k in keys), tuple(v * mask for v in values))
-
-
-class TeacherKVWorker:
-    """A frozen teacher that returns its KV cache on the student's time axis (no RoPE).
-
-    Plain class: tests build it directly; `RayLauncher` runs it as an actor.
-    """
-
-    def __init__(
-        self,
-        model_path: str,
-        prefix: str = "",
-        time_align: TimeAlign = "segment",
-        dtype: str = "float32",
-    ):
-        self.model = load_model(model_path, dtype)
-        self.model.eval()
-        self.tokenizer = load_tokenizer(model_path)
-        self.prefix, self.time_align = prefix, time_align
-        self.spec = KVSpec.from_config(self.model.config)
-
-    def kv_spec(self) -> KVSpec:
-        return self.spec
-
-    @torch.no_grad()
-    def extract(self, rows: list[dict[str, str]], student: KVBatch) -> LayerKV:
-        """Aligned teacher KV for `rows`, whose student tokenisation is `student`."""
-        teacher = make_batch(self.tokenizer, rows, self.prefix)
-        kv = forward_kv(self.model, teacher, self.spec).kv
-        aligned = to_student_time(kv, teacher, student, self.spec, self.time_align)
-        return LayerKV(
-            tuple(k.float().cpu() for k in aligned.keys),
-            tuple(v.float().cpu() for v in aligned.values),
-        )
-
-    @torch.no_grad()
-    def hidden_states(self, rows: list[dict[str, str]]) -> list[Tensor]:
-        """Per-layer hidden states of the real tokens, for CKA layer maps. L × [N,hidden]."""
-        batch = make_batch(self.tokenizer, rows, self.prefix)
-        return hidden_states_for_cka(self.model, batch.input_ids, batch.attention_mask.long())
-
-    @torch.no_grad()
-    def answer_nll(self, rows: list[dict[str, str]]) -> Tensor:
-        """Mean next-token NLL of each row's completion under this teacher. -> [B]."""
-        batch = make_batch(self.tokenizer, rows, self.prefix)
-        logits = forward_kv(self.model, batch, self.spec).logits
-        nll, mask = answer_token_nll(logits, batch.input_ids, batch.answer_mask)
-        return (nll * mask).sum(-1) / mask.sum(-1).clamp_min(1)

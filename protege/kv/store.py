@@ -1,138 +1,130 @@
-"""Offline teacher KV: precompute once to safetensors shards, train by reading them back.
+"""The caching KV teacher's disk store: scored rows' KV in safetensors shards, keyed by content.
 
-Layout of a directory: `index.json` (teachers, layer counts, shard files, a fingerprint of
-what was extracted) and `shard_00000.safetensors`, … each holding the student's batch
-tensors (`input_ids`, `attention_mask`, `answer_mask`, `prompt_lengths`, `task_ids`) and,
-per teacher i and teacher layer j, `t{i}.k{j}` / `t{i}.v{j}` [N,H_t,T,D_t] — already on the
-student's time axis, keys without RoPE (see `TeacherKVWorker.extract`). A directory whose
-fingerprint matches is reused.
+A row's key is a hash of what determines its KV: the teacher (resolved model path, the
+names/sizes/mtimes of its files, dtype), its prefix, the time alignment and the row's
+tokens. Retrained weights at the same path, another prefix or alignment give new keys
+instead of stale hits. Each `put` writes one shard `kv_<uuid>.safetensors` (atomically: a
+temporary file renamed), whose tensors are `<key>.k<j>` / `<key>.v<j>` [H_t,n,D_t] for the
+row's n real tokens on the student's layout; `get` reads the rows it finds, and rescans the
+directory on a miss (several teacher workers may share it).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+import os
+import uuid
+from collections import OrderedDict
+from collections.abc import Sequence
 from pathlib import Path
 
-import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import Tensor
 
-from protege.kv.batch import KVBatch
-from protege.kv.extract import LayerKV
-from protege.kv.time_align import pad_time
+from protege.modeling import resolve_path
 
-BATCH_FIELDS = ("input_ids", "attention_mask", "answer_mask")
+RowKV = list[tuple[Tensor, Tensor]]  # per teacher layer: (K, V) [H_t,n,D_t]
 
 
-@dataclass(frozen=True)
-class KVTable:
-    """Every row's student batch and aligned teacher KV, padded to one width."""
-
-    batch: KVBatch
-    kv: tuple[LayerKV, ...]  # one per teacher; tensors [N,H_t,T,D_t]
-
-    def __len__(self) -> int:
-        return self.batch.input_ids.shape[0]
-
-    def sample(self, index: Tensor) -> tuple[KVBatch, list[LayerKV]]:
-        """Rows `index`, trimmed to their longest real length."""
-        batch = self.batch.select(index)
-        width = batch.input_ids.shape[1]
-        kv = [
-            LayerKV(
-                tuple(k[index, :, :width] for k in t.keys),
-                tuple(v[index, :, :width] for v in t.values),
-            )
-            for t in self.kv
-        ]
-        return batch, kv
-
-
-def fingerprint(rows: Sequence[dict], teachers: Sequence[str]) -> str:
-    text = json.dumps(
-        {"rows": [r["prompt"] + r["completion"] for r in rows], "teachers": list(teachers)}
+def files_signature(model: str) -> str:
+    """The resolved path plus names, sizes and mtimes of a model directory's files."""
+    path = Path(resolve_path(model))
+    if not path.is_dir():
+        return str(path)
+    files = ";".join(
+        f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}"
+        for f in sorted(path.iterdir())
+        if f.is_file()
     )
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    return f"{path}|{files}"
 
 
-def write_store(
-    directory: str | Path,
-    rows: Sequence[dict],
-    teachers: Sequence[str],
-    make_student: Callable[[list[dict]], KVBatch],
-    extract: Callable[[list[dict], KVBatch], list[LayerKV]],
-    shard_rows: int = 512,
-) -> Path:
-    """Extract every teacher's KV for `rows` in shards and write them (skipped when the
-    directory already holds the same fingerprint). `teachers` describes the teachers (model,
-    prefix, alignment) for the fingerprint; `extract(rows, student_batch)` returns one
-    LayerKV per teacher."""
-    directory = Path(directory)
-    key = fingerprint(rows, teachers)
-    index_path = directory / "index.json"
-    if index_path.exists() and json.loads(index_path.read_text()).get("fingerprint") == key:
-        return directory
-    directory.mkdir(parents=True, exist_ok=True)
-    shards = []
-    for number, start in enumerate(range(0, len(rows), shard_rows)):
-        chunk = list(rows[start : start + shard_rows])
-        student = make_student(chunk)
-        tensors = {name: getattr(student, name).contiguous() for name in BATCH_FIELDS}
-        tensors["prompt_lengths"] = student.prompt_lengths
-        tensors["task_ids"] = student.task_ids
-        for i, kv in enumerate(extract(chunk, student)):
-            for j, (k, v) in enumerate(zip(kv.keys, kv.values)):
-                tensors[f"t{i}.k{j}"], tensors[f"t{i}.v{j}"] = k.contiguous(), v.contiguous()
-        name = f"shard_{number:05d}.safetensors"
-        save_file(tensors, str(directory / name))
-        shards.append(name)
-    layers = [sum(1 for key in tensors if key.startswith(f"t{i}.k")) for i in range(len(teachers))]
-    index = {
-        "fingerprint": key,
-        "teachers": list(teachers),
-        "layers": layers,
-        "rows": len(rows),
-        "shards": shards,
-    }
-    index_path.write_text(json.dumps(index, indent=2))
-    return directory
+class KVStore:
+    """Keyed teacher-KV rows on disk (see the module docstring)."""
 
+    def __init__(self, directory: str | Path, fingerprint: str, memory_bytes: int = 1 << 30):
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.fingerprint = fingerprint
+        # Rows recently written or read stay in memory too (least recently used evicted past
+        # `memory_bytes`): from the second epoch on, a small data set is served from RAM.
+        self.memory_bytes = memory_bytes
+        self._memory: OrderedDict[str, RowKV] = OrderedDict()
+        self._memory_used = 0
+        self._where: dict[str, tuple[str, int]] = {}  # key -> (shard file, layers)
+        self._scanned: set[str] = set()
+        self.refresh()
 
-def read_store(directory: str | Path) -> KVTable:
-    """All shards, concatenated and right-padded to the widest (never truncated)."""
-    directory = Path(directory)
-    index = json.loads((directory / "index.json").read_text())
-    shards = [load_file(str(directory / name)) for name in index["shards"]]
-    width = max(s["input_ids"].shape[1] for s in shards)
+    def row_key(self, tokens: Sequence[int]) -> str:
+        text = json.dumps([self.fingerprint, list(tokens)])
+        return hashlib.sha256(text.encode()).hexdigest()[:32]
 
-    def cat(name: str, is_kv: bool = False) -> Tensor:
-        parts = []
-        for s in shards:
-            x, mask = s[name], s["attention_mask"]
-            if is_kv:
-                x, _ = pad_time(x, mask, width, dim=2)
-            elif x.dim() == 2:
-                x = torch.nn.functional.pad(x, (0, width - x.shape[1]))
-            parts.append(x)
-        return torch.cat(parts)
+    def refresh(self) -> None:
+        """Index shards written since the last scan (by this or another worker)."""
+        for path in sorted(self.directory.glob("kv_*.safetensors")):
+            if path.name in self._scanned:
+                continue
+            with safe_open(str(path), framework="pt") as shard:
+                layers = int(shard.metadata()["layers"])
+                for name in shard.keys():  # noqa: SIM118 (safe_open is not iterable)
+                    key, _, kind = name.partition(".")
+                    if kind == "k0":
+                        self._where[key] = (path.name, layers)
+            self._scanned.add(path.name)
 
-    n = index["rows"]
-    batch = KVBatch(
-        input_ids=cat("input_ids"),
-        attention_mask=cat("attention_mask").bool(),
-        answer_mask=cat("answer_mask").bool(),
-        prompt_lengths=cat("prompt_lengths"),
-        task_ids=cat("task_ids"),
-        offsets=tuple(() for _ in range(n)),
-    )
-    kv = tuple(
-        LayerKV(
-            tuple(cat(f"t{i}.k{j}", True) for j in range(layers)),
-            tuple(cat(f"t{i}.v{j}", True) for j in range(layers)),
-        )
-        for i, layers in enumerate(index["layers"])
-    )
-    return KVTable(replace(batch), kv)
+    def get(self, keys: Sequence[str]) -> list[RowKV | None]:
+        """The stored rows for `keys` (None where a key is not stored)."""
+        out: list[RowKV | None] = [self._recall(key) for key in keys]
+        if any(row is None and key not in self._where for row, key in zip(out, keys)):
+            self.refresh()
+        by_file: dict[str, list[int]] = {}
+        for i, key in enumerate(keys):
+            if out[i] is None and key in self._where:
+                by_file.setdefault(self._where[key][0], []).append(i)
+        for name, rows in by_file.items():
+            with safe_open(str(self.directory / name), framework="pt") as shard:
+                for i in rows:
+                    layers = self._where[keys[i]][1]
+                    out[i] = [
+                        (shard.get_tensor(f"{keys[i]}.k{j}"), shard.get_tensor(f"{keys[i]}.v{j}"))
+                        for j in range(layers)
+                    ]
+                    self._remember(keys[i], out[i])
+        return out
+
+    def put(self, rows: dict[str, RowKV]) -> None:
+        """Write `rows` (key -> per-layer K, V) as one new shard."""
+        if not rows:
+            return
+        layers = {len(row) for row in rows.values()}
+        if len(layers) != 1:
+            raise ValueError(f"rows of one teacher must have one layer count, got {layers}")
+        tensors = {}
+        for key, row in rows.items():
+            for j, (k, v) in enumerate(row):
+                tensors[f"{key}.k{j}"] = k.contiguous().clone()
+                tensors[f"{key}.v{j}"] = v.contiguous().clone()
+        name = f"kv_{uuid.uuid4().hex}.safetensors"
+        temporary = self.directory / f".{name}.tmp"
+        save_file(tensors, str(temporary), metadata={"layers": str(layers.pop())})
+        os.replace(temporary, self.directory / name)
+        self.refresh()
+        for key, row in rows.items():
+            self._remember(key, [(k.clone(), v.clone()) for k, v in row])
+
+    def _recall(self, key: str) -> RowKV | None:
+        row = self._memory.get(key)
+        if row is not None:
+            self._memory.move_to_end(key)
+        return row
+
+    def _remember(self, key: str, row: RowKV) -> None:
+        if key in self._memory:
+            return
+        self._memory[key] = row
+        self._memory_used += sum(k.nbytes + v.nbytes for k, v in row)
+        while self._memory_used > self.memory_bytes and self._memory:
+            _, old = self._memory.popitem(last=False)
+            self._memory_used -= sum(k.nbytes + v.nbytes for k, v in old)
