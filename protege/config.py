@@ -63,8 +63,6 @@ class StudentConfig(Section):
     lora: LoraConfig = LoraConfig()
 
 
-
-
 class TeacherConfig(Section):
     """One teacher client: its model, where it runs and how it is batched."""
 
