@@ -1,0 +1,57 @@
+"""What the driver checks on disk before any worker loads a model: every model path is a
+local model directory (nothing is downloaded at run time) and `output_dir` can be written.
+Each refusal is a SetupError naming the key and the fix."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from protege.errors import SetupError
+from protege.modeling import check_model_dir
+
+if TYPE_CHECKING:
+    from protege.config import Config
+
+
+def model_keys(config: Config) -> list[tuple[str, str]]:
+    """(config key, model path) of every model the run loads: the student, each teacher
+    that is not the student itself, each reward model."""
+    keys = [("student.model", config.student.model)]
+    keys += [
+        (f"teachers.{i}.model", teacher.model)
+        for i, teacher in enumerate(config.teachers)
+        if not teacher.is_self
+    ]
+    keys += [(f"reward.models.{i}.path", spec.path) for i, spec in enumerate(config.reward.models)]
+    return keys
+
+
+def check_paths(config: Config) -> None:
+    for key, name in model_keys(config):
+        check_model_dir(name, key)
+    check_output_dir(config.output_dir)
+
+
+def check_output_dir(name: str) -> None:
+    """`output_dir` is a writable directory, or can be made one (it is not created here)."""
+    path = Path(name).expanduser().absolute()
+    if path.exists() and not path.is_dir():
+        raise SetupError(
+            f"output_dir: {path} is a file, not a directory; choose another output_dir"
+        )
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise SetupError(
+            f"output_dir: {path} cannot be created: {existing} is a file; choose another output_dir"
+        )
+    if not os.access(existing, os.W_OK | os.X_OK):
+        what = (
+            "is not writable"
+            if existing == path
+            else f"cannot be created ({existing} is not writable)"
+        )
+        raise SetupError(f"output_dir: {path} {what}; choose a directory you can write to")
