@@ -55,8 +55,6 @@ class StudentConfig(Section):
     lora: LoraConfig = LoraConfig()
 
 
-
-
 class TeacherConfig(Section):
     """One teacher client: its model, where it runs and how it is batched."""
 
@@ -284,7 +282,8 @@ def _parse_override(text: str) -> tuple[str, Any]:
         return key.strip(), yaml.load(raw, Loader=_Loader) if raw.strip() else None
     except yaml.YAMLError:
         raise ConfigError(
-            f"override {text!r}: the value is not valid YAML; quote it, e.g. {key.strip()}='\"...\"'"
+            f"override {text!r}: the value is not valid YAML; quote it, "
+            f"e.g. {key.strip()}='\"...\"'"
         ) from None
 
 

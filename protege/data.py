@@ -89,13 +89,15 @@ def _utf8_lines(path: Path) -> Iterator[tuple[int, str]]:
     with path.open("rb") as lines:
         for number, raw in enumerate(lines, start=1):
             try:
-                yield number, raw.decode("utf-8")
+                text = raw.decode("utf-8")
             except UnicodeDecodeError as error:
                 raise DataError(
                     f"{path}:{number}: not UTF-8: byte 0x{raw[error.start]:02x} at byte offset "
                     f"{offset + error.start} (column {error.start + 1} of the line); re-encode "
-                    f"the file as UTF-8, e.g. `iconv -f latin1 -t utf-8 {path.name} > {path.stem}.utf8{path.suffix}`"
+                    "the file as UTF-8, e.g. "
+                    f"`iconv -f latin1 -t utf-8 {path.name} > {path.stem}.utf8{path.suffix}`"
                 ) from None
+            yield number, text
             offset += len(raw)
 
 
@@ -170,7 +172,8 @@ class PromptSource:
             if not kept:
                 raise DataError(
                     f"every one of the {len(rows)} prompts is over data.max_prompt_tokens="
-                    f"{limit}, and data.overlong=drop dropped them all; raise data.max_prompt_tokens"
+                    f"{limit}, and data.overlong=drop dropped them all; "
+                    "raise data.max_prompt_tokens"
                 )
             return [rows[i] for i in sorted(kept)], [prompt_ids[i] for i in sorted(kept)]
         return list(rows), [ids[-limit:] for ids in prompt_ids]
