@@ -130,7 +130,8 @@ def check_same_vocabulary(
         raise SetupError(
             "teacher and student tokenizers differ "
             f"({only_student} tokens only in the student's, {only_teacher} only in the teacher's); "
-            "token-level distillation needs one vocabulary"
+            "token-level distillation needs one vocabulary: use a teacher of the student's "
+            "model family (the same tokenizer)"
         )
 
 

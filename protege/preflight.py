@@ -8,8 +8,9 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from protege.capabilities import reward_labels_problem
 from protege.errors import SetupError
-from protege.modeling import check_model_dir
+from protege.modeling import check_model_dir, load_model_config
 
 if TYPE_CHECKING:
     from protege.config import Config
@@ -31,6 +32,18 @@ def model_keys(config: Config) -> list[tuple[str, str]]:
 def check_paths(config: Config) -> None:
     for key, name in model_keys(config):
         check_model_dir(name, key)
+    for i, spec in enumerate(config.reward.models):  # reads config.json only
+        model_config = load_model_config(spec.path)
+        key = f"reward.models.{i}"
+        kinds = model_config.architectures or []
+        if kinds and not any(kind.endswith("ForSequenceClassification") for kind in kinds):
+            raise SetupError(
+                f"{key}.path: {spec.path!r} is a {', '.join(kinds)}, not a sequence-"
+                "classification reward model (its score head would be untrained)"
+            )
+        reason = reward_labels_problem(key, spec.path, model_config.num_labels)
+        if reason:
+            raise SetupError(reason)
     check_output_dir(config.output_dir)
 
 

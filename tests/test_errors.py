@@ -108,6 +108,14 @@ def test_every_model_path_is_checked_before_workers(
     assert expected.format(p=path) in one_error(capsys)
 
 
+def test_a_reward_model_with_several_labels_is_refused_before_workers(tmp_path, capsys, no_workers):
+    code = run_main(tmp_path, "reward.models=[{path: builtin:tiny/teacher}]", preset="rl_distill")
+    assert code == 2
+    err = one_error(capsys)
+    assert "reward.models.0.path: 'builtin:tiny/teacher' is a " in err
+    assert "not a sequence-classification reward model" in err
+
+
 def test_output_dir_must_be_a_writable_directory(tmp_path, capsys, no_workers):
     afile = tmp_path / "afile"
     afile.write_text("")
