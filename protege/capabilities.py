@@ -81,8 +81,8 @@ def reward_labels_problem(key: str, path: str, num_labels: int) -> str | None:
     if num_labels == 1:
         return None
     return (
-        f"{key}.path: {path!r} has num_labels={num_labels}; a reward model must output one "
-        "score (a sequence-classification model saved with num_labels=1)"
+        f"{key}.path: {path!r} has num_labels={num_labels}; a reward model outputs one "
+        "score: use a sequence-classification model saved with num_labels=1"
     )
 
 

@@ -72,12 +72,13 @@ def check_setup(config: Config, algorithm: Algorithm) -> None:
 
 
 def _check_setup(config: Config, algorithm: Algorithm) -> None:
-    check_paths(config)  # local model directories, a writable output_dir
     check_rules(config.reward.rules)  # a bad rule fails now, not when the reward worker starts
     plans = [algorithm.plan(k) for k in range(max(config.trainer.steps, 1))]
     reason = config_problem(config, plans)
     if reason:
         raise ValueError(reason)
+    check_teachers(config, algorithm)
+    check_paths(config)  # local model directories (read below), a writable output_dir
     models = vllm_models_on_cpu(config, torch.cuda.is_available())
     if models:  # reads each model's config.json only; vLLM itself is not imported
         from protege.actors.vllm_engine import cpu_head_size_problem
@@ -85,7 +86,6 @@ def _check_setup(config: Config, algorithm: Algorithm) -> None:
         reason = next(filter(None, map(cpu_head_size_problem, models)), None)
         if reason:
             raise ValueError(reason)
-    check_teachers(config, algorithm)
 
 
 def check_teachers(config: Config, algorithm: Algorithm) -> None:
