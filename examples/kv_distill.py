@@ -9,6 +9,7 @@ Prints the student's accuracy and perplexity before → after, and where the plo
 
 import sys
 
+from protege.errors import ProtegeError, report
 from protege.kv.config import load_kv_config
 from protege.kv.trainer import run_kv_distill
 
@@ -35,4 +36,7 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":  # Ray spawns processes that re-import this file
-    main(sys.argv[1:])
+    try:
+        main(sys.argv[1:])
+    except ProtegeError as error:  # one `error:` block, exit code 2 (PROTEGE_DEBUG=1: traceback)
+        sys.exit(report(error))

@@ -250,9 +250,9 @@ def test_examples_exit_2_with_one_block_and_help_exits_0(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     env.pop("PROTEGE_DEBUG", None)
 
-    def example(*args: str, **extra: str) -> subprocess.CompletedProcess:
+    def example(*args: str, name: str = "gkd", **extra: str) -> subprocess.CompletedProcess:
         return subprocess.run(
-            [sys.executable, str(ROOT / "examples" / "gkd.py"), *args],
+            [sys.executable, str(ROOT / "examples" / f"{name}.py"), *args],
             capture_output=True,
             text=True,
             env={**env, **extra},
@@ -271,3 +271,6 @@ def test_examples_exit_2_with_one_block_and_help_exits_0(tmp_path):
     shown = example("--help")
     assert shown.returncode == 0 and shown.stdout.startswith("usage: python examples/gkd.py")
     assert "trainer.batch_size (int)" in shown.stdout and "algorithm.beta (float)" in shown.stdout
+    kv = example("trainer.stepz=1", name="kv_distill")  # its own config tree, the same handler
+    assert kv.returncode == 2 and "Traceback" not in kv.stderr
+    assert "error: invalid config:\n  trainer.stepz: unknown key" in kv.stderr
