@@ -76,6 +76,16 @@ def cannot_run(role: str, backend: str, reason: str) -> str:
     return f"{role}.backend={backend!r} cannot {verb} this plan: {reason}"
 
 
+def reward_labels_problem(key: str, path: str, num_labels: int) -> str | None:
+    """A reward model outputs one score per sequence; None when it has one label."""
+    if num_labels == 1:
+        return None
+    return (
+        f"{key}.path: {path!r} has num_labels={num_labels}; a reward model outputs one "
+        "score: use a sequence-classification model saved with num_labels=1"
+    )
+
+
 def vllm_cpu_head_size_problem(model: str, head_dim: int) -> str | None:
     """vLLM's CPU attention supports only some head sizes; None when `head_dim` is one."""
     if head_dim in VLLM_CPU_HEAD_SIZES:

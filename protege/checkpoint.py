@@ -27,6 +27,7 @@ from typing import Any
 
 from protege.algorithms.registry import Algorithm
 from protege.data import PromptSource
+from protege.errors import ProtegeError
 
 MANIFEST = "manifest.json"
 CONTROLLER_FILE = "controller.json"
@@ -34,7 +35,7 @@ TMP_PREFIX = ".tmp-"
 DISK_FULL_FREE_BYTES = 64 * 2**20  # after a failed write, less free than this reads as full
 
 
-class CheckpointError(ValueError):
+class CheckpointError(ProtegeError):
     """A checkpoint that cannot be written or resumed from; the message says why and the fix."""
 
 

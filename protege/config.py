@@ -26,13 +26,14 @@ from pydantic import (
 from protege.algorithms import build_algorithm
 from protege.algorithms.registry import Algorithm, AlgorithmConfigError
 from protege.capabilities import SELF_TEACHER
+from protege.errors import ProtegeError
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
-class ConfigError(ValueError):
+class ConfigError(ProtegeError):
     """A bad configuration value; the message starts with the dotted key path."""
 
 
@@ -49,17 +50,17 @@ class Section(BaseModel):
 
 
 class LoraConfig(Section):
-    enabled: bool = False
-    r: int = Field(8, ge=1)
-    alpha: float = Field(16.0, gt=0)
+    enabled: bool = False  # train a LoRA adapter instead of every weight
+    r: int = Field(8, ge=1)  # adapter rank
+    alpha: float = Field(16.0, gt=0)  # adapter scale numerator (scale = alpha / r)
     dropout: float = Field(0.0, ge=0, lt=1)
-    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj"]
-    merge_on_save: bool = True
+    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj"]  # layers adapted
+    merge_on_save: bool = True  # final/ holds merged full weights (else the adapter alone)
 
 
 class StudentConfig(Section):
-    model: str = "builtin:tiny/student"  # HF directory, hub id or builtin:tiny/student
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    model: str = "builtin:tiny/student"  # local HF model directory, or builtin:tiny/...
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # weights' dtype when loaded
     lora: LoraConfig = LoraConfig()
 
 
@@ -67,12 +68,12 @@ class TeacherConfig(Section):
     """One teacher client: its model, where it runs and how it is batched."""
 
     name: str = "teacher"  # unique among `teachers`; metrics and payloads carry it
-    model: str = "builtin:tiny/teacher"  # HF directory, hub id, builtin:..., or "self"
-    backend: Literal["hf", "vllm"] = "hf"
+    model: str = "builtin:tiny/teacher"  # local HF model directory, builtin:..., or "self"
+    backend: Literal["hf", "vllm"] = "hf"  # who computes its log-probs
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    num_workers: int = Field(1, ge=1)
-    micro_batch_size: int = Field(64, ge=1)
-    num_cpus: float = Field(0.25, ge=0)
+    num_workers: int = Field(1, ge=1)  # scorer replicas; rollout shards are dealt over them
+    micro_batch_size: int = Field(64, ge=1)  # rows per teacher forward
+    num_cpus: float = Field(0.25, ge=0)  # Ray resources of each scorer
     num_gpus: float = Field(0.0, ge=0)
     # K-V outputs (algorithm kv_distill): text read before every sequence (seed 002 phase 1:
     # one model, two prompts), and a disk cache of scored rows (a caching teacher).
@@ -87,30 +88,30 @@ class TeacherConfig(Section):
 
 
 class RolloutConfig(Section):
-    backend: Literal["hf", "vllm"] = "hf"
-    num_workers: int = Field(1, ge=1)
-    max_new_tokens: int = Field(8, ge=1)
-    temperature: float = Field(1.0, gt=0)
-    top_p: float = Field(1.0, gt=0, le=1)
+    backend: Literal["hf", "vllm"] = "hf"  # who samples the student's responses
+    num_workers: int = Field(1, ge=1)  # sampler replicas; each step's prompts are sharded
+    max_new_tokens: int = Field(8, ge=1)  # longest response, in tokens
+    temperature: float = Field(1.0, gt=0)  # sampling temperature
+    top_p: float = Field(1.0, gt=0, le=1)  # nucleus sampling mass
     # vLLM backend only: GPU memory share of the engine, and how learner weights reach it
     # (object_store: through Ray's object store, any device; nccl: broadcast from learner
     # rank 0 to the engine's GPU workers).
     gpu_memory_utilization: float = Field(0.5, gt=0, le=1)
     weight_sync: Literal["object_store", "nccl"] = "object_store"
-    num_cpus: float = Field(0.25, ge=0)
+    num_cpus: float = Field(0.25, ge=0)  # Ray resources of each sampler
     num_gpus: float = Field(0.0, ge=0)
 
 
 class RewardRule(Section):
-    name: Literal["exact_match", "numeric_match", "regex", "length_penalty"]
-    weight: float = 1.0
+    name: Literal["exact_match", "numeric_match", "regex", "length_penalty"]  # the rule
+    weight: float = 1.0  # its weight in the summed reward
     pattern: str | None = None  # for `regex`
     target_length: int | None = Field(None, ge=0)  # for `length_penalty`
 
 
 class RewardModel(Section):
-    path: str
-    weight: float = 1.0
+    path: str  # local HF sequence-classification model directory (one label)
+    weight: float = 1.0  # its weight in the summed reward
 
 
 class RewardConfig(Section):
@@ -141,11 +142,14 @@ class LearnerConfig(Section):
 
 class DataConfig(Section):
     train: str = "builtin:tiny/train"  # JSONL: prompt, optional completion and answer
-    test: str | None = "builtin:tiny/test"
+    test: str | None = "builtin:tiny/test"  # JSONL with prompt and answer; null: no evaluation
     pretrain: str | None = None  # text corpus for MiniLLM's LM term; unset turns it off
-    chat_template: bool = False
-    max_prompt_tokens: int = Field(256, ge=1)
-    shuffle_seed: int = 0
+    chat_template: bool = False  # wrap each prompt in the tokenizer's chat template
+    max_prompt_tokens: int = Field(256, ge=1)  # longest prompt, in tokens (after the chat template)
+    # a longer prompt: `error` names its file:line, `truncate_left` keeps its last
+    # max_prompt_tokens tokens, `drop` skips the row; the run's first line counts them
+    overlong: Literal["error", "truncate_left", "drop"] = "error"
+    shuffle_seed: int = 0  # order of the rows in each epoch
 
 
 class TrainerConfig(Section):
@@ -171,10 +175,10 @@ class TrainerConfig(Section):
 
 
 class LoggingConfig(Section):
-    wandb: Literal["auto", "online", "offline", "disabled"] = "auto"
-    project: str = "protege"
-    run_name: str | None = None
-    progress: bool = True
+    wandb: Literal["auto", "online", "offline", "disabled"] = "auto"  # auto: online with a key
+    project: str = "protege"  # wandb project
+    run_name: str | None = None  # wandb run name
+    progress: bool = True  # a console line per step
 
 
 class Config(Section):
@@ -188,7 +192,7 @@ class Config(Section):
     data: DataConfig = DataConfig()
     trainer: TrainerConfig = TrainerConfig()
     logging: LoggingConfig = LoggingConfig()
-    output_dir: str = "runs/protege"
+    output_dir: str = "runs/protege"  # metrics.jsonl, checkpoints/ and final/ go here
 
     @model_validator(mode="before")
     @classmethod
@@ -295,7 +299,10 @@ def _read_preset(preset: str | Path) -> dict[str, Any]:
     if not path.exists():
         known = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
         raise ConfigError(f"no preset {str(preset)!r}; presets in configs/: {known}")
-    tree = yaml.load(path.read_text(), Loader=_Loader) or {}
+    try:
+        tree = yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{path}: not a valid YAML preset ({error})".replace("\n", " ")) from None
     if not isinstance(tree, dict):
         raise ConfigError(
             f"{path}: a preset must be a mapping of sections, got {type(tree).__name__}"
@@ -307,7 +314,13 @@ def _parse_override(text: str) -> tuple[str, Any]:
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"override {text!r} is not of the form a.b=value")
-    return key.strip(), yaml.load(raw, Loader=_Loader) if raw.strip() else None
+    try:
+        return key.strip(), yaml.load(raw, Loader=_Loader) if raw.strip() else None
+    except yaml.YAMLError:
+        raise ConfigError(
+            f"override {text!r}: the value is not valid YAML; quote it, "
+            f"e.g. {key.strip()}='\"...\"'"
+        ) from None
 
 
 def _assign(tree: dict[str, Any], dotted: str, value: Any) -> None:

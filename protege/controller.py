@@ -17,6 +17,7 @@ from protege.checkpoint import (
 )
 from protege.config import Config
 from protege.data import PromptSource
+from protege.errors import ProtegeError
 from protege.evaluation import Evaluator
 from protege.metrics_log import MetricsLog, phase_accounting
 from protege.pipeline import Pipeline
@@ -26,7 +27,7 @@ from protege.rollout_files import load_rollouts, save_rollouts
 from protege.rollouts import RolloutQueue
 
 
-class TrainingStopped(ValueError):
+class TrainingStopped(ProtegeError):
     """The run stopped on bad numerics; the message names the step, the cause and the last
     good checkpoint."""
 

@@ -8,20 +8,22 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from protege.errors import ProtegeError
 from protege.modeling import resolve_path
 from protege.records import PromptBatch
 
 OPTIONAL_TEXT_FIELDS = ("completion", "answer")
+OVERLONG = ("error", "truncate_left", "drop")  # what data.overlong may say
 
 
-class DataError(ValueError):
+class DataError(ProtegeError):
     """Bad training data; the message names the file and line."""
 
 
@@ -30,18 +32,15 @@ class Row:
     prompt: str
     completion: str | None = None
     answer: str | None = None
+    where: str = field(default="", compare=False)  # "file:line" it was read from
 
 
 def read_jsonl(name: str) -> list[Row]:
     """Rows of a JSONL file, validated line by line."""
-    path = Path(resolve_path(name))
-    if not path.is_file():
-        raise DataError(f"{path}: no such data file")
-    rows = []
-    with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
-            if line.strip():
-                rows.append(_parse_row(line, f"{path}:{number}"))
+    path = _data_path(name, "data file")
+    rows = [
+        _parse_row(line, f"{path}:{number}") for number, line in _utf8_lines(path) if line.strip()
+    ]
     if not rows:
         raise DataError(f"{path}: no rows (empty file)")
     return rows
@@ -60,17 +59,46 @@ def _parse_row(line: str, where: str) -> Row:
     for key in OPTIONAL_TEXT_FIELDS:
         if key in record and not isinstance(record[key], str):
             raise DataError(f"{where}: {key!r} must be a string, got {record[key]!r}")
-    return Row(prompt, record.get("completion"), record.get("answer"))
+    return Row(prompt, record.get("completion"), record.get("answer"), where)
 
 
 def read_text_lines(name: str) -> list[str]:
-    path = Path(resolve_path(name))
-    if not path.is_file():
-        raise DataError(f"{path}: no such pre-training text file")
-    lines = [line.rstrip("\n") for line in path.open(encoding="utf-8") if line.strip()]
+    path = _data_path(name, "pre-training text file")
+    lines = [line.rstrip("\n") for _, line in _utf8_lines(path) if line.strip()]
     if not lines:
         raise DataError(f"{path}: the pre-training corpus is empty")
     return lines
+
+
+def _data_path(name: str, what: str) -> Path:
+    try:
+        path = Path(resolve_path(name))
+    except ProtegeError as error:  # an unknown builtin: asset
+        raise DataError(str(error)) from None
+    if path.is_dir():
+        raise DataError(f"{path}: is a directory, not a {what}")
+    if not path.is_file():
+        raise DataError(f"{path}: no such {what}")
+    return path
+
+
+def _utf8_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, text) of each line; a byte that is not UTF-8 is a DataError naming the
+    file, line and byte offset."""
+    offset = 0  # bytes before this line
+    with path.open("rb") as lines:
+        for number, raw in enumerate(lines, start=1):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise DataError(
+                    f"{path}:{number}: not UTF-8: byte 0x{raw[error.start]:02x} at byte offset "
+                    f"{offset + error.start} (column {error.start + 1} of the line); re-encode "
+                    "the file as UTF-8, e.g. "
+                    f"`iconv -f latin1 -t utf-8 {path.name} > {path.stem}.utf8{path.suffix}`"
+                ) from None
+            yield number, text
+            offset += len(raw)
 
 
 def require_completions(rows: list[Row], name: str, why: str) -> None:
@@ -83,9 +111,13 @@ class PromptSource:
     """Shuffled, epoch-based batches of prompts (with completions and pre-training text).
 
     Its position is part of a checkpoint (`state_dict`), so a resumed run sees the same
-    prompts in the same order. Each row's tokens are computed the first time the row is
-    served and cached (the tokenizer must not change afterwards), and an epoch's shuffled
-    order is computed once; the batches are the same as tokenising every step.
+    prompts in the same order. Every prompt is tokenised once, up front, so a prompt over
+    `max_prompt_tokens` is met before any model loads: `overlong` says whether that is an
+    error naming its file:line, or the prompt keeps its last tokens (`truncate_left`: the
+    question usually ends a prompt), or the row is dropped; `truncated` and `dropped` count
+    them. Completion tokens are computed the first time a row is served and cached (the
+    tokenizer must not change afterwards), and an epoch's shuffled order is computed once;
+    the batches are the same as tokenising every step.
     """
 
     def __init__(
@@ -97,8 +129,11 @@ class PromptSource:
         chat_template: bool = False,
         max_prompt_tokens: int = 256,
         pretrain: list[str] | None = None,
+        overlong: str = "error",
     ):
-        self.rows, self.tokenizer, self.batch_size = rows, tokenizer, batch_size
+        if overlong not in OVERLONG:
+            raise DataError(f"data.overlong must be one of {list(OVERLONG)}, got {overlong!r}")
+        self.tokenizer, self.batch_size = tokenizer, batch_size
         self.seed, self.chat_template, self.max_prompt_tokens = (
             seed,
             chat_template,
@@ -107,9 +142,41 @@ class PromptSource:
         self.pretrain = pretrain
         self.position = 0  # rows served so far, over all epochs
         self._order: tuple[int, list[int]] = (-1, [])  # (epoch, its shuffled row indices)
-        self._prompt_tokens = TokenCache(self._tokenize_prompts, len(rows))
-        self._completion_tokens = TokenCache(self._tokenize_completions, len(rows))
+        self.rows, prompt_ids = self._fit_prompts(rows, overlong)
+        self._prompt_tokens = TokenCache(self._tokenize_prompts, len(self.rows))
+        self._prompt_tokens.ids = [torch.tensor(ids, dtype=torch.long) for ids in prompt_ids]
+        self._completion_tokens = TokenCache(self._tokenize_completions, len(self.rows))
         self._pretrain_tokens = TokenCache(self._tokenize_plain, len(pretrain or ()))
+
+    def _fit_prompts(self, rows: list[Row], overlong: str) -> tuple[list[Row], list[list[int]]]:
+        """The rows kept and their prompt ids, each at most `max_prompt_tokens` long."""
+        limit = self.max_prompt_tokens
+        if not rows:
+            self.truncated = self.dropped = 0
+            return [], []
+        prompt_ids = self._tokenize_prompts([row.prompt for row in rows])
+        over = [i for i, ids in enumerate(prompt_ids) if len(ids) > limit]
+        self.truncated = len(over) if overlong == "truncate_left" else 0
+        self.dropped = len(over) if overlong == "drop" else 0
+        if over and overlong == "error":
+            first = rows[over[0]]
+            raise DataError(
+                f"{first.where or f'row {over[0] + 1}'}: the prompt is "
+                f"{len(prompt_ids[over[0]])} tokens, over data.max_prompt_tokens={limit} "
+                f"({len(over)} of {len(rows)} rows are); raise data.max_prompt_tokens, or set "
+                "data.overlong=truncate_left (keep each prompt's last tokens) or "
+                "data.overlong=drop (skip those rows)"
+            )
+        if overlong == "drop":
+            kept = set(range(len(rows))) - set(over)
+            if not kept:
+                raise DataError(
+                    f"every one of the {len(rows)} prompts is over data.max_prompt_tokens="
+                    f"{limit}, and data.overlong=drop dropped them all; "
+                    "raise data.max_prompt_tokens"
+                )
+            return [rows[i] for i in sorted(kept)], [prompt_ids[i] for i in sorted(kept)]
+        return list(rows), [ids[-limit:] for ids in prompt_ids]
 
     def state_dict(self) -> dict[str, int]:
         return {"position": self.position}
@@ -171,8 +238,7 @@ class PromptSource:
         return self.tokenizer(
             [self.format_prompt(p) for p in prompts],
             add_special_tokens=not self.chat_template,
-            truncation=True,
-            max_length=self.max_prompt_tokens,
+            verbose=False,  # over-long prompts are handled by `overlong`, not warned about
         )["input_ids"]
 
     def _tokenize_completions(self, completions: list[str]) -> list[list[int]]:

@@ -19,7 +19,8 @@ from collections.abc import Callable
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from protege.data import PromptSource, Row
+from protege.data import DataError, PromptSource, Row
+from protege.errors import SetupError
 from protege.eval import metrics as m
 from protege.records import RolloutBatch, RolloutPlan
 
@@ -44,21 +45,36 @@ class Evaluator:
         samples: int = 0,
         teacher_kl: bool = False,
         forward_kl: bool = True,
+        max_prompt_tokens: int = 256,
+        overlong: str = "truncate_left",
     ):
         missing = [i for i, row in enumerate(rows, start=1) if row.answer is None]
         if missing:
-            raise ValueError(f"evaluation rows need an 'answer'; row {missing[0]} has none")
+            first = rows[missing[0] - 1].where or f"row {missing[0]}"
+            raise DataError(
+                f"{first}: evaluation rows need an 'answer' ({len(missing)} of {len(rows)} "
+                "have none); add one to each data.test row, or set data.test=null"
+            )
         if samples < 0:
-            raise ValueError(f"samples must be >= 0, got {samples}")
+            raise SetupError(f"trainer.eval_samples must be >= 0, got {samples}")
         if teacher_kl and samples == 0:
-            raise ValueError(
+            raise SetupError(
                 "teacher_kl needs sampled responses: set samples (trainer.eval_samples) >= 1"
             )
         self.rows, self.max_new_tokens, self.checker = rows, max_new_tokens, checker
         self.tokenizer, self.samples = tokenizer, samples
         self.teacher_kl, self.forward_kl = teacher_kl, forward_kl and teacher_kl
         self.special_ids = frozenset(tokenizer.all_special_ids)
-        source = PromptSource(rows, tokenizer, batch_size=len(rows), chat_template=chat_template)
+        # Test prompts are never dropped (the accuracy would be over another set): `drop`
+        # truncates them instead.
+        source = PromptSource(
+            rows,
+            tokenizer,
+            batch_size=len(rows),
+            chat_template=chat_template,
+            max_prompt_tokens=max_prompt_tokens,
+            overlong="truncate_left" if overlong == "drop" else overlong,
+        )
         self.prompts = source.next(step=0)
         self.last_correct: list[bool] = []
 
@@ -73,6 +89,8 @@ class Evaluator:
             samples=config.trainer.eval_samples,
             teacher_kl=config.trainer.eval_teacher_kl,
             forward_kl=not config.teacher.is_self,  # the self-teacher cannot write responses
+            max_prompt_tokens=config.data.max_prompt_tokens,
+            overlong=config.data.overlong,
         )
 
     def run(self, workers) -> dict[str, float]:

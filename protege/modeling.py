@@ -5,6 +5,9 @@ Shapes: B batch, P prompt tokens (left-padded), T response tokens (right-padded)
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import torch
 from torch import Tensor
 from transformers import (
@@ -14,9 +17,18 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from protege.errors import SetupError
 from protege.records import RolloutBatch
 
 BUILTIN_PREFIX = "builtin:"
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # what a hub model name looks like
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -39,8 +51,41 @@ def resolve_path(name: str) -> str:
     }
     key = name[len(BUILTIN_PREFIX) :]
     if key not in builtin:
-        raise ValueError(f"unknown built-in asset {name!r}; known: {', '.join(builtin)}")
+        known = ", ".join(BUILTIN_PREFIX + key for key in builtin)
+        raise SetupError(f"unknown built-in asset {name!r}; known: {known}")
     return str(builtin[key]())
+
+
+def check_model_dir(name: str, key: str) -> str:
+    """The resolved local directory of the model `name` (config key or flag `key`), or a
+    SetupError saying what is missing. Never reaches the network: a hub id is refused."""
+    try:
+        path = Path(resolve_path(name))
+    except SetupError as error:
+        raise SetupError(f"{key}: {error}") from None
+    if path.is_file():
+        raise SetupError(f"{key}: {path} is a file; pass the model's directory")
+    if not path.is_dir():
+        hub_like = HUB_ID.fullmatch(name) is not None
+        example = f"{name} --local-dir DIR" if hub_like else f"ORG/MODEL --local-dir {name}"
+        raise SetupError(
+            f"{key}: {name!r} is not a local model directory; protege does not download models "
+            "at run time (no network): download it first, e.g. "
+            f"`huggingface-cli download {example}`, and pass the directory"
+        )
+    missing = []
+    if not (path / "config.json").is_file():
+        missing.append("config.json")
+    if not any((path / f).is_file() for f in WEIGHT_FILES):
+        missing.append(f"weights ({' / '.join(WEIGHT_FILES)})")
+    if not any((path / f).is_file() for f in TOKENIZER_FILES):
+        missing.append(f"tokenizer files ({' / '.join(TOKENIZER_FILES)})")
+    if missing:
+        raise SetupError(
+            f"{key}: {path} has no {', no '.join(missing)}; is it a saved HF model directory? "
+            "(save one with model.save_pretrained(DIR) and tokenizer.save_pretrained(DIR))"
+        )
+    return str(path)
 
 
 def load_model(
@@ -64,7 +109,11 @@ def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
     """Tokenizer with left padding (for generation) and a checked EOS/pad pair."""
     tokenizer = AutoTokenizer.from_pretrained(resolve_path(name))
     if tokenizer.eos_token_id is None:
-        raise ValueError(f"tokenizer of {name!r} has no EOS token; responses could never end")
+        raise SetupError(
+            f"the tokenizer of {name!r} has no EOS token, so responses could never end; set "
+            "`eos_token` in its tokenizer_config.json (or tokenizer.eos_token = ... and "
+            "tokenizer.save_pretrained(DIR)), or use a model whose tokenizer has one"
+        )
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
@@ -78,10 +127,11 @@ def check_same_vocabulary(
     if student.get_vocab() != teacher.get_vocab():
         only_student = len(set(student.get_vocab()) - set(teacher.get_vocab()))
         only_teacher = len(set(teacher.get_vocab()) - set(student.get_vocab()))
-        raise ValueError(
+        raise SetupError(
             "teacher and student tokenizers differ "
             f"({only_student} tokens only in the student's, {only_teacher} only in the teacher's); "
-            "token-level distillation needs one vocabulary"
+            "token-level distillation needs one vocabulary: use a teacher of the student's "
+            "model family (the same tokenizer)"
         )
 
 

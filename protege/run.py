@@ -12,13 +12,16 @@ from protege.capabilities import config_problem, vllm_models_on_cpu, weight_sync
 from protege.config import Config, load_config
 from protege.controller import Controller
 from protege.data import PromptSource, read_jsonl, read_text_lines, require_completions
+from protege.errors import ProtegeError, SetupError, report
 from protege.evaluation import Evaluator
 from protege.launch import LocalLauncher
 from protege.metrics_log import MetricsLog
 from protege.modeling import check_same_vocabulary, load_tokenizer
 from protege.pipeline import Pipeline
+from protege.preflight import check_paths
 from protege.resume import prepare_output_dir
 from protege.rewards import check_rules
+from protege.usage import HELP_FLAGS, usage
 
 
 def build_controller(config: Config) -> Controller:
@@ -38,7 +41,9 @@ def build_controller(config: Config) -> Controller:
         chat_template=config.data.chat_template,
         max_prompt_tokens=config.data.max_prompt_tokens,
         pretrain=read_pretrain(config, algorithm),
+        overlong=config.data.overlong,
     )
+    print(f"[protege] {data_summary(config, prompts)}", file=sys.stderr, flush=True)
     evaluator = None
     if config.data.test:
         rows = read_jsonl(config.data.test)[: config.trainer.eval_size]
@@ -48,13 +53,36 @@ def build_controller(config: Config) -> Controller:
     return Controller(config, pipeline, prompts, algorithm, evaluator, log, resume_from)
 
 
+def data_summary(config: Config, prompts: PromptSource) -> str:
+    """The run's first line: how many training rows, and how many prompts were cut or
+    dropped for being over data.max_prompt_tokens."""
+    limit = f"data.max_prompt_tokens={config.data.max_prompt_tokens}"
+    return (
+        f"data.train: {len(prompts.rows)} rows from {config.data.train}; "
+        f"{prompts.truncated} truncated on the left and {prompts.dropped} dropped "
+        f"for being over {limit} (data.overlong={config.data.overlong})"
+    )
+
+
 def check_setup(config: Config, algorithm: Algorithm) -> None:
-    """Refuse, before any model loads, what this configuration cannot run."""
+    """Refuse, before any model loads, what this configuration cannot run: a SetupError (or
+    the ConfigError/DataError met) naming the key and the fix."""
+    try:
+        _check_setup(config, algorithm)
+    except ProtegeError:
+        raise
+    except ValueError as error:  # the refusal texts of capabilities, rewards, the vLLM adapter
+        raise SetupError(str(error)) from error
+
+
+def _check_setup(config: Config, algorithm: Algorithm) -> None:
     check_rules(config.reward.rules)  # a bad rule fails now, not when the reward worker starts
     plans = [algorithm.plan(k) for k in range(max(config.trainer.steps, 1))]
     reason = config_problem(config, plans)
     if reason:
         raise ValueError(reason)
+    check_teachers(config, algorithm)
+    check_paths(config)  # local model directories (read below), a writable output_dir
     models = vllm_models_on_cpu(config, torch.cuda.is_available())
     if models:  # reads each model's config.json only; vLLM itself is not imported
         from protege.actors.vllm_engine import cpu_head_size_problem
@@ -62,7 +90,6 @@ def check_setup(config: Config, algorithm: Algorithm) -> None:
         reason = next(filter(None, map(cpu_head_size_problem, models)), None)
         if reason:
             raise ValueError(reason)
-    check_teachers(config, algorithm)
 
 
 def check_teachers(config: Config, algorithm: Algorithm) -> None:
@@ -124,9 +151,17 @@ def free_port() -> int:
 
 
 def main(preset: str, argv: list[str] | None = None) -> dict[str, float]:
-    """`python examples/<preset>.py [a.b=value ...]`: train, then print accuracy before/after."""
-    config = load_config(preset, sys.argv[1:] if argv is None else argv)
-    result = build_controller(config).run()
+    """`python examples/<preset>.py [a.b=value ...]`: train, then print accuracy before/after.
+    `--help` prints every key; a known bad input exits with code 2 and one `error:` block."""
+    argv = sys.argv[1:] if argv is None else argv
+    if HELP_FLAGS & set(argv):
+        print(usage(preset))
+        raise SystemExit(0)
+    try:
+        config = load_config(preset, argv)
+        result = build_controller(config).run()
+    except ProtegeError as error:
+        raise SystemExit(report(error)) from None
     if "eval_before/accuracy" in result:
         print(
             f"student accuracy: {result['eval_before/accuracy']:.3f} -> {result['eval_after/accuracy']:.3f} "

@@ -41,6 +41,7 @@ REFUSING_CALLS = {
             update={"student": _student_with_rank(1024)}
         )
     ),
+    "reward_labels_problem": lambda: cap.reward_labels_problem("reward.models.0", "rm", 2),
     "config_problem": lambda: cap.config_problem(
         load_config("gkd", ["teacher.backend=vllm"]), [RolloutPlan(teacher_need="full")]
     ),
@@ -72,7 +73,7 @@ REFUSED_PLANS = {
 }
 # What a refusal must name: a config key or backend, or the plan field at fault ...
 KEY = re.compile(
-    r"\b(rollout|teacher|student|trainer|algorithm)\.[a-z_]+|samples_per_prompt|mix_alpha"
+    r"\b(rollout|teacher|student|trainer|algorithm|reward)\.[a-z_]+|samples_per_prompt|mix_alpha"
     r"|source=|teacher_need|topk|top_p|version"
 )
 # ... and the way out.

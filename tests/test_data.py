@@ -11,7 +11,7 @@ import itertools
 import pytest
 import torch
 
-from protege.data import PromptSource, Row, read_jsonl, read_text_lines
+from protege.data import DataError, PromptSource, Row, read_jsonl, read_text_lines
 from protege.modeling import load_tokenizer
 from protege.records import PromptBatch
 from protege.tasks import tiny
@@ -147,10 +147,11 @@ def test_rewinding_a_used_source_replays_its_batches(rows, tokenizer):
 
 
 @pytest.mark.parametrize("max_prompt_tokens", [256, 4])
-def test_prompts_are_left_padded_and_truncated(rows, tokenizer, max_prompt_tokens):
-    assert tokenizer.truncation_side == "right"
+def test_prompts_are_left_padded_and_truncated_on_the_left(rows, tokenizer, max_prompt_tokens):
     data = rows[:40]
-    source = PromptSource(data, tokenizer, 8, seed=5, max_prompt_tokens=max_prompt_tokens)
+    source = PromptSource(
+        data, tokenizer, 8, seed=5, max_prompt_tokens=max_prompt_tokens, overlong="truncate_left"
+    )
     batch = source.next(0)
     full = {tuple(tokens(tokenizer, row.prompt)): row for row in data}
     ids, mask = batch.prompt_ids, batch.prompt_mask
@@ -166,8 +167,46 @@ def test_prompts_are_left_padded_and_truncated(rows, tokenizer, max_prompt_token
         assert all(tuple(prompt) in full for prompt in kept)
     else:
         assert max(len(prompt) for prompt in kept) == 4
-        prefixes = {key[:4] for key in full}
-        assert all(tuple(prompt) in prefixes for prompt in kept)
+        suffixes = {key[-4:] for key in full}  # the question's end is kept
+        assert all(tuple(prompt) in suffixes for prompt in kept)
+        assert source.truncated == sum(len(key) > 4 for key in full) > 0
+        assert source.dropped == 0
+
+
+def test_an_overlong_prompt_is_an_error_naming_its_line(tmp_path, tokenizer):
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"prompt": "1+1="}\n\n{"prompt": "' + "12345+" * 20 + '1="}\n')
+    with pytest.raises(DataError) as error:
+        PromptSource(read_jsonl(str(data)), tokenizer, 2, max_prompt_tokens=16)
+    message = str(error.value)
+    assert f"{data}:3: the prompt is" in message and "data.max_prompt_tokens=16" in message
+    assert "data.overlong=truncate_left" in message and "data.overlong=drop" in message
+    assert str(len(tokens(tokenizer, "12345+" * 20 + "1="))) in message
+
+
+def test_overlong_prompts_can_be_dropped(tmp_path, tokenizer):
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"prompt": "1+1="}\n{"prompt": "' + "9" * 40 + '"}\n{"prompt": "2+2="}\n')
+    source = PromptSource(
+        read_jsonl(str(data)), tokenizer, 2, max_prompt_tokens=16, overlong="drop"
+    )
+    assert [row.prompt for row in source.rows] == ["1+1=", "2+2="]
+    assert (source.dropped, source.truncated) == (1, 0)
+    assert int(source.next(0).prompt_mask.sum(-1).max()) <= 16
+    with pytest.raises(DataError, match="dropped them all"):
+        PromptSource(source.rows, tokenizer, 2, max_prompt_tokens=1, overlong="drop")
+
+
+def test_a_byte_that_is_not_utf8_names_file_line_and_offset(tmp_path):
+    data = tmp_path / "latin1.jsonl"
+    data.write_bytes(b'{"prompt": "1+1="}\n{"prompt": "caf\xe9"}\n')
+    with pytest.raises(DataError) as error:
+        read_jsonl(str(data))
+    assert f"{data}:2: not UTF-8: byte 0xe9 at byte offset 34" in str(error.value)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_bytes(b"fine\n\xff\n")
+    with pytest.raises(DataError, match=r"corpus.txt:2: not UTF-8: byte 0xff at byte offset 5"):
+        read_text_lines(str(corpus))
 
 
 def test_completions_end_in_exactly_one_eos(rows, tokenizer):

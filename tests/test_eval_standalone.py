@@ -78,7 +78,8 @@ def test_saved_final_model_of_a_run(tmp_path, capsys):
 @pytest.mark.parametrize(
     "case,message",
     [
-        ("missing_dir", "is not a directory"),
+        ("missing_dir", "is not a local model directory"),
+        ("hub_id", "huggingface-cli download Qwen/Qwen3-0.6B --local-dir DIR"),
         ("not_a_model", "has no config.json"),
         ("malformed", "malformed JSON"),
         ("no_answers", "have no 'answer'"),
@@ -93,6 +94,8 @@ def test_bad_input_is_one_clear_line(case, message, tmp_path, capsys):
     model, extra = tiny.student_path(), []
     if case == "missing_dir":
         model = str(tmp_path / "nope")
+    elif case == "hub_id":
+        model = "Qwen/Qwen3-0.6B"
     elif case == "not_a_model":
         model = str(tmp_path)
     elif case == "malformed":
@@ -122,4 +125,5 @@ def test_module_entry_point_reports_errors_without_traceback(tmp_path):
         check=False,
     )
     assert done.returncode == 2
-    assert "Traceback" not in done.stderr and "is not a directory" in done.stderr
+    assert "Traceback" not in done.stderr and "is not a local model directory" in done.stderr
+    assert done.stderr.count("\n") == 1  # one line

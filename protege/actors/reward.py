@@ -18,6 +18,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from protege.capabilities import reward_labels_problem
 from protege.config import RewardConfig, RewardModel
 from protege.modeling import load_tokenizer, resolve_path
 from protege.records import RolloutBatch
@@ -108,11 +109,9 @@ class SequenceRewardModel:
                 f"{key}.path: {spec.path!r} has no trained weights for {missing}; "
                 "it is not a sequence-classification reward model"
             )
-        if model.config.num_labels != 1:
-            raise ValueError(
-                f"{key}.path: {spec.path!r} has num_labels={model.config.num_labels}; "
-                "a reward model must output one score (num_labels=1)"
-            )
+        reason = reward_labels_problem(key, spec.path, model.config.num_labels)
+        if reason:
+            raise ValueError(reason)
         self.weight = spec.weight
         self.tokenizer = _padded_tokenizer(
             AutoTokenizer.from_pretrained(path), model, f"{key}.path"

@@ -34,6 +34,7 @@ from typing import Any, ClassVar, Protocol, TypeVar, runtime_checkable
 
 from torch import Tensor
 
+from protege.errors import ProtegeError
 from protege.records import RolloutBatch, RolloutPlan
 
 
@@ -119,7 +120,7 @@ def register(name: str) -> Callable[[A], A]:
     return decorate
 
 
-class AlgorithmConfigError(ValueError):
+class AlgorithmConfigError(ProtegeError):
     """A bad algorithm hyper-parameter; `key` is the dotted path under `algorithm`."""
 
     def __init__(self, key: str, message: str):

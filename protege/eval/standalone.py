@@ -13,21 +13,14 @@ import argparse
 import importlib
 import json
 import math
-import sys
 from pathlib import Path
 
+from protege.errors import ProtegeError, report
 from protege.records import PromptBatch, RolloutBatch, RolloutPlan
 
-WEIGHT_FILES = (
-    "model.safetensors",
-    "model.safetensors.index.json",
-    "pytorch_model.bin",
-    "pytorch_model.bin.index.json",
-)
 
-
-class InputError(ValueError):
-    """Bad command-line input; printed as one line, without a traceback."""
+class InputError(ProtegeError):
+    """Bad command-line input; printed as one block, without a traceback."""
 
 
 class LocalModels:
@@ -62,27 +55,6 @@ class LocalModels:
         return self.teacher.score(batch, plan)
 
 
-def check_model_dir(name: str, flag: str) -> str:
-    """The resolved directory, or an InputError saying what is missing."""
-    from protege.modeling import resolve_path
-
-    try:
-        path = Path(resolve_path(name))
-    except ValueError as error:
-        raise InputError(f"{flag}: {error}") from None
-    if not path.is_dir():
-        raise InputError(f"{flag}: {path} is not a directory (expected a saved HF model directory)")
-    if not (path / "config.json").is_file():
-        raise InputError(f"{flag}: {path} has no config.json; is it a saved HF model directory?")
-    if not any((path / f).is_file() for f in WEIGHT_FILES):
-        raise InputError(f"{flag}: {path} has no weights ({', '.join(WEIGHT_FILES)})")
-    if not (path / "tokenizer_config.json").is_file() and not (path / "tokenizer.json").is_file():
-        raise InputError(
-            f"{flag}: {path} has no tokenizer files (tokenizer.json / tokenizer_config.json)"
-        )
-    return str(path)
-
-
 def load_checker(spec: str):
     """`exact` (stripped string equality), `tiny` (the tiny task's: text before the first
     special token) or `module:function` taking (prediction, answer) -> bool."""
@@ -106,7 +78,7 @@ def load_checker(spec: str):
 def evaluate(args: argparse.Namespace) -> dict[str, float]:
     from protege.data import DataError, read_jsonl
     from protege.evaluation import Evaluator
-    from protege.modeling import check_same_vocabulary, load_tokenizer
+    from protege.modeling import check_model_dir, check_same_vocabulary, load_tokenizer
 
     model = check_model_dir(args.model, "MODEL_DIR")
     teacher = check_model_dir(args.teacher, "--teacher") if args.teacher else None
@@ -152,9 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         metrics = evaluate(args)
-    except InputError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    except ProtegeError as error:
+        return report(error)
     print(f"{args.model} on {args.data}" + (f" (teacher {args.teacher})" if args.teacher else ""))
     print(format_metrics(metrics))
     if args.json:
