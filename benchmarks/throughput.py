@@ -295,6 +295,7 @@ def teacher_payload(args: argparse.Namespace) -> list[dict]:
     from protege.config import RolloutConfig
     from protege.data import PromptSource, read_jsonl
     from protege.modeling import load_model, load_tokenizer, response_logits
+    from protege.student import StudentLogits
     from protege.records import RolloutPlan
 
     tokenizer = load_tokenizer("builtin:tiny/student")
@@ -318,7 +319,7 @@ def teacher_payload(args: argparse.Namespace) -> list[dict]:
             "wire_bytes_per_token": (len(pickle.dumps(scored, protocol=5)) - bare) / tokens,
         }
         if need != "sampled":
-            loss = float(GKD(beta=0.5).loss(student_logits, scored)[0])
+            loss = float(GKD(beta=0.5).loss(StudentLogits(student_logits), scored)[0])
             full_loss = loss if need == "full" else full_loss
             row["jsd"] = loss
             row["relative_error_vs_full"] = abs(loss - full_loss) / full_loss
