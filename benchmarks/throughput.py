@@ -295,8 +295,8 @@ def teacher_payload(args: argparse.Namespace) -> list[dict]:
     from protege.config import RolloutConfig
     from protege.data import PromptSource, read_jsonl
     from protege.modeling import load_model, load_tokenizer, response_logits
-    from protege.student import StudentLogits
     from protege.records import RolloutPlan
+    from protege.student import StudentLogits
 
     tokenizer = load_tokenizer("builtin:tiny/student")
     prompts = PromptSource(read_jsonl("builtin:tiny/train"), tokenizer, batch_size=64).next(step=0)
