@@ -15,7 +15,6 @@ if TYPE_CHECKING:
     from protege.records import RolloutPlan
 
 BACKENDS = ("hf", "vllm")
-SELF_TEACHER = "self"  # teacher.model value: the student's base model with the LoRA adapter off
 
 # Head sizes vLLM's CPU attention kernel accepts (vllm/v1/attention/backends/cpu_attn.py).
 VLLM_CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)

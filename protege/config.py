@@ -25,12 +25,14 @@ from pydantic import (
 
 from protege.algorithms import build_algorithm
 from protege.algorithms.registry import Algorithm, AlgorithmConfigError
-from protege.capabilities import SELF_TEACHER
 from protege.errors import ProtegeError
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+SELF_TEACHER = "self"  # teacher.model: the student's base model with the LoRA adapter off
 
 
 class ConfigError(ProtegeError):

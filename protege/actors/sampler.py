@@ -21,13 +21,12 @@ from protege.actors.decoding import Choice, Decoder, TokenChooser, teacher_mode
 from protege.capabilities import (
     FULL_UPDATE_TO_LORA_SAMPLER,
     LORA_UPDATE_TO_FULL_SAMPLER,
-    SELF_TEACHER,
     SELF_TEACHER_NEEDS_LORA,
     cannot_run,
     sampler_problem,
     stale_update,
 )
-from protege.config import LoraConfig, RolloutConfig
+from protege.config import SELF_TEACHER, LoraConfig, RolloutConfig
 from protege.lora import wrap_with_lora
 from protege.modeling import check_same_vocabulary, load_model, load_tokenizer, response_logits
 from protege.records import PromptBatch, RolloutBatch, RolloutPlan, TokenSource, WeightUpdate

@@ -13,7 +13,8 @@ import time
 import torch
 from torch import Tensor
 
-from protege.capabilities import SELF_TEACHER, SELF_TEACHER_HAS_NO_SCORER
+from protege.capabilities import SELF_TEACHER_HAS_NO_SCORER
+from protege.config import SELF_TEACHER
 from protege.modeling import load_model, response_logits, vocab_size
 from protege.records import RolloutBatch, RolloutPlan
 

@@ -32,14 +32,13 @@ from protege.actors.vllm_engine import (
 from protege.capabilities import (
     FULL_UPDATE_TO_LORA_SAMPLER,
     LORA_UPDATE_TO_FULL_SAMPLER,
-    SELF_TEACHER,
     SELF_TEACHER_NEEDS_LORA,
     cannot_run,
     sampler_problem,
     stale_update,
     teacher_problem,
 )
-from protege.config import LoraConfig, RolloutConfig
+from protege.config import SELF_TEACHER, LoraConfig, RolloutConfig
 from protege.modeling import load_tokenizer, resolve_path
 from protege.records import PromptBatch, RolloutBatch, RolloutPlan, WeightUpdate
 

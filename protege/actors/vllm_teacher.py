@@ -13,11 +13,11 @@ import torch
 
 from protege.actors.vllm_engine import make_engine, outputs_from_scores, score_sequences
 from protege.capabilities import (
-    SELF_TEACHER,
     SELF_TEACHER_HAS_NO_SCORER,
     cannot_run,
     teacher_problem,
 )
+from protege.config import SELF_TEACHER
 from protege.records import RolloutBatch, RolloutPlan
 
 
