@@ -70,39 +70,27 @@ def write_checkpoint(
     checkpoints beyond `keep_last` (0: keep all) are deleted. A full disk raises a
     CheckpointError naming the path and the fix."""
     final = step_folder(root, step)
-    tmp = root / f"{TMP_PREFIX}{final.name}"
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        remove_partial(root)
-        tmp.mkdir()
-        write(tmp)
-        files = {str(p.relative_to(tmp)): _sync_and_hash(p) for p in _files(tmp)}
-        manifest = {"step": step, **meta, "files": files}
-        _write_synced(tmp / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
-        _replace(tmp, final)
-    except Exception as error:
-        full = disk_full(error, root)
-        shutil.rmtree(tmp, ignore_errors=True)
-        if full:
-            raise CheckpointError(
-                f"No space left on device while writing {full}: free space or lower "
-                "trainer.keep_last"
-            ) from error
-        raise
+    remove_partial(root)
+    write_atomically(final, write, manifest={"step": step, **meta})
     rotate(root, keep_last)
     return final
 
 
-def write_atomically(final: Path, write: Callable[[Path], None]) -> None:
-    """`write(folder)` into a temporary sibling, fsynced, then renamed to `final` (the final
-    model: a kill never leaves a half-written one)."""
+def write_atomically(
+    final: Path, write: Callable[[Path], None], manifest: dict[str, Any] | None = None
+) -> None:
+    """`write(folder)` into a temporary sibling, fsynced, with `manifest` plus the file list
+    written last when given, then renamed to `final`: a kill never leaves a half-written
+    folder (checkpoints, the final model)."""
     tmp = final.with_name(f"{TMP_PREFIX}{final.name}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir(parents=True)
         write(tmp)
-        for path in _files(tmp):
-            _sync_and_hash(path)
+        files = {str(p.relative_to(tmp)): _sync_and_hash(p) for p in _files(tmp)}
+        if manifest is not None:
+            text = json.dumps({**manifest, "files": files}, indent=1, sort_keys=True)
+            _write_synced(tmp / MANIFEST, text)
         _replace(tmp, final)
     except Exception as error:
         full = disk_full(error, final.parent)
