@@ -109,7 +109,7 @@ def spawn_roles(config: Any, launcher: Launcher, master_port: int) -> Roles:
     by_placement = {"samplers": samplers, "learner": learners}
     teachers = []
     for spec in config.teachers:
-        placement = place_teacher(spec, config)
+        placement = place_teacher(spec)
         handles = by_placement.get(placement) or _spawn_teacher(spec, launcher, config)
         teachers.append(TeacherClient(spec.name, placement, handles))
     roles = Roles(learners, samplers, teachers, _spawn_rewarders(config, launcher))

@@ -159,17 +159,19 @@ class RolloutBatch:
         )
 
     def select(self, rows: Tensor | slice | list[int]) -> RolloutBatch:
-        """Rows `rows` of every per-row field; scalars and pre-training text are kept."""
+        """Rows `rows` of every per-row field; scalars and pre-training text are kept. A slice
+        gives views (shards and micro-batches copy no tensor); indices and masks gather."""
         index = _as_index(rows, self.size)
+        take = rows if isinstance(rows, slice) else index
         changes = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if f.name in _PER_ROW_TENSORS and value is not None:
-                changes[f.name] = value[index]
+                changes[f.name] = value[take]
         if self.answers:
             changes["answers"] = tuple(self.answers[i] for i in index.tolist())
         if self.teacher_kv is not None:
-            changes["teacher_kv"] = tuple(kv.select(index) for kv in self.teacher_kv)
+            changes["teacher_kv"] = tuple(kv.select(take) for kv in self.teacher_kv)
         return dataclasses.replace(self, **changes)
 
     def shards(self, parts: int, keep_empty: bool = False) -> list[RolloutBatch]:

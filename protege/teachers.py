@@ -14,13 +14,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from protege.config import Config, TeacherConfig
+from protege.config import TeacherConfig
 from protege.records import RolloutPlan
 
 Placement = Literal["actors", "samplers", "learner"]
 
 
-def place_teacher(spec: TeacherConfig, config: Config) -> Placement:
+def place_teacher(spec: TeacherConfig) -> Placement:
     """Where `spec` is scored (see the module docstring)."""
     if not spec.is_self:
         return "actors"

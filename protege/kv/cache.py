@@ -21,7 +21,7 @@ class LayerKV:
     keys: tuple[Tensor, ...]  # L × [B,H_kv,T,D]
     values: tuple[Tensor, ...]  # L × [B,H_kv,T,D]
 
-    def select(self, index: Tensor) -> LayerKV:
+    def select(self, index: Tensor | slice) -> LayerKV:
         return LayerKV(tuple(k[index] for k in self.keys), tuple(v[index] for v in self.values))
 
     @property
