@@ -71,11 +71,6 @@ class StudentForward:
         return self._get("logits")[:, prompt_len - 1 : -1]
 
     @property
-    def sequence_logits(self) -> Tensor:
-        """[B,S,V] logits at every position of prompt ⧺ response."""
-        return self._get("logits")
-
-    @property
     def sequence_mask(self) -> Tensor:
         """[B,S] bool, True on real (non-padding) prompt and response tokens."""
         return torch.cat([self._batch.prompt_mask, self._batch.response_mask], dim=1).bool()
