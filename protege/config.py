@@ -11,7 +11,7 @@ import difflib
 import math
 import re
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import yaml
 from pydantic import (
@@ -19,19 +19,22 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
 
-from protege.algorithms import build_algorithm
-from protege.algorithms.registry import Algorithm, AlgorithmConfigError
-from protege.errors import ProtegeError
+from protege.errors import AlgorithmConfigError, ProtegeError
+
+if TYPE_CHECKING:  # the algorithms import torch; `--help` reads this module without it
+    from protege.algorithms.registry import Algorithm
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
+SKIP_ALGORITHM = "skip_algorithm"  # validation context key: leave algorithm.* to the caller
 SELF_TEACHER = "self"  # teacher.model: the student's base model with the LoRA adapter off
 
 
@@ -55,7 +58,7 @@ class LoraConfig(Section):
     enabled: bool = False  # train a LoRA adapter instead of every weight
     r: int = Field(8, ge=1)  # adapter rank
     alpha: float = Field(16.0, gt=0)  # adapter scale numerator (scale = alpha / r)
-    dropout: float = Field(0.0, ge=0, lt=1)
+    dropout: float = Field(0.0, ge=0, lt=1)  # dropout on the adapter's input
     target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj"]  # layers adapted
     merge_on_save: bool = True  # final/ holds merged full weights (else the adapter alone)
 
@@ -72,15 +75,15 @@ class TeacherConfig(Section):
     name: str = "teacher"  # unique among `teachers`; metrics and payloads carry it
     model: str = "builtin:tiny/teacher"  # local HF model directory, builtin:..., or "self"
     backend: Literal["hf", "vllm"] = "hf"  # who computes its log-probs
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # weights' dtype when loaded
     num_workers: int = Field(1, ge=1)  # scorer replicas; rollout shards are dealt over them
     micro_batch_size: int = Field(64, ge=1)  # rows per teacher forward
     num_cpus: float = Field(0.25, ge=0)  # Ray resources of each scorer
-    num_gpus: float = Field(0.0, ge=0)
+    num_gpus: float = Field(0.0, ge=0)  # GPUs of each scorer (fractions colocate roles)
     # K-V outputs (algorithm kv_distill): text read before every sequence (seed 002 phase 1:
     # one model, two prompts), and a disk cache of scored rows (a caching teacher).
     prefix: str = ""
-    kv_cache: bool = False
+    kv_cache: bool = False  # keep scored K-V rows on disk and reuse them (kv_distill)
     kv_cache_dir: str | None = None  # default: <output_dir>/teacher_kv/<name>
 
     @property
@@ -99,9 +102,9 @@ class RolloutConfig(Section):
     # (object_store: through Ray's object store, any device; nccl: broadcast from learner
     # rank 0 to the engine's GPU workers).
     gpu_memory_utilization: float = Field(0.5, gt=0, le=1)
-    weight_sync: Literal["object_store", "nccl"] = "object_store"
+    weight_sync: Literal["object_store", "nccl"] = "object_store"  # vLLM: how weights arrive
     num_cpus: float = Field(0.25, ge=0)  # Ray resources of each sampler
-    num_gpus: float = Field(0.0, ge=0)
+    num_gpus: float = Field(0.0, ge=0)  # GPUs of each sampler (fractions colocate roles)
 
 
 class RewardRule(Section):
@@ -117,11 +120,11 @@ class RewardModel(Section):
 
 
 class RewardConfig(Section):
-    rules: list[RewardRule] = []
-    models: list[RewardModel] = []
+    rules: list[RewardRule] = []  # rule functions, each weighted into the reward
+    models: list[RewardModel] = []  # reward models, each weighted into the reward
     micro_batch_size: int = Field(64, ge=1)  # reward-model rows per forward
-    num_cpus: float = Field(0.25, ge=0)
-    num_gpus: float = Field(0.0, ge=0)
+    num_cpus: float = Field(0.25, ge=0)  # Ray resources of the reward worker
+    num_gpus: float = Field(0.0, ge=0)  # GPUs of the reward worker
 
     @property
     def enabled(self) -> bool:
@@ -130,16 +133,18 @@ class RewardConfig(Section):
 
 class LearnerConfig(Section):
     num_workers: int = Field(1, ge=1)  # data-parallel ranks
-    lr: float = Field(1e-3, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
-    warmup_steps: int = Field(0, ge=0)
-    max_grad_norm: float = Field(1.0, gt=0)
-    micro_batch_size: int = Field(64, ge=1)
-    zero_stage: int = Field(0, ge=0, le=3)
-    precision: Literal["fp32", "bf16"] = "fp32"
-    num_cpus: float = Field(0.5, ge=0)
-    num_gpus: float = Field(0.0, ge=0)
+    lr: float = Field(1e-3, gt=0)  # AdamW peak learning rate (tiny models need ~1e-3)
+    weight_decay: float = Field(0.0, ge=0)  # AdamW decoupled weight decay
+    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"  # decay after warmup
+    warmup_steps: int = Field(0, ge=0)  # steps of linear warmup from 0 to lr
+    max_grad_norm: float = Field(1.0, gt=0)  # gradients clipped to this global L2 norm
+    micro_batch_size: int = Field(64, ge=1)  # rows per forward/backward (gradients accumulate)
+    zero_stage: int = Field(0, ge=0, le=3)  # DeepSpeed ZeRO stage (0: plain data parallel)
+    precision: Literal["fp32", "bf16"] = (
+        "fp32"  # learner precision (bf16: DeepSpeed mixed precision)
+    )
+    num_cpus: float = Field(0.5, ge=0)  # Ray resources of each rank
+    num_gpus: float = Field(0.0, ge=0)  # GPUs of each rank
 
 
 class DataConfig(Section):
@@ -155,11 +160,11 @@ class DataConfig(Section):
 
 
 class TrainerConfig(Section):
-    steps: int = Field(100, ge=0)
+    steps: int = Field(100, ge=0)  # training steps (updates of the student)
     batch_size: int = Field(32, ge=1)  # prompts per step
-    seed: int = 0
+    seed: int = 0  # seeds the samplers (one per replica), LoRA and module init
     eval_every: int = Field(0, ge=0)  # 0: only before and after training
-    eval_size: int = Field(200, ge=1)
+    eval_size: int = Field(200, ge=1)  # test prompts evaluated (the first ones of data.test)
     eval_samples: int = Field(
         0, ge=0
     )  # samples per test prompt (pass@k, entropy, ...); 0: greedy only
@@ -172,7 +177,7 @@ class TrainerConfig(Section):
     resume_allow_changes: bool = False  # resume although hyper-parameters changed (listed)
     overwrite: bool = False  # a fresh run deletes an old run's metrics and checkpoints
     max_bad_steps: int = Field(5, ge=0)  # stop after this many non-finite steps in a row; 0: never
-    max_staleness: int = Field(0, ge=0)
+    max_staleness: int = Field(0, ge=0)  # rollouts sampled ahead of the update (0: synchronous)
     workers: Literal["ray", "local"] = "ray"  # local: every role in this process (tests, debugging)
 
 
@@ -190,7 +195,7 @@ class Config(Section):
     rollout: RolloutConfig = RolloutConfig()
     reward: RewardConfig = RewardConfig()
     learner: LearnerConfig = LearnerConfig()
-    algorithm: dict[str, Any] = {"name": "gkd"}
+    algorithm: dict[str, Any] = {"name": "gkd"}  # name + hyper-parameters (listed below)
     data: DataConfig = DataConfig()
     trainer: TrainerConfig = TrainerConfig()
     logging: LoggingConfig = LoggingConfig()
@@ -213,11 +218,14 @@ class Config(Section):
 
     @field_validator("algorithm")
     @classmethod
-    def _check_algorithm(cls, params: dict[str, Any]) -> dict[str, Any]:
+    def _check_algorithm(cls, params: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
         for key, value in _floats(params):
             if not math.isfinite(value):
                 raise AlgorithmConfigError(key, f"must be a finite number (got {value!r})")
-        build_algorithm(params)  # raises AlgorithmConfigError naming the key
+        if not (info.context or {}).get(SKIP_ALGORITHM):
+            from protege.algorithms import build_algorithm
+
+            build_algorithm(params)  # raises AlgorithmConfigError naming the key
         return params
 
     @field_validator("teachers")
@@ -234,6 +242,8 @@ class Config(Section):
         return self.teachers[0]
 
     def build_algorithm(self) -> Algorithm:
+        from protege.algorithms import build_algorithm
+
         return build_algorithm(self.algorithm)
 
 
@@ -267,20 +277,22 @@ def read_tree(preset: str | Path | None, overrides: list[str]) -> dict[str, Any]
     return tree
 
 
-def validated(model: type[ModelT], tree: dict[str, Any]) -> ModelT:
+def validated(model: type[ModelT], tree: dict[str, Any], context: dict | None = None) -> ModelT:
     """`model` built from `tree`, or a ConfigError naming every bad key."""
     try:
-        return model.model_validate(tree)
+        return model.model_validate(tree, context=context)
     except ValidationError as error:
         raise ConfigError(_describe(error, model)) from None
 
 
-def config_from_dict(tree: dict[str, Any]) -> Config:
+def config_from_dict(tree: dict[str, Any], check_algorithm: bool = True) -> Config:
+    """The validated Config; `check_algorithm=False` leaves the algorithm's own keys unchecked
+    (`--help` lists them from the sources, without importing torch)."""
     algorithm = tree.get("algorithm")
     if isinstance(algorithm, dict) and "name" not in algorithm:
         default_name = Config.model_fields["algorithm"].default["name"]
         tree = {**tree, "algorithm": {"name": default_name, **algorithm}}
-    return validated(Config, tree)
+    return validated(Config, tree, None if check_algorithm else {SKIP_ALGORITHM: True})
 
 
 class _Loader(yaml.SafeLoader):

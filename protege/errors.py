@@ -32,3 +32,12 @@ def report(error: BaseException) -> int:
     message = str(cause if isinstance(cause, ProtegeError) else error)
     print(f"error: {message}", file=sys.stderr, flush=True)
     return EXIT_CODE
+
+
+class AlgorithmConfigError(ProtegeError):
+    """A bad algorithm hyper-parameter; `key` is the dotted path under `algorithm`. Here, not
+    in the registry, so the config loader checks it without importing torch."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(f"algorithm.{key}: {message}" if key else f"algorithm: {message}")
+        self.key = key

@@ -1,4 +1,5 @@
-"""Build a run from a config and execute it: what every example calls."""
+"""Build a run from a config: the checks made before any model loads, then the workers and
+the controller. `protege.cli.main` (what every example calls) runs it."""
 
 from __future__ import annotations
 
@@ -9,10 +10,10 @@ import torch
 
 from protege.algorithms.registry import Algorithm
 from protege.capabilities import config_problem, vllm_models_on_cpu, weight_sync_problem
-from protege.config import Config, load_config
+from protege.config import Config
 from protege.controller import Controller
 from protege.data import PromptSource, read_jsonl, read_text_lines, require_completions
-from protege.errors import ProtegeError, SetupError, report
+from protege.errors import ProtegeError, SetupError
 from protege.evaluation import Evaluator
 from protege.launch import LocalLauncher
 from protege.metrics_log import MetricsLog
@@ -21,7 +22,6 @@ from protege.pipeline import Pipeline
 from protege.preflight import check_paths
 from protege.resume import prepare_output_dir
 from protege.rewards import check_rules
-from protege.usage import HELP_FLAGS, usage
 
 
 def build_controller(config: Config) -> Controller:
@@ -148,23 +148,3 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
-
-
-def main(preset: str, argv: list[str] | None = None) -> dict[str, float]:
-    """`python examples/<preset>.py [a.b=value ...]`: train, then print accuracy before/after.
-    `--help` prints every key; a known bad input exits with code 2 and one `error:` block."""
-    argv = sys.argv[1:] if argv is None else argv
-    if HELP_FLAGS & set(argv):
-        print(usage(preset))
-        raise SystemExit(0)
-    try:
-        config = load_config(preset, argv)
-        result = build_controller(config).run()
-    except ProtegeError as error:
-        raise SystemExit(report(error)) from None
-    if "eval_before/accuracy" in result:
-        print(
-            f"student accuracy: {result['eval_before/accuracy']:.3f} -> {result['eval_after/accuracy']:.3f} "
-            f"({config.algorithm['name']}, {config.trainer.steps} steps; final model in {config.output_dir}/final)"
-        )
-    return result

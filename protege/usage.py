@@ -7,11 +7,8 @@ block just above it) in the source: the comments next to the defaults are the do
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import inspect
-import io
-import tokenize
 import types
 import typing
 from functools import cache
@@ -20,15 +17,11 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from protege.source_docs import REQUIRED, builtin_algorithms, comments_by_field
+
 HELP_FLAGS = frozenset({"-h", "--help"})
 
 
-class _Required:
-    def __repr__(self) -> str:
-        return "<required>"
-
-
-REQUIRED = _Required()  # the value shown for a key with no default
 DOC_COLUMN = 64
 
 
@@ -41,16 +34,15 @@ class _Items:
 
 
 def usage(preset: str) -> str:
-    """The help text of `python examples/<preset>.py`."""
-    from protege.algorithms.registry import ALGORITHMS
-    from protege.config import Config, load_config
+    """The help text of `python examples/<preset>.py`. Imports neither torch nor the
+    algorithms (a built-in algorithm's keys are read from its source), so it is instant."""
+    from protege.config import Config, config_from_dict, read_tree
 
-    config = load_config(preset)
+    config = config_from_dict(read_tree(preset, []), check_algorithm=False)
     name = Path(str(preset)).stem
-    algorithm = ALGORITHMS[config.algorithm["name"]]
     rows = list(section_rows(Config, config, ""))
     rows = [row for row in rows if not row[0].startswith("algorithm")]
-    algorithm_rows = list(algorithm_rows_of(algorithm, config.algorithm))
+    algorithm_doc, algorithm_rows = algorithm_help(config.algorithm)
     intro = (
         f"Trains with preset configs/{name}.yaml; each a.b=value override sets one key (values "
         "are YAML: 1e-4, true, null, [a, b]; list items as teachers.0.model=...).\n"
@@ -66,7 +58,7 @@ def usage(preset: str) -> str:
             "keys (type) = this preset's value:",
             *format_rows(rows),
             "",
-            f"algorithm keys ({config.algorithm['name']}: {first_line(algorithm.__doc__)}):",
+            f"algorithm keys ({config.algorithm['name']}: {algorithm_doc}):",
             *format_rows(algorithm_rows),
         ]
     )
@@ -99,6 +91,26 @@ def section_rows(model: type[BaseModel], value: Any, prefix: str):
             yield key, type_name(info.annotation), current, doc
 
 
+def algorithm_help(params: dict[str, Any]) -> tuple[str, list[tuple[str, str, Any, str]]]:
+    """(first docstring line, key rows) of the algorithm `params` names: a built-in one from
+    its source; any other (registered by user code) from its imported dataclass."""
+    name = params["name"]
+    source = builtin_algorithms().get(name)
+    if source is None:
+        from protege.algorithms.registry import ALGORITHMS
+        from protege.errors import AlgorithmConfigError
+
+        if name not in ALGORITHMS:
+            known = ", ".join(sorted(ALGORITHMS))
+            raise AlgorithmConfigError("name", f"unknown algorithm {name!r}; registered: {known}")
+        cls = ALGORITHMS[name]
+        return first_line(cls.__doc__), list(algorithm_rows_of(cls, params))
+    rows = [("algorithm.name", "str", name, "the registered algorithm")]
+    for field, kind, default, doc in source.fields:
+        rows.append((f"algorithm.{field}", kind, params.get(field, default), doc))
+    return source.doc, rows
+
+
 def algorithm_rows_of(cls: type, params: dict[str, Any]):
     hints = typing.get_type_hints(cls)
     comments = field_comments(cls)
@@ -117,28 +129,9 @@ def algorithm_rows_of(cls: type, params: dict[str, Any]):
 def field_comments(cls: type) -> dict[str, str]:
     """{field name: the comment on its definition's lines, or the comment block above it}."""
     try:
-        source = inspect.getsource(cls)
+        return comments_by_field(inspect.getsource(cls))
     except (OSError, TypeError):
         return {}
-    source = inspect.cleandoc("\n" + source) if source.startswith(" ") else source
-    comments: dict[int, str] = {}  # line number -> comment text
-    for token in tokenize.generate_tokens(io.StringIO(source).readline):
-        if token.type == tokenize.COMMENT:
-            comments[token.start[0]] = token.string.lstrip("#").strip()
-    lines = source.splitlines()
-    docs = {}
-    body = ast.parse(source).body[0]
-    for node in getattr(body, "body", []):
-        if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
-            continue
-        own = [comments[n] for n in range(node.lineno, node.end_lineno + 1) if n in comments]
-        above = []
-        line = node.lineno - 1
-        while line in comments and lines[line - 1].lstrip().startswith("#"):
-            above.insert(0, comments[line])
-            line -= 1
-        docs[node.target.id] = " ".join(own or above)
-    return docs
 
 
 def type_name(hint: Any) -> str:

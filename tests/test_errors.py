@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 
 from protege.algorithms import ALGORITHMS
+from protege.cli import main
 from protege.config import Config, ConfigError, load_config
 from protege.errors import ProtegeError
 from protege.modeling import resolve_path
-from protege.run import main
 
 ROOT = Path(__file__).resolve().parent.parent
 LOCAL = ["trainer.workers=local", "logging.wandb=disabled", "logging.progress=false"]

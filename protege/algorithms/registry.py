@@ -34,7 +34,7 @@ from typing import Any, ClassVar, Protocol, TypeVar, runtime_checkable
 
 from torch import Tensor
 
-from protege.errors import ProtegeError
+from protege.errors import AlgorithmConfigError
 from protege.records import RolloutBatch, RolloutPlan
 
 
@@ -118,14 +118,6 @@ def register(name: str) -> Callable[[A], A]:
         return cls
 
     return decorate
-
-
-class AlgorithmConfigError(ProtegeError):
-    """A bad algorithm hyper-parameter; `key` is the dotted path under `algorithm`."""
-
-    def __init__(self, key: str, message: str):
-        super().__init__(f"algorithm.{key}: {message}" if key else f"algorithm: {message}")
-        self.key = key
 
 
 def build_algorithm(params: dict[str, Any]) -> Algorithm:

@@ -1,0 +1,165 @@
+"""Key docs read from the source: the comment next to a field is its doc, and the built-in
+algorithms' hyper-parameters are read from their files with `ast`, so `--help` lists them
+without importing the algorithms (and with them torch, ~20 s on a cold start).
+"""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import io
+import operator
+import tokenize
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+ALGORITHM_DIR = Path(__file__).resolve().parent / "algorithms"
+_ARITHMETIC = {ast.Div: operator.truediv, ast.Mult: operator.mul, ast.Add: operator.add,
+               ast.Sub: operator.sub, ast.Pow: operator.pow}  # fmt: skip
+
+
+class Missing:
+    def __repr__(self) -> str:
+        return "<required>"
+
+
+REQUIRED = Missing()  # the value shown for a key with no default
+
+
+@dataclass(frozen=True)
+class AlgorithmSource:
+    """A registered algorithm as its source declares it."""
+
+    doc: str  # the first line of its docstring
+    fields: tuple[tuple[str, str, Any, str], ...]  # (name, type name, default, doc)
+
+
+def comments_by_field(source: str) -> dict[str, str]:
+    """{field name: the comment on its definition's lines, or the comment block above it}
+    for the annotated fields of the one class defined in `source`."""
+    source = inspect.cleandoc("\n" + source) if source.startswith(" ") else source
+    comments: dict[int, str] = {}  # line number -> comment text
+    for token in tokenize.generate_tokens(io.StringIO(source).readline):
+        if token.type == tokenize.COMMENT:
+            comments[token.start[0]] = token.string.lstrip("#").strip()
+    lines = source.splitlines()
+    docs = {}
+    body = next(n for n in ast.parse(source).body if isinstance(n, ast.ClassDef))
+    for node in body.body:
+        if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
+            continue
+        own = [comments[n] for n in range(node.lineno, node.end_lineno + 1) if n in comments]
+        above = []
+        line = node.lineno - 1
+        while line in comments and lines[line - 1].lstrip().startswith("#"):
+            above.insert(0, comments[line])
+            line -= 1
+        docs[node.target.id] = " ".join(own or above)
+    return docs
+
+
+@cache
+def builtin_algorithms() -> dict[str, AlgorithmSource]:
+    """{registered name: its source declaration} of every `@register(...)` class in
+    protege/algorithms/."""
+    found = {}
+    for path in sorted(ALGORITHM_DIR.glob("*.py")):
+        text = path.read_text(encoding="utf-8")
+        module = ast.parse(text)
+        aliases = _aliases(module)
+        for node in module.body:
+            name = _registered_name(node)
+            if name is None:
+                continue
+            segment = "\n".join(text.splitlines()[node.lineno - 1 : node.end_lineno])
+            found[name] = AlgorithmSource(
+                doc=(ast.get_docstring(node) or "").split("\n")[0].rstrip("."),
+                fields=tuple(_fields(node, aliases, comments_by_field(segment))),
+            )
+    return found
+
+
+def _aliases(module: ast.Module, follow: bool = True) -> dict[str, ast.expr]:
+    """{name: value} of the module's `Name = ...` assignments (type aliases), and of those
+    it imports from other protege modules (`from protege.records import Source`)."""
+    found: dict[str, ast.expr] = {}
+    for node in module.body:
+        if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name):
+            found[node.targets[0].id] = node.value
+        elif (
+            follow
+            and isinstance(node, ast.ImportFrom)
+            and (node.module or "").startswith("protege.")
+        ):
+            path = ALGORITHM_DIR.parent.joinpath(*node.module.split(".")[1:]).with_suffix(".py")
+            if path.is_file():
+                theirs = _aliases(ast.parse(path.read_text(encoding="utf-8")), follow=False)
+                found.update({a.name: theirs[a.name] for a in node.names if a.name in theirs})
+    return found
+
+
+def _registered_name(node: ast.stmt) -> str | None:
+    if not isinstance(node, ast.ClassDef):
+        return None
+    for decorator in node.decorator_list:
+        if (
+            isinstance(decorator, ast.Call)
+            and getattr(decorator.func, "id", None) == "register"
+            and decorator.args
+            and isinstance(decorator.args[0], ast.Constant)
+        ):
+            return decorator.args[0].value
+    return None
+
+
+def _fields(node: ast.ClassDef, aliases: dict[str, ast.expr], docs: dict[str, str]):
+    """(name, type name, default, doc) of each constructor field, in order (ClassVars and
+    `field(init=False)` are not keys)."""
+    for item in node.body:
+        if not (isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name)):
+            continue
+        if ast.unparse(item.annotation).startswith("ClassVar"):
+            continue
+        default: Any = REQUIRED
+        value = item.value
+        if isinstance(value, ast.Call) and getattr(value.func, "id", None) == "field":
+            keywords = {k.arg: k.value for k in value.keywords}
+            if "init" in keywords and _constant(keywords["init"]) is False:
+                continue
+            value = keywords.get("default")
+        if value is not None:
+            default = _constant(value)
+        name = item.target.id
+        yield name, _type_name(item.annotation, aliases), default, docs.get(name, "")
+
+
+def _constant(node: ast.expr) -> Any:
+    """A default written as a literal or constant arithmetic (`1 / 3`); else its source."""
+    try:
+        return ast.literal_eval(node)
+    except ValueError:
+        pass
+    if isinstance(node, ast.BinOp) and type(node.op) in _ARITHMETIC:
+        left, right = _constant(node.left), _constant(node.right)
+        if all(isinstance(v, (int, float)) for v in (left, right)):
+            return _ARITHMETIC[type(node.op)](left, right)
+    return ast.unparse(node)
+
+
+def _type_name(node: ast.expr, aliases: dict[str, ast.expr]) -> str:
+    """The name `protege.usage.type_name` gives the same annotation once imported."""
+    if isinstance(node, ast.Name) and node.id in aliases:
+        return _type_name(aliases[node.id], aliases)
+    if isinstance(node, ast.Constant) and node.value is None:
+        return "null"
+    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.BitOr):
+        return f"{_type_name(node.left, aliases)} | {_type_name(node.right, aliases)}"
+    if isinstance(node, ast.Subscript):
+        base = ast.unparse(node.value).split(".")[-1]
+        items = node.slice.elts if isinstance(node.slice, ast.Tuple) else [node.slice]
+        if base == "Literal":
+            return "|".join(str(ast.literal_eval(item)) for item in items)
+        return f"{base}[{', '.join(_type_name(item, aliases) for item in items)}]"
+    return ast.unparse(node)
