@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import sys
 
-from protege.config import load_config
+from protege.config import Config, load_config
 from protege.errors import ProtegeError, report
+from protege.progress import Progress, progress_enabled
 from protege.usage import HELP_FLAGS, usage
 
 
@@ -22,9 +23,7 @@ def main(preset: str, argv: list[str] | None = None) -> dict[str, float]:
             print(usage(preset))
             raise SystemExit(0)
         config = load_config(preset, argv)
-        from protege.run import build_controller
-
-        result = build_controller(config).run()
+        result = train(config)
     except ProtegeError as error:
         raise SystemExit(report(error)) from None
     if "eval_before/accuracy" in result:
@@ -34,3 +33,15 @@ def main(preset: str, argv: list[str] | None = None) -> dict[str, float]:
             f"{config.trainer.steps} steps; final model in {config.output_dir}/final)"
         )
     return result
+
+
+def train(config: Config) -> dict[str, float]:
+    """Build the run and train it under a progress bar, closed before anything else prints."""
+    from protege.run import build_controller
+
+    enabled = progress_enabled(config.logging.progress, sys.stderr)
+    progress = Progress(config.trainer.steps, enabled)
+    try:
+        return build_controller(config).run(on_step=progress.update)
+    finally:
+        progress.close()

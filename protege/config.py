@@ -185,7 +185,8 @@ class LoggingConfig(Section):
     wandb: Literal["auto", "online", "offline", "disabled"] = "auto"  # auto: online with a key
     project: str = "protege"  # wandb project
     run_name: str | None = None  # wandb run name
-    progress: bool = True  # a console line per step
+    # a bar with step k/N, ETA and key metrics on stderr: auto draws it on a terminal only
+    progress: bool | Literal["auto"] = "auto"
 
 
 class Config(Section):

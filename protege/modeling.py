@@ -16,6 +16,7 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+from transformers.utils import logging as hf_logging
 
 from protege.errors import SetupError
 from protege.records import RolloutBatch
@@ -29,6 +30,10 @@ WEIGHT_FILES = (
 )
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # what a hub model name looks like
+# A run draws one progress bar (protege.progress); HF's per-load/per-save bars ("Loading
+# weights", "Writing model shards") would interleave with it.
+hf_logging.disable_progress_bar()
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
