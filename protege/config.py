@@ -289,6 +289,10 @@ def validated(model: type[ModelT], tree: dict[str, Any], context: dict | None = 
 def config_from_dict(tree: dict[str, Any], check_algorithm: bool = True) -> Config:
     """The validated Config; `check_algorithm=False` leaves the algorithm's own keys unchecked
     (`--help` lists them from the sources, without importing torch)."""
+    try:
+        _check_size(tree)
+    except ValueError as error:
+        raise ConfigError(f"invalid config: {error}") from None
     algorithm = tree.get("algorithm")
     if isinstance(algorithm, dict) and "name" not in algorithm:
         default_name = Config.model_fields["algorithm"].default["name"]
@@ -314,9 +318,15 @@ def _read_preset(preset: str | Path) -> dict[str, Any]:
     if not path.exists():
         known = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
         raise ConfigError(f"no preset {str(preset)!r}; presets in configs/: {known}")
+    if not path.is_file():
+        raise ConfigError(f"{path}: is not a file; pass a YAML preset file or a preset name")
     try:
-        tree = yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader) or {}
-    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{path}: cannot read the preset ({error})") from None
+    try:
+        tree = _yaml_value(text) or {}
+    except ValueError as error:
         raise ConfigError(f"{path}: not a valid YAML preset ({error})".replace("\n", " ")) from None
     if not isinstance(tree, dict):
         raise ConfigError(
@@ -327,15 +337,55 @@ def _read_preset(preset: str | Path) -> dict[str, Any]:
 
 def _parse_override(text: str) -> tuple[str, Any]:
     key, sep, raw = text.partition("=")
-    if not sep or not key.strip():
-        raise ConfigError(f"override {text!r} is not of the form a.b=value")
+    key = key.strip()
+    shown = repr(text if len(text) <= 80 else text[:60] + f"... ({len(text)} characters)")
+    if not sep or not key or not all(part.strip() for part in key.split(".")):
+        raise ConfigError(f"override {shown} is not of the form a.b=value")
     try:
-        return key.strip(), yaml.load(raw, Loader=_Loader) if raw.strip() else None
-    except yaml.YAMLError:
+        return key, _yaml_value(raw) if raw.strip() else None
+    except ValueError as error:
         raise ConfigError(
-            f"override {text!r}: the value is not valid YAML; quote it, "
-            f"e.g. {key.strip()}='\"...\"'"
+            f"override {shown}: the value is not valid YAML ({error}); quote it, "
+            f"e.g. {key}='\"...\"'".replace("\n", " ")
         ) from None
+
+
+MAX_DEPTH = 32  # a config is a few levels deep; deeper is a mistake (or a YAML bomb)
+MAX_NODES = 100_000  # values after YAML aliases are expanded
+
+
+def _yaml_value(text: str) -> Any:
+    """`text` read as YAML (safe: no tags that construct objects), or a ValueError: bad
+    syntax, an integer too long to convert, nesting too deep, or aliases that form a cycle
+    or expand past MAX_NODES values (a "billion laughs")."""
+    try:
+        value = yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as error:
+        raise ValueError(str(error)) from None
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+    _check_size(value)
+    return value
+
+
+def _check_size(value: Any) -> None:
+    """ValueError unless `value` is a finite tree of at most MAX_DEPTH levels, MAX_NODES
+    nodes (a shared alias counts each time it appears)."""
+    count = 0
+    stack = [(value, 0, frozenset())]  # (node, depth, ids of the containers above it)
+    while stack:
+        node, depth, above = stack.pop()
+        count += 1
+        if count > MAX_NODES:
+            raise ValueError(f"more than {MAX_NODES} values once its aliases are expanded")
+        if not isinstance(node, (dict, list, set, tuple)):
+            continue
+        if id(node) in above:
+            raise ValueError("an alias refers to a mapping or list that contains it (a cycle)")
+        if depth >= MAX_DEPTH:
+            raise ValueError(f"nested more than {MAX_DEPTH} levels deep")
+        children = [*node.keys(), *node.values()] if isinstance(node, dict) else list(node)
+        stack.extend((child, depth + 1, above | {id(node)}) for child in children)
 
 
 def _assign(tree: dict[str, Any], dotted: str, value: Any) -> None:

@@ -51,6 +51,8 @@ def _parse_row(line: str, where: str) -> Row:
         record = json.loads(line)
     except json.JSONDecodeError as error:
         raise DataError(f"{where}: malformed JSON ({error.msg})") from None
+    except (ValueError, RecursionError) as error:  # a number too long, nesting too deep
+        raise DataError(f"{where}: unreadable JSON ({type(error).__name__}: {error})") from None
     if not isinstance(record, dict):
         raise DataError(f"{where}: a row must be a JSON object, got {type(record).__name__}")
     prompt = record.get("prompt")

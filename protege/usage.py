@@ -95,12 +95,12 @@ def algorithm_help(params: dict[str, Any]) -> tuple[str, list[tuple[str, str, An
     """(first docstring line, key rows) of the algorithm `params` names: a built-in one from
     its source; any other (registered by user code) from its imported dataclass."""
     name = params["name"]
-    source = builtin_algorithms().get(name)
+    source = builtin_algorithms().get(name) if isinstance(name, str) else None
     if source is None:
         from protege.algorithms.registry import ALGORITHMS
         from protege.errors import AlgorithmConfigError
 
-        if name not in ALGORITHMS:
+        if not isinstance(name, str) or name not in ALGORITHMS:
             known = ", ".join(sorted(ALGORITHMS))
             raise AlgorithmConfigError("name", f"unknown algorithm {name!r}; registered: {known}")
         cls = ALGORITHMS[name]

@@ -125,7 +125,7 @@ def build_algorithm(params: dict[str, Any]) -> Algorithm:
     types and ranges; errors name the offending key."""
     params = dict(params)
     name = params.pop("name", None)
-    if name not in ALGORITHMS:
+    if not isinstance(name, str) or name not in ALGORITHMS:
         known = ", ".join(sorted(ALGORITHMS))
         raise AlgorithmConfigError("name", f"unknown algorithm {name!r}; registered: {known}")
     cls = ALGORITHMS[name]
