@@ -109,6 +109,51 @@ def require_completions(rows: list[Row], name: str, why: str) -> None:
             raise DataError(f"{name}: row {number} has no 'completion', which {why} needs")
 
 
+@dataclass(frozen=True)
+class UnknownCharacters:
+    """Characters of the training text the tokenizer cannot encode: they become `<unk>` or
+    vanish (some tokenizers drop what is not in their vocabulary), so the model never sees
+    them. Counted at start rather than passed without a word."""
+
+    to_unk: dict[str, int]  # character -> occurrences, encoded as the unknown token
+    dropped: dict[str, int]  # character -> occurrences, encoded as nothing
+    rows: int = 0  # rows holding any of them
+    first: str = ""  # file:line of the first such row
+
+    def describe(self) -> str:
+        """`'é' ×3, 'ß' ×1 become <unk>; ' ' ×2 are dropped` (the commonest first)."""
+        parts = []
+        for counts, fate in ((self.to_unk, "become <unk>"), (self.dropped, "are dropped")):
+            if counts:
+                common = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
+                shown = ", ".join(f"{char!r} ×{count}" for char, count in common[:8])
+                more = f" and {len(common) - 8} more" if len(common) > 8 else ""
+                parts.append(f"{shown}{more} {fate}")
+        return "; ".join(parts)
+
+
+def unknown_characters(rows: list[Row], tokenizer: PreTrainedTokenizerBase) -> UnknownCharacters:
+    """The characters of the rows' prompts and completions that the tokenizer, encoding each
+    on its own, turns into its unknown token or into no token at all."""
+    texts = [row.prompt + (row.completion or "") for row in rows]
+    distinct = sorted(set().union(*map(set, texts))) if texts else []
+    encoded = tokenizer(distinct, add_special_tokens=False)["input_ids"] if distinct else []
+    unk = tokenizer.unk_token_id
+    fate = {
+        char: "dropped" if not ids else "unk"
+        for char, ids in zip(distinct, encoded)
+        if not ids or (unk is not None and unk in ids)
+    }
+    counts = {"unk": {}, "dropped": {}}
+    holding = [i for i, text in enumerate(texts) if not fate.keys().isdisjoint(text)]
+    for i in holding:
+        for char in texts[i]:
+            if char in fate:
+                counts[fate[char]][char] = counts[fate[char]].get(char, 0) + 1
+    first = (rows[holding[0]].where or f"row {holding[0] + 1}") if holding else ""
+    return UnknownCharacters(counts["unk"], counts["dropped"], len(holding), first)
+
+
 class PromptSource:
     """Shuffled, epoch-based batches of prompts (with completions and pre-training text).
 
@@ -117,7 +162,9 @@ class PromptSource:
     `max_prompt_tokens` is met before any model loads: `overlong` says whether that is an
     error naming its file:line, or the prompt keeps its last tokens (`truncate_left`: the
     question usually ends a prompt), or the row is dropped; `truncated` and `dropped` count
-    them. Completion tokens are computed the first time a row is served and cached (the
+    them; `unknown` counts characters the tokenizer cannot encode and `fill_duplicates` the
+    repeated prompts of each batch when there are fewer rows than `batch_size`. Completion
+    tokens are computed the first time a row is served and cached (the
     tokenizer must not change afterwards), and an epoch's shuffled order is computed once;
     the batches are the same as tokenising every step.
     """
@@ -145,6 +192,10 @@ class PromptSource:
         self.position = 0  # rows served so far, over all epochs
         self._order: tuple[int, list[int]] = (-1, [])  # (epoch, its shuffled row indices)
         self.rows, prompt_ids = self._fit_prompts(rows, overlong)
+        self.unknown = unknown_characters(self.rows, tokenizer)
+        # A dataset smaller than a batch repeats rows in every batch (1 row, batch 32: the
+        # same prompt 32 times); counted so a run says so instead of training on copies.
+        self.fill_duplicates = max(batch_size - len(self.rows), 0)
         self._prompt_tokens = TokenCache(self._tokenize_prompts, len(self.rows))
         self._prompt_tokens.ids = [torch.tensor(ids, dtype=torch.long) for ids in prompt_ids]
         self._completion_tokens = TokenCache(self._tokenize_completions, len(self.rows))

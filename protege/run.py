@@ -43,7 +43,8 @@ def build_controller(config: Config) -> Controller:
         pretrain=read_pretrain(config, algorithm),
         overlong=config.data.overlong,
     )
-    print(f"[protege] {data_summary(config, prompts)}", file=sys.stderr, flush=True)
+    for line in data_summary(config, prompts):
+        print(f"[protege] {line}", file=sys.stderr, flush=True)
     evaluator = None
     if config.data.test:
         rows = read_jsonl(config.data.test)[: config.trainer.eval_size]
@@ -53,15 +54,34 @@ def build_controller(config: Config) -> Controller:
     return Controller(config, pipeline, prompts, algorithm, evaluator, log, resume_from)
 
 
-def data_summary(config: Config, prompts: PromptSource) -> str:
-    """The run's first line: how many training rows, and how many prompts were cut or
-    dropped for being over data.max_prompt_tokens."""
+def data_summary(config: Config, prompts: PromptSource) -> list[str]:
+    """The run's first lines: how many training rows; how many prompts were cut or dropped for
+    being over data.max_prompt_tokens, hold characters the tokenizer cannot encode, or are
+    repeated to fill a batch; then a line on each of the last two when there are any."""
     limit = f"data.max_prompt_tokens={config.data.max_prompt_tokens}"
-    return (
+    unknown, duplicates = prompts.unknown, prompts.fill_duplicates
+    batch = config.trainer.batch_size
+    first = (
         f"data.train: {len(prompts.rows)} rows from {config.data.train}; "
         f"{prompts.truncated} truncated on the left and {prompts.dropped} dropped "
-        f"for being over {limit} (data.overlong={config.data.overlong})"
+        f"for being over {limit} (data.overlong={config.data.overlong}); "
+        f"{unknown.rows} with characters the tokenizer cannot encode; "
+        f"{duplicates} repeated prompts per batch"
     )
+    lines = [first]
+    if unknown.rows:
+        lines.append(
+            f"data.train: {unknown.rows} rows (the first at {unknown.first}) hold characters "
+            f"the student's tokenizer cannot encode, so the model never sees them: "
+            f"{unknown.describe()}; clean the data or use a tokenizer that covers them"
+        )
+    if duplicates:
+        lines.append(
+            f"data.train: {len(prompts.rows)} rows for trainer.batch_size={batch}: every batch "
+            f"repeats rows ({duplicates} of its {batch} prompts are duplicates); add rows or "
+            "lower trainer.batch_size"
+        )
+    return lines
 
 
 def check_setup(config: Config, algorithm: Algorithm) -> None:

@@ -276,3 +276,51 @@ def test_the_chat_template_reaches_the_prompts(rows, chat_tokenizer):
     assert [templated[tuple(ids)] for ids in prompts] == list(batch.answers)
     plain = PromptSource(data, chat_tokenizer, 8, seed=7, chat_template=False).next(0)
     assert [ids[1:-1] for ids in prompts] == real(plain.prompt_ids, plain.prompt_mask)
+
+
+def test_characters_the_tokenizer_cannot_encode_are_counted(tokenizer):
+    """Checked against each character's own encoding: the built-in student's tokenizer (a
+    Qwen2Tokenizer over the char vocabulary) drops what it cannot encode; the same vocabulary
+    through the plain tokenizers backend turns it into <unk>."""
+    from transformers import AutoTokenizer
+
+    from protege.data import unknown_characters
+    from protege.modeling import resolve_path
+
+    rows = [Row("1+é=", "2ßß", where="t:1"), Row("1+1=", "2", where="t:2"), Row("ß=", where="t:3")]
+    dropped = unknown_characters(rows, tokenizer)
+    for char in "éß":
+        assert tokens(tokenizer, char, special=False) in ([], [tokenizer.unk_token_id])
+    found = {**dropped.to_unk, **dropped.dropped}
+    assert found == {"é": 1, "ß": 3} and (dropped.rows, dropped.first) == (2, "t:1")
+    plain = AutoTokenizer.from_pretrained(resolve_path("builtin:tiny/tokenizer"))
+    assert plain("é", add_special_tokens=False)["input_ids"] == [plain.unk_token_id]
+    unk = unknown_characters(rows, plain)
+    assert unk.to_unk == {"é": 1, "ß": 3} and unk.dropped == {}
+    assert "'ß' ×3, 'é' ×1 become <unk>" in unk.describe()
+    clean = unknown_characters(rows[1:2], plain)
+    assert (clean.rows, clean.to_unk, clean.dropped) == (0, {}, {})
+
+
+@pytest.mark.parametrize("num_rows,batch_size,duplicates", [(1, 8, 7), (3, 8, 5), (8, 8, 0)])
+def test_a_dataset_smaller_than_a_batch_counts_its_repeats(
+    rows, tokenizer, num_rows, batch_size, duplicates
+):
+    source = PromptSource(rows[:num_rows], tokenizer, batch_size)
+    assert source.fill_duplicates == duplicates
+    served = served_rows(source.next(0), rows[:num_rows], tokenizer)
+    assert len(served) - len(set(served)) == duplicates  # the batch really repeats that many
+
+
+def test_the_run_reports_unknown_characters_and_repeats_at_start(tmp_path, tokenizer):
+    from protege.config import load_config
+    from protege.run import data_summary
+
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"prompt": "1+1="}\n{"prompt": "2+é="}\n')
+    config = load_config("gkd", [f"data.train={data}", "trainer.batch_size=4"])
+    source = PromptSource(read_jsonl(str(data)), tokenizer, 4)
+    first, unknown, repeats = data_summary(config, source)
+    assert "1 with characters the tokenizer cannot encode; 2 repeated prompts per batch" in first
+    assert f"the first at {data}:2" in unknown and "'é' ×1" in unknown
+    assert "2 of its 4 prompts are duplicates" in repeats and "trainer.batch_size" in repeats
