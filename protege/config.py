@@ -34,6 +34,7 @@ ModelT = TypeVar("ModelT", bound=BaseModel)
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
+MAX_LR = 3.4e37  # 10·lr must fit in float32 (3.4e38): see LearnerConfig._lr_fits_adamw
 SKIP_ALGORITHM = "skip_algorithm"  # validation context key: leave algorithm.* to the caller
 SELF_TEACHER = "self"  # teacher.model: the student's base model with the LoRA adapter off
 
@@ -145,6 +146,20 @@ class LearnerConfig(Section):
     )
     num_cpus: float = Field(0.5, ge=0)  # Ray resources of each rank
     num_gpus: float = Field(0.0, ge=0)  # GPUs of each rank
+
+    @field_validator("lr")
+    @classmethod
+    def _lr_fits_adamw(cls, lr: float) -> float:
+        """AdamW's first step size is lr / (1 - β1) = 10·lr, a float32 scalar inside torch:
+        from lr = 3.4e37 it overflows there (a RuntimeError mid-run) instead of being a step
+        the numerics guard can skip."""
+        if lr >= MAX_LR:
+            raise ValueError(
+                f"must be below {MAX_LR:g}: AdamW's first step, 10·lr, would overflow float32 "
+                "(an lr moves each weight by about lr per step; tiny models use ~1e-3, real "
+                "ones ~1e-6 to 1e-5)"
+            )
+        return lr
 
 
 class DataConfig(Section):

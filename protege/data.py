@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -134,8 +135,13 @@ class UnknownCharacters:
 
 def unknown_characters(rows: list[Row], tokenizer: PreTrainedTokenizerBase) -> UnknownCharacters:
     """The characters of the rows' prompts and completions that the tokenizer, encoding each
-    on its own, turns into its unknown token or into no token at all."""
+    on its own, turns into its unknown token or into no token at all. Special and added
+    tokens written out in the text (`<eos>` ending a completion) are tokens, not characters."""
+    specials = {*tokenizer.all_special_tokens, *tokenizer.get_added_vocab()}
+    pattern = re.compile("|".join(map(re.escape, sorted(specials, key=len, reverse=True))))
     texts = [row.prompt + (row.completion or "") for row in rows]
+    if specials:
+        texts = [pattern.sub("", text) for text in texts]
     distinct = sorted(set().union(*map(set, texts))) if texts else []
     encoded = tokenizer(distinct, add_special_tokens=False)["input_ids"] if distinct else []
     unk = tokenizer.unk_token_id

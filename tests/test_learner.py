@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM
 from protege.actors.deepspeed_engine import TrainingEngine, lr_multiplier
 from protege.actors.learner import Learner
 from protege.actors.teacher import teacher_outputs
-from protege.config import Config, config_from_dict
+from protege.config import Config, ConfigError, config_from_dict
 from protege.modeling import load_model, response_logits
 from protege.records import RolloutBatch, RolloutPlan
 
@@ -453,6 +453,23 @@ def test_an_update_that_overflows_the_weights_is_flagged_and_never_saved(
     assert not (tmp_path / "final").exists()
     with pytest.raises(ValueError, match="not finite"):
         learner.save_checkpoint(str(tmp_path / "ckpt"))
+
+
+@pytest.mark.parametrize("zero_stage", [0, pytest.param(2, marks=pytest.mark.slow)])
+def test_an_lr_past_adamws_float32_range_is_refused_and_the_largest_allowed_one_steps(
+    tiny_dirs, zero_stage
+):
+    """From lr = 3.4e37 torch's AdamW overflows converting its step size 10·lr to float32 (a
+    RuntimeError mid-run); the config refuses it, and just below it steps still complete
+    and the numerics guard sees what they did to the weights."""
+    with pytest.raises(ConfigError, match="learner.lr: must be below 3.4e.37"):
+        make_config(tiny_dirs, lr=3.5e37)
+    learner = Learner(make_config(tiny_dirs, zero_stage=zero_stage, lr=3.3e37))
+    for seed in range(2):  # the second step starts from the first one's huge weights
+        metrics = learner.train(make_batch(tiny_dirs, seed=seed))
+        flagged = metrics["learner/skipped"] or metrics["learner/nonfinite_weights"]
+        weights_finite = all(p.isfinite().all() for p in learner.state_dict().values())
+        assert flagged or weights_finite
 
 
 def test_a_normal_update_keeps_the_weights_finite(tiny_dirs):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -131,3 +132,46 @@ def test_bad_arguments_are_refused(tiny_dirs, scorer, batch):
     with pytest.raises(ValueError, match="micro_batch_size"):
         TeacherScorer(tiny_dirs["teacher"], micro_batch_size=0)
     assert scorer.vocab_size == len(load_tokenizer(tiny_dirs["tokenizer"]))
+
+
+@pytest.fixture(scope="module")
+def padded_teacher(tiny_dirs, tmp_path_factory) -> str:
+    """The tiny teacher with its (tied) embedding padded from 30 to 48 rows, randomly
+    initialised: the Qwen2.5-7B-vs-0.5B shape (152064 vs 151936 rows, 151665 token ids)."""
+    model = load_model(tiny_dirs["teacher"])
+    width = model.get_output_embeddings().weight.shape[0]
+    model.resize_token_embeddings(width + 18, mean_resizing=False)
+    path = str(tmp_path_factory.mktemp("padded") / "teacher")
+    model.save_pretrained(path)
+    load_tokenizer(tiny_dirs["teacher"]).save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("need", ["topk", "full", "sampled"])
+def test_a_padded_teacher_ships_distributions_over_the_tokenizers_ids(
+    tiny_dirs, padded_teacher, batch, need
+):
+    """Top-k ids index the student's logits (they failed with "index 37 is out of bounds"
+    under the default top-k), and every output equals the brute-force distribution
+    renormalised over the ids the tokenizer emits."""
+    from protege.algorithms import build_algorithm
+
+    scorer = TeacherScorer(padded_teacher, micro_batch_size=2)
+    vocab = len(load_tokenizer(tiny_dirs["tokenizer"]))
+    assert scorer.vocab_size == vocab < scorer.model.get_output_embeddings().weight.shape[0]
+    out = scorer.score(batch, RolloutPlan(teacher_need=need, topk=64))
+    logp = torch.log_softmax(reference_logits(scorer.model, batch)[..., :vocab], -1)
+    mask = batch.response_mask
+    sampled = logp.gather(-1, batch.response_ids.unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(out.teacher_logprobs[mask], sampled[mask], atol=1e-5, rtol=0)
+    if need == "topk":
+        assert out.teacher_topk_ids.shape[-1] == vocab and int(out.teacher_topk_ids.max()) < vocab
+        torch.testing.assert_close(out.teacher_topk_logprobs, logp.topk(vocab, -1).values)
+    if need == "full":
+        assert out.teacher_logits.shape[-1] == vocab
+    if need != "sampled":  # the student's loss runs on it (the width of its logits: vocab)
+        gkd = build_algorithm({"name": "gkd", "teacher_output": need})
+        student = load_model(tiny_dirs["student"])
+        forward = SimpleNamespace(logits=reference_logits(student, batch))  # what losses read
+        loss, _ = gkd.loss(forward, out)
+        assert torch.isfinite(loss)

@@ -15,12 +15,16 @@ from torch import Tensor
 
 from protege.capabilities import SELF_TEACHER_HAS_NO_SCORER
 from protege.config import SELF_TEACHER
-from protege.modeling import load_model, response_logits, vocab_size
+from protege.modeling import load_model, load_tokenizer, response_logits, vocab_size
 from protege.records import RolloutBatch, RolloutPlan
 
 
 def teacher_outputs(
-    model: torch.nn.Module, batch: RolloutBatch, plan: RolloutPlan, micro_batch_size: int
+    model: torch.nn.Module,
+    batch: RolloutBatch,
+    plan: RolloutPlan,
+    micro_batch_size: int,
+    vocab: int | None = None,
 ) -> RolloutBatch:
     """`batch` with the teacher outputs `plan.teacher_need` asks for.
 
@@ -30,6 +34,7 @@ def teacher_outputs(
     log mass outside the top-k (−inf when K = V); for "full" also `teacher_logits` [B,T,V]
     (float32, untempered). "none" returns `batch` unchanged. `model` is any module that
     `response_logits` accepts; the caller chooses its mode (eval, adapter disabled, ...).
+    `vocab`: the ids the tokenizer can emit; wider (padded) logits are cut to them first.
     """
     need = plan.teacher_need
     if need == "none":
@@ -46,13 +51,18 @@ def teacher_outputs(
     with torch.no_grad():
         for start in range(0, batch.size, micro_batch_size):
             rows = batch.select(slice(start, start + micro_batch_size))
-            parts.append(_score_rows(model, rows, plan))
+            parts.append(_score_rows(model, rows, plan, vocab))
     fields = {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
     return batch.replace(**fields)
 
 
-def _score_rows(model: torch.nn.Module, rows: RolloutBatch, plan: RolloutPlan) -> dict[str, Tensor]:
-    logits = response_logits(model, rows).float().cpu()  # [b,T,V]
+def _score_rows(
+    model: torch.nn.Module, rows: RolloutBatch, plan: RolloutPlan, vocab: int | None
+) -> dict[str, Tensor]:
+    # Padded rows of the output embedding (Qwen2.5-7B: 152064 for 151665 token ids) are ids
+    # no tokenizer emits: cut, so the distribution is over real tokens and top-k ids always
+    # index the student's (at least tokenizer-wide) logits.
+    logits = response_logits(model, rows).float().cpu()[..., :vocab]  # [b,T,V]
     mask = rows.response_mask
     logp = torch.log_softmax(logits, dim=-1)
     sampled = logp.gather(-1, rows.response_ids.unsqueeze(-1)).squeeze(-1)
@@ -90,16 +100,18 @@ class TeacherScorer:
         self.model = load_model(model, dtype).eval()
         self.model.requires_grad_(False)
         self.micro_batch_size = micro_batch_size
+        self.tokens = min(len(load_tokenizer(model)), vocab_size(self.model))  # ids it emits
 
     @property
     def vocab_size(self) -> int:
-        return vocab_size(self.model)
+        """The width of the distributions it ships: its tokenizer's ids (no padding)."""
+        return self.tokens
 
     def score(self, batch: RolloutBatch, plan: RolloutPlan) -> RolloutBatch:
         """Teacher outputs for `batch`, with the worker's seconds, scored tokens and the bytes
         of teacher outputs it ships added to `extras`."""
         started = time.perf_counter()
-        scored = teacher_outputs(self.model, batch, plan, self.micro_batch_size)
+        scored = teacher_outputs(self.model, batch, plan, self.micro_batch_size, self.tokens)
         if scored is batch:  # teacher_need "none": nothing scored
             return batch
         extras = {
