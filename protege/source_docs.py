@@ -6,9 +6,9 @@ without importing the algorithms (and with them torch, ~20 s on a cold start).
 from __future__ import annotations
 
 import ast
-import inspect
 import io
 import operator
+import textwrap
 import tokenize
 from dataclasses import dataclass
 from functools import cache
@@ -36,28 +36,49 @@ class AlgorithmSource:
     fields: tuple[tuple[str, str, Any, str], ...]  # (name, type name, default, doc)
 
 
-def comments_by_field(source: str) -> dict[str, str]:
-    """{field name: the comment on its definition's lines, or the comment block above it}
-    for the annotated fields of the one class defined in `source`."""
-    source = inspect.cleandoc("\n" + source) if source.startswith(" ") else source
-    comments: dict[int, str] = {}  # line number -> comment text
-    for token in tokenize.generate_tokens(io.StringIO(source).readline):
-        if token.type == tokenize.COMMENT:
-            comments[token.start[0]] = token.string.lstrip("#").strip()
-    lines = source.splitlines()
+@cache
+def parsed(path: Path) -> tuple[ast.Module, list[str]]:
+    """(syntax tree, lines) of a source file, read once."""
+    text = path.read_text(encoding="utf-8")
+    return ast.parse(text), text.splitlines()
+
+
+@cache
+def comments_by_class(path: Path) -> dict[str, dict[str, str]]:
+    """{class name: {field name: the comment on its definition's lines, or the comment
+    block just above it}} for the top-level classes of a source file."""
+    module, lines = parsed(path)
+    return {
+        node.name: _field_comments(node, lines)
+        for node in module.body
+        if isinstance(node, ast.ClassDef)
+    }
+
+
+def _field_comments(node: ast.ClassDef, lines: list[str]) -> dict[str, str]:
     docs = {}
-    body = next(n for n in ast.parse(source).body if isinstance(n, ast.ClassDef))
-    for node in body.body:
-        if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
+    for item in node.body:
+        if not (isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name)):
             continue
-        own = [comments[n] for n in range(node.lineno, node.end_lineno + 1) if n in comments]
+        own = _comments(lines[item.lineno - 1 : item.end_lineno])
         above = []
-        line = node.lineno - 1
-        while line in comments and lines[line - 1].lstrip().startswith("#"):
-            above.insert(0, comments[line])
+        line = item.lineno - 1
+        while line >= 1 and lines[line - 1].lstrip().startswith("#"):
+            above.insert(0, lines[line - 1].lstrip().lstrip("#").strip())
             line -= 1
-        docs[node.target.id] = " ".join(own or above)
+        docs[item.target.id] = " ".join(own or above)
     return docs
+
+
+def _comments(statement: list[str]) -> list[str]:
+    """The comments in one statement's lines (tokenised: a `#` inside a string is no
+    comment). Only the fields' own lines are tokenised, which keeps `--help` instant."""
+    source = textwrap.dedent("\n".join(statement)) + "\n"
+    try:
+        tokens = list(tokenize.generate_tokens(io.StringIO(source).readline))
+    except (tokenize.TokenError, SyntaxError):
+        return []
+    return [t.string.lstrip("#").strip() for t in tokens if t.type == tokenize.COMMENT]
 
 
 @cache
@@ -66,17 +87,15 @@ def builtin_algorithms() -> dict[str, AlgorithmSource]:
     protege/algorithms/."""
     found = {}
     for path in sorted(ALGORITHM_DIR.glob("*.py")):
-        text = path.read_text(encoding="utf-8")
-        module = ast.parse(text)
+        module, _ = parsed(path)
         aliases = _aliases(module)
         for node in module.body:
             name = _registered_name(node)
             if name is None:
                 continue
-            segment = "\n".join(text.splitlines()[node.lineno - 1 : node.end_lineno])
             found[name] = AlgorithmSource(
                 doc=(ast.get_docstring(node) or "").split("\n")[0].rstrip("."),
-                fields=tuple(_fields(node, aliases, comments_by_field(segment))),
+                fields=tuple(_fields(node, aliases, comments_by_class(path)[node.name])),
             )
     return found
 
@@ -95,7 +114,7 @@ def _aliases(module: ast.Module, follow: bool = True) -> dict[str, ast.expr]:
         ):
             path = ALGORITHM_DIR.parent.joinpath(*node.module.split(".")[1:]).with_suffix(".py")
             if path.is_file():
-                theirs = _aliases(ast.parse(path.read_text(encoding="utf-8")), follow=False)
+                theirs = _aliases(parsed(path)[0], follow=False)
                 found.update({a.name: theirs[a.name] for a in node.names if a.name in theirs})
     return found
 

@@ -11,13 +11,12 @@ import dataclasses
 import inspect
 import types
 import typing
-from functools import cache
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
 
-from protege.source_docs import REQUIRED, builtin_algorithms, comments_by_field
+from protege.source_docs import REQUIRED, builtin_algorithms, comments_by_class
 
 HELP_FLAGS = frozenset({"-h", "--help"})
 
@@ -125,13 +124,13 @@ def algorithm_rows_of(cls: type, params: dict[str, Any]):
         yield f"algorithm.{field.name}", type_name(hints[field.name]), default, doc
 
 
-@cache
 def field_comments(cls: type) -> dict[str, str]:
-    """{field name: the comment on its definition's lines, or the comment block above it}."""
+    """{field name: the comment on its definition's line, or the comment block above it}."""
     try:
-        return comments_by_field(inspect.getsource(cls))
-    except (OSError, TypeError):
+        path = Path(inspect.getsourcefile(cls) or "")
+    except TypeError:  # a class without a source file
         return {}
+    return comments_by_class(path).get(cls.__qualname__, {}) if path.is_file() else {}
 
 
 def type_name(hint: Any) -> str:
