@@ -265,7 +265,7 @@ def stage_step(paths: dict[str, str], args) -> dict:
         f"rollout.max_new_tokens={args.max_new_tokens}", "logging.wandb=disabled",
         "logging.progress=false", f"output_dir={output}", "trainer.overwrite=true",
     ]  # fmt: skip
-    if gpu:  # every role on the one GPU, in its own Ray actor
+    if gpu:  # vLLM rollouts and the learner share the GPU, each in its own Ray actor
         overrides += [
             # (the HF teacher scorer runs on the CPU whatever teacher.num_gpus says)
             "rollout.backend=vllm", "rollout.num_gpus=0.4", "rollout.gpu_memory_utilization=0.3",
