@@ -46,6 +46,8 @@ def test_algorithm_keys_read_from_source_match_the_imported_dataclass(name):
     _, from_source = algorithm_help({"name": name})
     imported = list(algorithm_rows_of(ALGORITHMS[name], {"name": name}))
     assert [row[:3] for row in from_source] == [row[:3] for row in imported]
+    undocumented = [key for key, _, _, doc in from_source if not doc]
+    assert undocumented == [], f"give these a comment next to their default: {undocumented}"
 
 
 def test_help_imports_neither_torch_nor_ray_nor_transformers():

@@ -34,13 +34,15 @@ class DistiLLM(AlgorithmDefaults):
     this algorithm cannot test on its own, so `lmbda` is a fixed probability here.
     """
 
+    # skew_reverse (SRKL, the paper's best) or skew_forward (SKL)
     divergence: SkewDivergence = "skew_reverse"
-    alpha: float = 0.1
-    lmbda: float = 0.5
-    temperature: float = 1.0
+    alpha: float = 0.1  # skew α of the mixture (0: plain forward / reverse KL)
+    lmbda: float = 0.5  # probability that a step trains on the student's own samples (on-policy)
+    temperature: float = 1.0  # softmax temperature of both the student's and the teacher's logits
+    # teacher payload: top-k log-probs plus the tail mass, or full logits
     teacher_output: Literal["topk", "full"] = "topk"
-    topk: int = 64
-    seed: int = 0
+    topk: int = 64  # k of the top-k teacher payload
+    seed: int = 0  # seeds each step's on/off-policy draw
 
     def __post_init__(self) -> None:
         check(

@@ -25,19 +25,22 @@ class GatedDualKL(AlgorithmDefaults):
     gate λ_t = 1[D_t < τ] (hard) or σ(a·(τ − D_t)) (soft); loss λ_t·KL(q‖p) + (1−λ_t)·KL(p‖q).
     Tokens the teacher rewrote during sampling always take forward KL."""
 
-    tau: float = 1.0
-    gate: Literal["hard", "soft"] = "soft"
+    tau: float = 1.0  # gate threshold τ on D_t = KL(q‖p_T): below it reverse KL, above forward
+    gate: Literal["hard", "soft"] = "soft"  # hard: λ_t = 1[D_t < τ]; soft: λ_t = σ(a·(τ − D_t))
     sharpness: float = 5.0  # a in σ(a·(τ − D))
+    # gate per token, or per reasoning step (tokens up to the delimiter)
     granularity: Literal["token", "step"] = "token"
-    step_delimiter_id: int | None = None
-    clip_kl: float | None = None
+    step_delimiter_id: int | None = None  # token id that ends a reasoning step (granularity=step)
+    clip_kl: float | None = None  # clip D_t at this value before gating (null: no clip)
     support_topk: int | None = None  # compute both KLs on the teacher's top-k support only
-    rewrite: bool = True
+    rewrite: bool = True  # the teacher re-samples steps with D_t ≥ τ during generation
+    # a rewritten step: the teacher's argmax, or a nucleus sample
     rewrite_mode: Literal["argmax", "nucleus"] = "argmax"
-    rewrite_top_p: float = 0.9
-    temperature: float = 1.0
+    rewrite_top_p: float = 0.9  # nucleus mass of a rewrite (rewrite_mode=nucleus)
+    temperature: float = 1.0  # softmax temperature of both the student's and the teacher's logits
+    # teacher payload: top-k log-probs plus the tail mass, or full logits
     teacher_output: Literal["topk", "full"] = "topk"
-    topk: int = 64
+    topk: int = 64  # k of the top-k teacher payload
 
     def __post_init__(self) -> None:
         check(self.tau > 0, "tau", f"must be > 0, got {self.tau}")

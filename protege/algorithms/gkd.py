@@ -29,13 +29,14 @@ class GKD(AlgorithmDefaults):
     KD), β = 1 reverse KL.
     """
 
-    lmbda: float = 0.5
-    beta: float = 0.5
-    temperature: float = 1.0
-    seq_kd: bool = False
+    lmbda: float = 0.5  # probability that a step trains on the student's own samples (on-policy)
+    beta: float = 0.5  # JSD mixture weight β: 0 forward KL(p_T‖q), 1 reverse KL(q‖p_T)
+    temperature: float = 1.0  # softmax temperature of both the student's and the teacher's logits
+    seq_kd: bool = False  # off-policy steps train on teacher-generated responses, not the dataset's
+    # teacher payload: top-k log-probs plus the tail mass, or full logits
     teacher_output: Literal["topk", "full"] = "topk"
-    topk: int = 64
-    seed: int = 0
+    topk: int = 64  # k of the top-k teacher payload
+    seed: int = 0  # seeds each step's on/off-policy draw
 
     def __post_init__(self) -> None:
         check(0.0 <= self.lmbda <= 1.0, "lmbda", f"must be in [0, 1], got {self.lmbda}")

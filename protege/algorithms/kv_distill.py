@@ -46,27 +46,30 @@ class KVDistill(AlgorithmDefaults):
 
     distill: bool = True  # False: the control arm (δ·CE only; no teacher is read)
     time_align: Literal["resample", "segment", "char"] = "segment"  # teachers on other tokens
+    # which teacher layers each student layer learns: proportional or CKA
     layer_map: Literal["proportional", "cka"] = "proportional"
     interpolate_layers: bool = False  # proportional map: blend the two nearest teacher layers
     cka_top_k: int = 2  # cka map: each student layer learns from its k most similar layers
     cka_temperature: float = 0.1  # cka map: softmax(CKA / temperature) over those k
     cka_rows: int = 64  # cka map: first training rows whose hidden states calibrate it
+    # maps student K/V to the teacher's heads/dims: linear or bottleneck MLP
     projector: Literal["linear", "bottleneck"] = "linear"
     train_projector: bool = False  # False: the projector's initialisation is a fixed map
     mlp_ratio: float = 2.0  # bottleneck width / student head_dim
+    # how teachers combine: fixed weights, similarity, a learned router, attention
     fusion: Literal["fixed", "similarity", "router", "attention"] = "fixed"
     fusion_weights: list[float] | None = None  # fixed: one per teacher (None: uniform)
     similarity_temperature: float = 0.1  # similarity routing: softmax(cos / temperature)
     attention_temperature: float = 1.0  # attention fusion: softmax(q·k/√D / temperature)
     entropy_weight: float = 0.01  # router: bonus on the routing weights' entropy
     per_layer_router: bool = False  # router: one set of weights per student layer
-    lambda_k: float = 1.0
-    lambda_v: float = 1.0
+    lambda_k: float = 1.0  # weight λK of MSE(K)
+    lambda_v: float = 1.0  # weight λV of MSE(V)
     beta: float = 0.1  # (1 − cosine)
     gamma: float = 0.0  # attention KL (needs the student's queries)
     delta: float = 0.1  # answer CE
     layer_warmup_steps: int = 0  # steps distilling only the shallow layers (absolute)
-    shallow_fraction: float = 1 / 3
+    shallow_fraction: float = 1 / 3  # share of the student's layers that count as shallow (warm-up)
 
     def __post_init__(self) -> None:
         for name in ("lambda_k", "lambda_v", "beta", "gamma", "delta", "entropy_weight"):

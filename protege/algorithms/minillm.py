@@ -36,18 +36,19 @@ class MiniLLM(AlgorithmDefaults):
       student on that text (`student.forward_extra`).
     """
 
-    mix_alpha: float = 0.2
-    gamma: float = 1.0
-    length_normalise: bool = True
-    whiten_advantages: bool = True
-    clip_eps: float = 0.2
-    long_term: bool = True
-    single_step: bool = True
-    single_step_coef: float = 1.0
-    lm_coef: float = 1.0
-    max_importance_weight: float | None = None
+    mix_alpha: float = 0.2  # teacher share α of the sampling mixture α·p_T + (1−α)·q
+    gamma: float = 1.0  # discount γ of the long-term return
+    length_normalise: bool = True  # divide each return by the number of tokens after it
+    whiten_advantages: bool = True  # whiten the long-term advantages over the batch
+    clip_eps: float = 0.2  # PPO clipping ε of the importance ratio
+    long_term: bool = True  # train the PPO-clipped long-term part
+    single_step: bool = True  # add the exact single-step reverse-KL term
+    single_step_coef: float = 1.0  # weight of the single-step term
+    lm_coef: float = 1.0  # weight of the LM loss on data.pretrain
+    max_importance_weight: float | None = None  # cap on w_t = q/p̃ (null: no cap)
+    # teacher payload: top-k log-probs plus the tail mass, or full logits
     teacher_output: Literal["topk", "full"] = "topk"
-    topk: int = 64
+    topk: int = 64  # k of the top-k teacher payload
 
     def __post_init__(self) -> None:
         check(0.0 <= self.mix_alpha < 1.0, "mix_alpha", f"must be in [0, 1), got {self.mix_alpha}")

@@ -31,9 +31,9 @@ class OPD(AlgorithmDefaults):
     the batch keeps a very confident teacher from pushing every sampled token down at once
     (measured on the tiny task: without it accuracy collapsed to 0)."""
 
-    gamma: float = 0.0
-    clip_eps: float | None = None
-    whiten_advantages: bool = True
+    gamma: float = 0.0  # discount of later tokens' advantages (0: each token's own only)
+    clip_eps: float | None = None  # PPO clipping ε (null: a plain importance-weighted gradient)
+    whiten_advantages: bool = True  # whiten the advantages over the batch
 
     def __post_init__(self) -> None:
         check(0.0 <= self.gamma <= 1.0, "gamma", f"must be in [0, 1], got {self.gamma}")

@@ -41,18 +41,22 @@ class RLDistill(AlgorithmDefaults):
     added to the reward advantage, or an analytic generalized JSD(β) added to the loss.
     """
 
-    alpha: float = 0.5
+    alpha: float = 0.5  # distillation weight α (the reward's is 1 − α)
     alpha_end: float | None = None  # scheduled towards this value over `schedule_steps`
+    # α over the run: constant, or linear / cosine towards alpha_end
     alpha_schedule: Literal["constant", "linear", "cosine"] = "constant"
-    schedule_steps: int = 1000
+    schedule_steps: int = 1000  # steps over which α reaches alpha_end
+    # reward advantage: reinforce (moving baseline), group-normalised, rloo
     estimator: Literal["reinforce", "group", "rloo"] = "group"
-    samples_per_prompt: int = 4
-    baseline_momentum: float = 0.9
+    samples_per_prompt: int = 4  # responses sampled per prompt (group and rloo compare them)
+    baseline_momentum: float = 0.9  # reinforce: momentum of the moving reward baseline
+    # sampled-token reverse-KL advantage, or analytic JSD(β) in the loss
     distill: Literal["sampled", "analytic"] = "sampled"
-    beta: float = 1.0
-    clip_eps: float = 0.2
+    beta: float = 1.0  # JSD β of the analytic distillation term
+    clip_eps: float = 0.2  # PPO clipping ε of the importance ratio
+    # teacher payload: top-k log-probs plus the tail mass, or full logits
     teacher_output: Literal["topk", "full"] = "topk"
-    topk: int = 64
+    topk: int = 64  # k of the top-k teacher payload
     baseline: MovingBaseline = field(
         default_factory=MovingBaseline, init=False, compare=False, repr=False
     )

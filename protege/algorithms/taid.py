@@ -123,16 +123,17 @@ class TAID(AlgorithmDefaults):
     the student's own samples, as everywhere in this framework.
     """
 
-    t_start: float = 0.4
-    t_end: float = 1.0
-    alpha: float = 5e-4
-    beta: float = 0.99
-    total_steps: int = 1000
-    adaptive: bool = True
-    source: Source = "student"
-    temperature: float = 1.0
+    t_start: float = 0.4  # initial teacher weight t of the interpolated target
+    t_end: float = 1.0  # final t (1: the teacher itself)
+    alpha: float = 5e-4  # adaptive t: step size α of each increase
+    beta: float = 0.99  # adaptive t: momentum β of the loss's relative decrease
+    total_steps: int = 1000  # N: the linear floor of t reaches t_end at step N
+    adaptive: bool = True  # adapt t to the loss (false: the linear schedule alone)
+    source: Source = "student"  # who writes the responses: student, dataset or teacher
+    temperature: float = 1.0  # softmax temperature of both the student's and the teacher's logits
+    # teacher payload: top-k log-probs plus the tail mass, or full logits
     teacher_output: Literal["topk", "full"] = "topk"
-    topk: int = 64
+    topk: int = 64  # k of the top-k teacher payload
     state: _TAIDState = field(default_factory=_TAIDState, init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
