@@ -19,7 +19,13 @@ from protege.modeling import resolve_path
 from protege.run import main
 
 ROOT = Path(__file__).resolve().parent.parent
-LOCAL = ["trainer.workers=local", "logging.wandb=disabled", "logging.progress=false"]
+# data.train named: the runs below name their own models, which takes them off the built-in task
+LOCAL = [
+    "trainer.workers=local",
+    "logging.wandb=disabled",
+    "logging.progress=false",
+    "data.train=builtin:tiny/train",
+]
 
 
 class PipelineReached(Exception):
