@@ -227,6 +227,11 @@ class PromptSource:
             self._order = (epoch, order)
         return self._order[1]
 
+    @property
+    def longest_prompt(self) -> int:
+        """Tokens in the longest prompt served (after the template and `overlong`)."""
+        return max((len(ids) for ids in self._prompt_tokens.ids), default=0)
+
     def format_prompt(self, prompt: str) -> str:
         if self.chat_template:
             return render_chat(self.tokenizer, prompt, self.system_prompt)

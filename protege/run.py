@@ -24,7 +24,7 @@ from protege.launch import LocalLauncher
 from protege.metrics_log import MetricsLog
 from protege.modeling import check_same_chat_template, check_same_vocabulary, load_tokenizer
 from protege.pipeline import Pipeline
-from protege.preflight import check_paths
+from protege.preflight import check_paths, check_positions
 from protege.resume import prepare_output_dir
 from protege.rewards import check_rules
 from protege.usage import HELP_FLAGS, usage
@@ -48,6 +48,7 @@ def build_controller(config: Config) -> Controller:
         overlong=config.data.overlong,
         system_prompt=config.data.system_prompt,
     )
+    check_positions(config, prompts.longest_prompt)
     print(f"[protege] {data_summary(config, prompts)}", file=sys.stderr, flush=True)
     evaluator = None
     if config.data.test:
