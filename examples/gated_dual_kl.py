@@ -4,7 +4,7 @@ python examples/gated_dual_kl.py
 ray job submit --working-dir . -- python examples/gated_dual_kl.py
 """
 
-from protege.cli import main
+from protege.cli import run_example
 
 if __name__ == "__main__":  # Ray and vLLM spawn processes that re-import this file
-    main("gated_dual_kl")
+    run_example("gated_dual_kl")

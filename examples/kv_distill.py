@@ -15,7 +15,7 @@ kv/route_entropy) go to <output_dir>/metrics.jsonl and wandb, the student to
 <output_dir>/final, teacher KV to <output_dir>/teacher_kv/<teacher name>.
 """
 
-from protege.cli import main
+from protege.cli import run_example
 
 if __name__ == "__main__":  # Ray spawns processes that re-import this file
-    main("kv_distill")
+    run_example("kv_distill")

@@ -4,7 +4,7 @@ python examples/lora_self_distill.py
 ray job submit --working-dir . -- python examples/lora_self_distill.py
 """
 
-from protege.cli import main
+from protege.cli import run_example
 
 if __name__ == "__main__":  # Ray and vLLM spawn processes that re-import this file
-    main("lora_self_distill")
+    run_example("lora_self_distill")

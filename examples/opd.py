@@ -4,7 +4,7 @@ python examples/opd.py
 ray job submit --working-dir . -- python examples/opd.py
 """
 
-from protege.cli import main
+from protege.cli import run_example
 
 if __name__ == "__main__":  # Ray and vLLM spawn processes that re-import this file
-    main("opd")
+    run_example("opd")

@@ -4,7 +4,7 @@ python examples/rl_distill.py
 ray job submit --working-dir . -- python examples/rl_distill.py
 """
 
-from protege.cli import main
+from protege.cli import run_example
 
 if __name__ == "__main__":  # Ray and vLLM spawn processes that re-import this file
-    main("rl_distill")
+    run_example("rl_distill")

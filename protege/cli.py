@@ -1,4 +1,5 @@
-"""`python examples/<preset>.py [a.b=value ...]`: the command line every example runs.
+"""The command lines: `python examples/<preset>.py [a.b=value ...]` (`run_example`) and the
+`protege` command, `protege check PRESET [a.b=value ...]`, `protege train PRESET ...`.
 
 Light on purpose: `--help` and config errors are answered before torch, Ray or
 transformers are imported (a cold import of those takes ~20 s).
@@ -13,10 +14,29 @@ from protege.errors import ProtegeError, report
 from protege.progress import Progress, progress_enabled
 from protege.usage import HELP_FLAGS, usage
 
+USAGE = """usage: protege check PRESET [a.b=value ...]   will this run work? (see protege.check)
+       protege train PRESET [a.b=value ...]   train (as python examples/<preset>.py does)
+PRESET is a name in configs/ (gkd, minillm, ...) or a YAML file."""
 
-def main(preset: str, argv: list[str] | None = None) -> dict[str, float]:
-    """Train with preset `preset` plus `argv` overrides, then print accuracy before/after.
-    `--help` prints every key; a known bad input exits with code 2 and one `error:` block."""
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    command, rest = (argv[0], argv[1:]) if argv else ("", [])
+    if command == "check":
+        from protege.check import main as check
+
+        return check(rest)
+    if command == "train" and rest:
+        run_example(rest[0], rest[1:])
+        return 0
+    print(USAGE, file=sys.stderr if command not in ("-h", "--help") else sys.stdout)
+    return 0 if command in ("-h", "--help") else 2
+
+
+def run_example(preset: str, argv: list[str] | None = None) -> dict[str, float]:
+    """Train with preset `preset` plus `argv` overrides, then print what evaluation measured
+    before -> after (the last line). `--help` prints every key; a known bad input exits with
+    code 2 and one `error:` block."""
     argv = sys.argv[1:] if argv is None else argv
     try:
         if HELP_FLAGS & set(argv):
@@ -26,12 +46,9 @@ def main(preset: str, argv: list[str] | None = None) -> dict[str, float]:
         result = train(config)
     except ProtegeError as error:
         raise SystemExit(report(error)) from None
-    if "eval_before/accuracy" in result:
-        print(
-            f"student accuracy: {result['eval_before/accuracy']:.3f} -> "
-            f"{result['eval_after/accuracy']:.3f} ({config.algorithm['name']}, "
-            f"{config.trainer.steps} steps; final model in {config.output_dir}/final)"
-        )
+    from protege.run import result_line
+
+    print(result_line(config, result))
     return result
 
 

@@ -2,7 +2,8 @@
 
 A run's config is a YAML preset from `configs/` plus `a.b=value` overrides; unknown keys,
 wrong types and out-of-range values fail at load time with the dotted key path.
-The defaults run the built-in tiny task on CPU (`builtin:tiny/...` paths).
+The defaults run the built-in tiny task on CPU (`builtin:tiny/...` paths); they apply only
+while the run names no model or data of its own (`protege.tasks.builtin`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from pydantic import (
 )
 
 from protege.errors import AlgorithmConfigError, ProtegeError
+from protege.tasks.builtin import OwnTaskError, apply_task_defaults
 
 if TYPE_CHECKING:  # the algorithms import torch; `--help` reads this module without it
     from protege.algorithms.registry import Algorithm
@@ -165,8 +167,10 @@ class LearnerConfig(Section):
 class DataConfig(Section):
     train: str = "builtin:tiny/train"  # JSONL: prompt, optional completion and answer
     test: str | None = "builtin:tiny/test"  # JSONL with prompt and answer; null: no evaluation
-    pretrain: str | None = None  # text corpus for MiniLLM's LM term; unset turns it off
-    chat_template: bool = False  # wrap each prompt in the tokenizer's chat template
+    pretrain: str | None = "builtin:tiny/pretrain"  # text for MiniLLM's LM term; null: off
+    # wrap each prompt in the student tokenizer's chat template; auto: when it has one
+    chat_template: bool | Literal["auto"] = "auto"
+    system_prompt: str | None = None  # a system message before each prompt (chat template on)
     max_prompt_tokens: int = Field(256, ge=1)  # longest prompt, in tokens (after the chat template)
     # a longer prompt: `error` names its file:line, `truncate_left` keeps its last
     # max_prompt_tokens tokens, `drop` skips the row; the run's first line counts them
@@ -308,6 +312,10 @@ def config_from_dict(tree: dict[str, Any], check_algorithm: bool = True) -> Conf
         _check_size(tree)
     except ValueError as error:
         raise ConfigError(f"invalid config: {error}") from None
+    try:
+        tree = apply_task_defaults(tree)
+    except OwnTaskError as error:
+        raise ConfigError(f"invalid config:\n  {error}") from None
     algorithm = tree.get("algorithm")
     if isinstance(algorithm, dict) and "name" not in algorithm:
         default_name = Config.model_fields["algorithm"].default["name"]

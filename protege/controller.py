@@ -92,7 +92,9 @@ class Controller:
                 self.maybe_checkpoint(k)
             self.rollouts.clear()  # rollouts past the last step (filled for a checkpoint)
             self.pipeline.wait_sync()  # the last update has reached the samplers
-            after = self.evaluate("eval_after")
+            # Logged at step `steps`, after the last training step: wandb refuses a step that
+            # goes back, and would drop the final evaluation.
+            after = self.evaluate("eval_after", step=self.config.trainer.steps)
             self.save_final()
         finally:
             self.log.close()

@@ -17,7 +17,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from protege.errors import ProtegeError
-from protege.modeling import resolve_path
+from protege.modeling import render_chat, resolve_path
 from protege.records import PromptBatch
 
 OPTIONAL_TEXT_FIELDS = ("completion", "answer")
@@ -185,6 +185,7 @@ class PromptSource:
         max_prompt_tokens: int = 256,
         pretrain: list[str] | None = None,
         overlong: str = "error",
+        system_prompt: str | None = None,
     ):
         if overlong not in OVERLONG:
             raise DataError(f"data.overlong must be one of {list(OVERLONG)}, got {overlong!r}")
@@ -194,7 +195,7 @@ class PromptSource:
             chat_template,
             max_prompt_tokens,
         )
-        self.pretrain = pretrain
+        self.pretrain, self.system_prompt = pretrain, system_prompt
         self.position = 0  # rows served so far, over all epochs
         self._order: tuple[int, list[int]] = (-1, [])  # (epoch, its shuffled row indices)
         self.rows, prompt_ids = self._fit_prompts(rows, overlong)
@@ -285,12 +286,14 @@ class PromptSource:
             self._order = (epoch, order)
         return self._order[1]
 
+    @property
+    def longest_prompt(self) -> int:
+        """Tokens in the longest prompt served (after the template and `overlong`)."""
+        return max((len(ids) for ids in self._prompt_tokens.ids), default=0)
+
     def format_prompt(self, prompt: str) -> str:
-        if self.chat_template and self.tokenizer.chat_template:
-            messages = [{"role": "user", "content": prompt}]
-            return self.tokenizer.apply_chat_template(
-                messages, add_generation_prompt=True, tokenize=False
-            )
+        if self.chat_template:
+            return render_chat(self.tokenizer, prompt, self.system_prompt)
         return prompt
 
     def _tokenize_prompts(self, prompts: list[str]) -> list[list[int]]:
@@ -346,3 +349,23 @@ def pad(
     ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
     ids[mask] = torch.cat(sequences)  # row-major fill: each row's tokens land in its span
     return ids, mask
+
+
+def chat_template_on(data, tokenizer: PreTrainedTokenizerBase, model: str) -> bool:
+    """Whether prompts are wrapped in the chat template (`data.chat_template`; auto: when
+    the student's tokenizer has one), or a DataError naming the key and the fix."""
+    has = bool(getattr(tokenizer, "chat_template", None))
+    setting = data.chat_template
+    if setting is True and not has:
+        raise DataError(
+            f"data.chat_template=on, but the tokenizer of {model} has no chat template; "
+            "set data.chat_template=off (or auto), or use a tokenizer that has one"
+        )
+    on = has if setting == "auto" else bool(setting)
+    if data.system_prompt is not None and not on:
+        raise DataError(
+            "data.system_prompt is set but prompts are not wrapped in a chat template "
+            f"(data.chat_template={setting}, tokenizer {'has' if has else 'has no'} template); "
+            "set data.chat_template=on with a chat tokenizer, or unset data.system_prompt"
+        )
+    return on

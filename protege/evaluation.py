@@ -7,6 +7,10 @@ sequence probability against correctness) and `sample_response_length`. With `te
 as well: `reverse_kl` KL(q_θ‖p_T) on the student's samples and `forward_kl` KL(p_T‖q_θ) on
 teacher-written ones (per token, Monte Carlo; exact in expectation at rollout temperature 1).
 
+Rows without answers (a user's own prompts): no greedy pass, and the sampled metrics are
+always on with `teacher_kl` (at least one sample per prompt), so the run reports how far
+the student is from its teacher before and after training.
+
 `workers` is anything with the Pipeline's `greedy_texts`, `sample` and `score`: the
 training run's Pipeline, or `protege.eval.standalone.LocalModels` for a saved model.
 """
@@ -32,8 +36,23 @@ def exact_match(prediction: str, answer: str) -> bool:
     return prediction.strip() == answer.strip()
 
 
+def _answered(rows: list[Row]) -> bool:
+    """Whether the rows carry answers: all of them (accuracy) or none (teacher agreement
+    only); a mix is refused."""
+    missing = [i for i, row in enumerate(rows, start=1) if row.answer is None]
+    if missing and len(missing) < len(rows):
+        first = rows[missing[0] - 1].where or f"row {missing[0]}"
+        raise DataError(
+            f"{first}: {len(missing)} of {len(rows)} evaluation rows have no 'answer'; give "
+            "every data.test row one (accuracy), or none (KL to the teacher is measured)"
+        )
+    return not missing
+
+
 class Evaluator:
-    """Task and distribution metrics of the current student on `rows` (which need answers)."""
+    """Task and distribution metrics of the current student on `rows`. With answers:
+    accuracy and the rest; without: the student's reverse (and forward) KL to the teacher
+    on its own samples, entropy and length."""
 
     def __init__(
         self,
@@ -47,20 +66,17 @@ class Evaluator:
         forward_kl: bool = True,
         max_prompt_tokens: int = 256,
         overlong: str = "truncate_left",
+        system_prompt: str | None = None,
     ):
-        missing = [i for i, row in enumerate(rows, start=1) if row.answer is None]
-        if missing:
-            first = rows[missing[0] - 1].where or f"row {missing[0]}"
-            raise DataError(
-                f"{first}: evaluation rows need an 'answer' ({len(missing)} of {len(rows)} "
-                "have none); add one to each data.test row, or set data.test=null"
-            )
+        self.has_answers = _answered(rows)
         if samples < 0:
             raise SetupError(f"trainer.eval_samples must be >= 0, got {samples}")
         if teacher_kl and samples == 0:
             raise SetupError(
                 "teacher_kl needs sampled responses: set samples (trainer.eval_samples) >= 1"
             )
+        if not self.has_answers:  # nothing to check: measure the distance to the teacher
+            samples, teacher_kl = max(samples, 1), True
         self.rows, self.max_new_tokens, self.checker = rows, max_new_tokens, checker
         self.tokenizer, self.samples = tokenizer, samples
         self.teacher_kl, self.forward_kl = teacher_kl, forward_kl and teacher_kl
@@ -74,18 +90,23 @@ class Evaluator:
             chat_template=chat_template,
             max_prompt_tokens=max_prompt_tokens,
             overlong="truncate_left" if overlong == "drop" else overlong,
+            system_prompt=system_prompt,
         )
         self.prompts = source.next(step=0)
         self.last_correct: list[bool] = []
 
     @classmethod
-    def from_config(cls, rows: list[Row], tokenizer: PreTrainedTokenizerBase, config) -> Evaluator:
-        """The evaluator a training run uses (`trainer.eval_*` keys)."""
+    def from_config(
+        cls, rows: list[Row], tokenizer: PreTrainedTokenizerBase, config, chat_template: bool
+    ) -> Evaluator:
+        """The evaluator a training run uses (`trainer.eval_*` keys; `chat_template` as
+        resolved for the training prompts)."""
         return cls(
             rows,
             tokenizer,
             config.rollout.max_new_tokens,
-            chat_template=config.data.chat_template,
+            chat_template=chat_template,
+            system_prompt=config.data.system_prompt,
             samples=config.trainer.eval_samples,
             teacher_kl=config.trainer.eval_teacher_kl,
             forward_kl=not config.teacher.is_self,  # the self-teacher cannot write responses
@@ -96,7 +117,7 @@ class Evaluator:
     def run(self, workers) -> dict[str, float]:
         seconds = dict(getattr(workers, "seconds", {}))  # evaluation is not a training phase
         try:
-            result = self.greedy_metrics(workers)
+            result = self.greedy_metrics(workers) if self.has_answers else {}
             if self.samples:
                 result.update(self.sampled_metrics(workers))
             return result
@@ -123,23 +144,31 @@ class Evaluator:
         batch = workers.sample(self.prompts, plan)
         correct, tokens = self._judge(batch)
         groups = [tokens[i : i + k] for i in range(0, len(tokens), k)]
-        hits = [correct[i : i + k] for i in range(0, len(correct), k)]
         mask = batch.response_mask
-        confidence = m.sequence_confidence(batch.student_logprobs, mask).tolist()
         result = {
-            "pass_at_1": m.mean_pass_at_k(hits, 1),
             "entropy": m.sampled_token_entropy(batch.student_logprobs, mask),
             "sample_distinct_1": m.distinct_n(tokens, 1),
             "sample_distinct_2": m.distinct_n(tokens, 2),
             "self_bleu": m.self_bleu(groups) if k > 1 else float("nan"),
-            "ece": m.expected_calibration_error(confidence, correct),
             "sample_response_length": batch.num_response_tokens / batch.size,
         }
-        if k > 1:
-            result[f"pass_at_{k}"] = m.mean_pass_at_k(hits, k)
+        if self.has_answers:
+            result.update(self._correctness(batch, correct))
         if self.teacher_kl:
             result.update(self._teacher_agreement(workers, batch, plan))
         return {key: value for key, value in result.items() if not math.isnan(value)}
+
+    def _correctness(self, batch: RolloutBatch, correct: list[bool]) -> dict[str, float]:
+        k = self.samples
+        hits = [correct[i : i + k] for i in range(0, len(correct), k)]
+        confidence = m.sequence_confidence(batch.student_logprobs, batch.response_mask)
+        result = {
+            "pass_at_1": m.mean_pass_at_k(hits, 1),
+            "ece": m.expected_calibration_error(confidence.tolist(), correct),
+        }
+        if k > 1:
+            result[f"pass_at_{k}"] = m.mean_pass_at_k(hits, k)
+        return result
 
     def _teacher_agreement(
         self, workers, batch: RolloutBatch, plan: RolloutPlan
@@ -158,14 +187,15 @@ class Evaluator:
             result["forward_kl"] = m.sampled_kl_per_token(
                 written.behaviour_logprobs, written.student_logprobs, written.response_mask
             )
-            result["teacher_pass_at_1"] = sum(self._judge(written)[0]) / written.size
+            if self.has_answers:
+                result["teacher_pass_at_1"] = sum(self._judge(written)[0]) / written.size
         return result
 
     def _judge(self, batch: RolloutBatch) -> tuple[list[bool], list[list[int]]]:
         """Correctness and content token ids (special tokens dropped) of each response."""
         ids = torch.where(batch.response_mask, batch.response_ids, self.tokenizer.pad_token_id)
         texts = self.tokenizer.batch_decode(ids, skip_special_tokens=True)
-        correct = [self.checker(t, a) for t, a in zip(texts, batch.answers)]
+        correct = [self.has_answers and self.checker(t, a) for t, a in zip(texts, batch.answers)]
         tokens = [
             [
                 t

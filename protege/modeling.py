@@ -126,17 +126,58 @@ def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
 
 
 def check_same_vocabulary(
-    student: PreTrainedTokenizerBase, teacher: PreTrainedTokenizerBase
+    student: PreTrainedTokenizerBase, teacher: PreTrainedTokenizerBase, name: str = "teacher"
 ) -> None:
-    """Token-level distillation compares distributions id by id: the vocabularies must match."""
-    if student.get_vocab() != teacher.get_vocab():
-        only_student = len(set(student.get_vocab()) - set(teacher.get_vocab()))
-        only_teacher = len(set(teacher.get_vocab()) - set(student.get_vocab()))
+    """Token-level distillation compares distributions id by id: the vocabularies must match
+    (the same token at the same id). The error lists a few differing tokens."""
+    ours, theirs = student.get_vocab(), teacher.get_vocab()
+    if ours == theirs:
+        return
+    only_student = sorted(set(ours) - set(theirs))
+    only_teacher = sorted(set(theirs) - set(ours))
+    moved = sorted(t for t in set(ours) & set(theirs) if ours[t] != theirs[t])
+    parts = [
+        f"{len(tokens)} {what}" + (f" (e.g. {', '.join(map(repr, tokens[:3]))})" if tokens else "")
+        for what, tokens in (
+            ("tokens only in the student's", only_student),
+            ("only in the teacher's", only_teacher),
+            ("at different ids", moved),
+        )
+    ]
+    raise SetupError(
+        f"teacher {name!r} and the student have different tokenizers ({'; '.join(parts)}); "
+        "token-level distillation needs one vocabulary: use a teacher of the student's "
+        "model family (the same tokenizer)"
+    )
+
+
+def render_chat(tokenizer: PreTrainedTokenizerBase, prompt: str, system: str | None) -> str:
+    """`prompt` as the user turn of the tokenizer's chat template, ready for the reply."""
+    messages = [{"role": "user", "content": prompt}]
+    if system is not None:
+        messages.insert(0, {"role": "system", "content": system})
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+def check_same_chat_template(
+    student: PreTrainedTokenizerBase,
+    teacher: PreTrainedTokenizerBase,
+    name: str,
+    system: str | None,
+) -> None:
+    """With the chat template on, the teacher scores the student's prompt ids: a teacher
+    whose own template renders a conversation differently would be scored out of format."""
+    if not getattr(teacher, "chat_template", None):
+        return  # a base teacher: no format of its own to disagree with
+    probe = "Is this prompt rendered alike?"
+    ours, theirs = render_chat(student, probe, system), render_chat(teacher, probe, system)
+    if ours != theirs:
         raise SetupError(
-            "teacher and student tokenizers differ "
-            f"({only_student} tokens only in the student's, {only_teacher} only in the teacher's); "
-            "token-level distillation needs one vocabulary: use a teacher of the student's "
-            "model family (the same tokenizer)"
+            f"teacher {name!r} and the student render the chat template differently "
+            f"(student {ours[:80]!r}..., teacher {theirs[:80]!r}...); the teacher would score "
+            "prompts in the student's format: give both the same chat template (copy the "
+            "student's chat_template.jinja into the teacher's folder), or set "
+            "data.chat_template=off"
         )
 
 

@@ -1,5 +1,6 @@
 """What the driver checks on disk before any worker loads a model: every model path is a
-local model directory (nothing is downloaded at run time) and `output_dir` can be written.
+local model directory (nothing is downloaded at run time) and `output_dir` can be written;
+once the prompts are read, that prompt plus response fit in each model's positions.
 Each refusal is a SetupError naming the key and the fix."""
 
 from __future__ import annotations
@@ -45,6 +46,29 @@ def check_paths(config: Config) -> None:
         if reason:
             raise SetupError(reason)
     check_output_dir(config.output_dir)
+
+
+def check_positions(config: Config, longest_prompt: int) -> None:
+    """The longest prompt plus a full response fits in every model's positions (a longer
+    sequence would index past the position table, or silently degrade with rotary models)."""
+    longest = longest_prompt + config.rollout.max_new_tokens
+    for key, name in model_keys(config)[: 1 + len(config.teachers)]:  # not the reward models
+        limit = max_positions(load_model_config(name))
+        if limit is not None and longest > limit:
+            raise SetupError(
+                f"{key}: {name} has {limit} positions, but the longest prompt "
+                f"({longest_prompt} tokens) plus rollout.max_new_tokens="
+                f"{config.rollout.max_new_tokens} is {longest}; lower rollout.max_new_tokens "
+                "or data.max_prompt_tokens (with data.overlong=truncate_left or drop)"
+            )
+
+
+def max_positions(model_config) -> int | None:
+    for attribute in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(model_config, attribute, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
 
 
 def check_output_dir(name: str) -> None:

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from protege.kv.cache import KV_PREFIX, LayerKV, concat_kv, flatten_kv, unflatten_kv
+from protege.memory import PEAK_SUFFIX
 
 TeacherNeed = Literal["none", "sampled", "topk", "full", "kv"]
 Source = Literal["student", "dataset", "teacher"]
@@ -290,13 +291,18 @@ def combine_extras(batches: list[RolloutBatch]) -> dict[str, float]:
     (a key a shard lacks is averaged over the shards that have it)."""
     sums: dict[str, float] = {}
     rows: dict[str, float] = {}
+    peaks: dict[str, float] = {}  # per-process peaks (protege.memory): the largest
     for batch in batches:
         for key, value in batch.extras.items():
+            if key.endswith(PEAK_SUFFIX):
+                peaks[key] = max(peaks.get(key, value), value)
+                continue
             summed = key.endswith(SUMMED_EXTRA_SUFFIXES)
             weight = 1.0 if summed else float(batch.size)
             sums[key] = sums.get(key, 0.0) + weight * value
             rows[key] = rows.get(key, 0.0) + (0.0 if summed else weight)
-    return {key: total / rows[key] if rows[key] else total for key, total in sums.items()}
+    means = {key: total / rows[key] if rows[key] else total for key, total in sums.items()}
+    return {**means, **peaks}
 
 
 def _pad_to_common(values: list[Tensor], left: bool) -> list[Tensor]:

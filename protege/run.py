@@ -12,14 +12,20 @@ from protege.algorithms.registry import Algorithm
 from protege.capabilities import config_problem, vllm_models_on_cpu, weight_sync_problem
 from protege.config import Config
 from protege.controller import Controller
-from protege.data import PromptSource, read_jsonl, read_text_lines, require_completions
+from protege.data import (
+    PromptSource,
+    chat_template_on,
+    read_jsonl,
+    read_text_lines,
+    require_completions,
+)
 from protege.errors import ProtegeError, SetupError
 from protege.evaluation import Evaluator
 from protege.launch import LocalLauncher
 from protege.metrics_log import MetricsLog
-from protege.modeling import check_same_vocabulary, load_tokenizer
+from protege.modeling import check_same_chat_template, check_same_vocabulary, load_tokenizer
 from protege.pipeline import Pipeline
-from protege.preflight import check_paths
+from protege.preflight import check_paths, check_positions
 from protege.resume import prepare_output_dir
 from protege.rewards import check_rules
 
@@ -29,29 +35,43 @@ def build_controller(config: Config) -> Controller:
     check_setup(config, algorithm)
     resume_from = prepare_output_dir(config)  # before any model loads or metrics.jsonl opens
     tokenizer = load_tokenizer(config.student.model)
-    kv = algorithm.plan(0).teacher_need == "kv"  # K-V teachers realign other tokenizers
-    for teacher in config.teachers:
-        if not teacher.is_self and not kv:
-            check_same_vocabulary(tokenizer, load_tokenizer(teacher.model))
+    chat = chat_template_on(config.data, tokenizer, config.student.model)
+    check_teacher_tokenizers(config, algorithm, tokenizer, chat)
     prompts = PromptSource(
         read_training_rows(config, algorithm),
         tokenizer,
         config.trainer.batch_size,
         seed=config.data.shuffle_seed,
-        chat_template=config.data.chat_template,
+        chat_template=chat,
         max_prompt_tokens=config.data.max_prompt_tokens,
         pretrain=read_pretrain(config, algorithm),
         overlong=config.data.overlong,
+        system_prompt=config.data.system_prompt,
     )
+    check_positions(config, prompts.longest_prompt)
     for line in data_summary(config, prompts):
         print(f"[protege] {line}", file=sys.stderr, flush=True)
     evaluator = None
     if config.data.test:
         rows = read_jsonl(config.data.test)[: config.trainer.eval_size]
-        evaluator = Evaluator.from_config(rows, tokenizer, config)
+        evaluator = Evaluator.from_config(rows, tokenizer, config, chat_template=chat)
     pipeline = Pipeline(config, make_launcher(config), master_port=free_port())
     log = MetricsLog(config)
     return Controller(config, pipeline, prompts, algorithm, evaluator, log, resume_from)
+
+
+def check_teacher_tokenizers(config: Config, algorithm: Algorithm, tokenizer, chat: bool) -> None:
+    """Token-level teachers share the student's vocabulary (and, with the chat template on,
+    its rendering); K-V teachers realign other tokenizers themselves."""
+    if algorithm.plan(0).teacher_need == "kv":
+        return
+    for teacher in config.teachers:
+        if teacher.is_self:
+            continue
+        theirs = load_tokenizer(teacher.model)
+        check_same_vocabulary(tokenizer, theirs, teacher.name)
+        if chat:
+            check_same_chat_template(tokenizer, theirs, teacher.name, config.data.system_prompt)
 
 
 def data_summary(config: Config, prompts: PromptSource) -> list[str]:
@@ -168,3 +188,18 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+def result_line(config: Config, result: dict[str, float]) -> str:
+    """The run's last line: what evaluation measured before -> after training (accuracy on
+    answered test rows, else the student's KL to the teacher per token)."""
+    done = f"({config.algorithm['name']}, {config.trainer.steps} steps; final model in {config.output_dir}/final)"
+    for key, what in (
+        ("accuracy", "student accuracy"),
+        ("reverse_kl", "reverse KL to the teacher"),
+    ):
+        before, after = result.get(f"eval_before/{key}"), result.get(f"eval_after/{key}")
+        if after is not None:
+            start = "n/a (resumed)" if before is None else f"{before:.3f}"
+            return f"{what}: {start} -> {after:.3f} {done}"
+    return f"trained {done}; no evaluation: set data.test to a JSONL of held-out prompts"

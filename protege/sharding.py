@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from protege.memory import PEAK_SUFFIX
 from protege.records import PromptBatch, RolloutBatch, TokenSource, concat, row_chunks
 
 
@@ -85,7 +86,7 @@ def reduce_learner_metrics(results: list[dict[str, float]]) -> dict[str, float]:
     total: dict[str, float] = dict(results[0])
     for metrics in results[1:]:
         for key, value in metrics.items():
-            if key == LEARNER_SECONDS:
+            if key == LEARNER_SECONDS or key.endswith(PEAK_SUFFIX):
                 total[key] = max(total.get(key, 0.0), value)
             elif key not in SHARED_LEARNER_METRICS:
                 total[key] = total.get(key, 0.0) + value

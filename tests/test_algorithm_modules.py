@@ -54,6 +54,7 @@ def config(tiny_dirs):
             "learner": {"lr": 5e-2, "micro_batch_size": 2},
             "algorithm": {"name": "learned_temperature"},
             "trainer": {"steps": 10},
+            "data": {"train": "builtin:tiny/train"},
         }
     )
 

@@ -134,7 +134,12 @@ def test_every_teacher_scores_each_shard_in_order(tmp_path):
 
 
 def test_several_teachers_are_refused_for_a_one_teacher_algorithm(tmp_path):
-    config = local(tmp_path, "algorithm.name=gkd", "teachers.1.name=b", "teachers.1.model=x")
+    config = local(
+        tmp_path,
+        "algorithm.name=gkd",
+        "teachers.1.name=b",
+        "teachers.1.model=builtin:tiny/teacher_b",
+    )
     with pytest.raises(ValueError, match="2 teachers .* reads 1"):
         build_controller(config)
 

@@ -278,6 +278,50 @@ def test_the_chat_template_reaches_the_prompts(rows, chat_tokenizer):
     assert [ids[1:-1] for ids in prompts] == real(plain.prompt_ids, plain.prompt_mask)
 
 
+def test_a_system_prompt_is_a_system_turn_before_each_prompt(rows, chat_tokenizer):
+    data = rows[:4]
+    batch = PromptSource(data, chat_tokenizer, 4, chat_template=True, system_prompt="9").next(0)
+    expected = {tuple(tokens(chat_tokenizer, f"=9={row.prompt} ", special=False)) for row in data}
+    assert {tuple(ids) for ids in real(batch.prompt_ids, batch.prompt_mask)} == expected
+
+
+@pytest.mark.parametrize(
+    ("setting", "system", "has_template", "outcome"),
+    [
+        ("auto", None, True, True),
+        ("auto", None, False, False),
+        (False, None, True, False),
+        (True, None, True, True),
+        (True, None, False, "has no chat template; set data.chat_template=off"),
+        ("auto", "be brief", False, "data.system_prompt is set but prompts are not wrapped"),
+        (False, "be brief", True, "data.system_prompt is set but prompts are not wrapped"),
+    ],
+)
+def test_chat_template_setting(setting, system, has_template, outcome, tokenizer, chat_tokenizer):
+    from protege.config import DataConfig
+    from protege.data import chat_template_on
+
+    data = DataConfig(chat_template=setting, system_prompt=system)
+    chosen = chat_tokenizer if has_template else tokenizer
+    if isinstance(outcome, str):
+        with pytest.raises(DataError, match=outcome):
+            chat_template_on(data, chosen, "m")
+    else:
+        assert chat_template_on(data, chosen, "m") is outcome
+
+
+def test_a_teacher_whose_chat_template_renders_otherwise_is_refused(tokenizer, chat_tokenizer):
+    from protege.errors import SetupError
+    from protege.modeling import check_same_chat_template
+
+    other = copy.deepcopy(chat_tokenizer)
+    other.chat_template = chat_tokenizer.chat_template.replace("=", "#")
+    check_same_chat_template(chat_tokenizer, copy.deepcopy(chat_tokenizer), "t", None)
+    check_same_chat_template(chat_tokenizer, tokenizer, "t", None)  # a base teacher: no format
+    with pytest.raises(SetupError, match="teacher 't' and the student render the chat template"):
+        check_same_chat_template(chat_tokenizer, other, "t", None)
+
+
 def test_characters_the_tokenizer_cannot_encode_are_counted(tokenizer):
     """Checked against each character's own encoding: the built-in student's tokenizer (a
     Qwen2Tokenizer over the char vocabulary) drops what it cannot encode; the same vocabulary

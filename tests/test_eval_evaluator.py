@@ -93,11 +93,24 @@ def test_sampled_and_teacher_metrics(tokenizer):
     assert workers.seconds == {"time/rollout": 1.0}
 
 
-def test_teacher_kl_needs_samples_and_rows_need_answers(tokenizer):
+def test_teacher_kl_needs_samples_and_rows_need_all_answers_or_none(tokenizer):
     with pytest.raises(ValueError, match="eval_samples"):
         Evaluator(ROWS, tokenizer, 4, teacher_kl=True)
-    with pytest.raises(ValueError, match="answer"):
-        Evaluator([Row("1+1=")], tokenizer, 4)
+    with pytest.raises(ValueError, match="1 of 2 evaluation rows have no 'answer'"):
+        Evaluator([Row("1+1=", answer="2"), Row("2+2=")], tokenizer, 4)
+
+
+def test_rows_without_answers_measure_the_distance_to_the_teacher(tokenizer):
+    """A user's own prompts have nothing to check: one sample per prompt, scored by the
+    teacher; no accuracy (which would read 0) and no greedy pass."""
+    workers = ScriptedWorkers(tokenizer)
+    workers.greedy_texts = None  # must not be called
+    rows = [Row("1+1="), Row("2+3=")]
+    result = Evaluator(rows, tokenizer, max_new_tokens=4).run(workers)
+    assert result["reverse_kl"] == pytest.approx(-0.5 + 2.0)
+    assert result["forward_kl"] == pytest.approx(-0.1 + 0.5)
+    assert not {"accuracy", "pass_at_1", "ece", "teacher_pass_at_1"} & set(result)
+    assert [p.samples_per_prompt for p in workers.plans] == [1, 1]
 
 
 def test_training_run_logs_extended_eval_metrics(tmp_path):

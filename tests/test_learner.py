@@ -37,6 +37,7 @@ def make_config(tiny_dirs, lora: bool = False, algorithm: dict | None = None, **
         "learner": {"lr": 1e-2, "micro_batch_size": 4, **learner},
         "algorithm": algorithm or {"name": "gkd", "teacher_output": "full"},
         "trainer": {"steps": 10},
+        "data": {"train": "builtin:tiny/train"},  # own model copies: name the data
     }
     return config_from_dict(tree)
 

@@ -7,7 +7,7 @@ import io
 
 import pytest
 
-from protege.cli import main
+from protege.cli import run_example as main
 from protege.progress import Progress, key_metrics, progress_enabled
 
 

@@ -210,3 +210,26 @@ def test_records_pickle_through_one_buffer_and_come_back_equal():
     again = pickle.loads(pickle.dumps(update, protocol=5))
     assert again.version == 3 and again.lora_only
     assert all(torch.equal(update.tensors[k], again.tensors[k]) for k in update.tensors)
+
+
+def test_shards_combine_peak_memory_by_maximum_and_seconds_by_sum():
+    def shard(rows: int, peak: float) -> RolloutBatch:
+        ids = torch.zeros(rows, 2, dtype=torch.long)
+        mask = torch.ones(rows, 2, dtype=torch.bool)
+        extras = {"memory/rollout_peak_gib": peak, "rollout/seconds": 1.0}
+        return RolloutBatch(ids, mask, ids, mask, extras=extras)
+
+    merged = concat([shard(2, 1.5), shard(3, 2.5)])
+    assert merged.extras == {"memory/rollout_peak_gib": 2.5, "rollout/seconds": 2.0}
+
+
+def test_every_role_reports_its_peak_memory_in_a_run(tmp_path):
+    from protege.config import load_config
+    from protege.run import build_controller
+
+    argv = ["trainer.workers=local", "trainer.steps=1", "trainer.batch_size=4", "data.test=null"]
+    argv += ["logging.wandb=disabled", "logging.progress=false", f"output_dir={tmp_path}"]
+    rows = []
+    build_controller(load_config("gkd", argv)).run(on_step=lambda k, row: rows.append(row))
+    for role in ("rollout", "teacher", "learner"):
+        assert 0.05 < rows[0][f"memory/{role}_peak_gib"] < 64

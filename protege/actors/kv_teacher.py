@@ -27,6 +27,7 @@ from protege.kv.cache import LayerKV
 from protege.kv.extract import KVSpec, forward_kv, forward_sequences, to_student_time
 from protege.kv.rope import undo_rope
 from protege.kv.store import KVStore, RowKV, files_signature
+from protege.memory import peak_metrics
 from protege.modeling import load_tokenizer, sequence_inputs
 from protege.records import RolloutBatch, RolloutPlan
 
@@ -84,6 +85,7 @@ class KVTeacherScorer:
         merged = dict(batch.extras)
         for key, value in extras.items():  # several teachers score one shard in turn
             merged[key] = merged.get(key, 0.0) + value
+        merged.update(peak_metrics("teacher"))
         return batch.replace(teacher_kv=(*(batch.teacher_kv or ()), kv), extras=merged)
 
     # -- rows ------------------------------------------------------------------------------

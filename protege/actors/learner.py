@@ -26,6 +26,7 @@ from protege.algorithms.registry import ModuleContext, StepLoss
 from protege.capabilities import NCCL_NOT_WITH_LORA, SELF_TEACHER_NEEDS_LORA
 from protege.config import Config
 from protege.lora import wrap_with_lora as _with_lora
+from protege.memory import peak_metrics
 from protege.modeling import load_model, load_model_config, load_tokenizer
 from protege.records import RolloutBatch, RolloutPlan, WeightUpdate, lm_targets
 from protege.student import StudentForward
@@ -102,7 +103,8 @@ class Learner:
         """
         started = time.perf_counter()
         metrics = self._step(batch, loss if loss is not None else self.algorithm)
-        return {**metrics, "learner/seconds": time.perf_counter() - started}
+        seconds = time.perf_counter() - started
+        return {**metrics, "learner/seconds": seconds, **peak_metrics("learner")}
 
     def _step(self, batch: RolloutBatch, step_loss: StepLoss) -> dict[str, float]:
         batch = batch.replace(
@@ -177,6 +179,30 @@ class Learner:
 
     def _device(self) -> torch.device:
         return next(self._engine.module.parameters()).device
+
+    # -- `protege check` -----------------------------------------------------------------
+    def recompute_logprobs(self, batch: RolloutBatch) -> Tensor:
+        """log q_θ(y_t) [B,T] of the batch's responses under the learner's weights, from a
+        teacher-forced forward (the sampler's `student_logprobs` should equal it)."""
+        plan = RolloutPlan(teacher_need="sampled")
+        with _eval_mode(self._engine.module), torch.no_grad():
+            scored = teacher_outputs(
+                self._engine.module, batch, plan, self.config.learner.micro_batch_size
+            )
+        return scored.teacher_logprobs.cpu()
+
+    def self_scored(self, batch: RolloutBatch, plan: RolloutPlan) -> RolloutBatch:
+        """`batch` with the teacher outputs `plan` asks for computed by the student itself."""
+        with _eval_mode(self._engine.module), torch.no_grad():
+            return teacher_outputs(
+                self._engine.module, batch, plan, self.config.learner.micro_batch_size
+            )
+
+    def loss_value(self, batch: RolloutBatch, step_loss: StepLoss) -> float:
+        """The loss of `batch` without an update (no gradient, no optimizer step)."""
+        with torch.no_grad():
+            loss, _ = self._loss_pass(batch, step_loss)
+        return float(loss)
 
     # -- LoRA self-distillation -----------------------------------------------------------
     def score_as_teacher(self, batch: RolloutBatch, plan: RolloutPlan) -> RolloutBatch:

@@ -28,6 +28,7 @@ from protege.capabilities import (
 )
 from protege.config import SELF_TEACHER, LoraConfig, RolloutConfig
 from protege.lora import wrap_with_lora
+from protege.memory import peak_metrics
 from protege.modeling import check_same_vocabulary, load_model, load_tokenizer, response_logits
 from protege.records import PromptBatch, RolloutBatch, RolloutPlan, TokenSource, WeightUpdate
 
@@ -258,6 +259,7 @@ def rollout_batch(
     extras["rollout/response_length"] = float(lengths.mean()) if len(lengths) else 0.0
     extras["rollout/tokens"] = float(lengths.sum())
     extras["rollout/seconds"] = time.perf_counter() - started
+    extras.update(peak_metrics("rollout"))
     return RolloutBatch(
         prompt_ids=prompt_ids,
         prompt_mask=prompt_mask,

@@ -15,6 +15,7 @@ from torch import Tensor
 
 from protege.capabilities import SELF_TEACHER_HAS_NO_SCORER
 from protege.config import SELF_TEACHER
+from protege.memory import peak_metrics
 from protege.modeling import load_model, load_tokenizer, response_logits, vocab_size
 from protege.records import RolloutBatch, RolloutPlan
 
@@ -118,6 +119,7 @@ class TeacherScorer:
             "teacher/seconds": time.perf_counter() - started,
             "teacher/tokens": batch.num_response_tokens,
             "teacher/payload_bytes": float(payload_bytes(scored)),
+            **peak_metrics("teacher"),
         }
         return scored.replace(extras={**scored.extras, **extras})
 
