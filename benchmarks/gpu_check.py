@@ -261,7 +261,8 @@ def stage_step(paths: dict[str, str], args) -> dict:
     gpu = _device() == "cuda"
     overrides = [
         f"student.model={paths['student']}", f"teacher.model={paths['synced']}",
-        "algorithm.lmbda=1.0", "trainer.steps=3", "trainer.batch_size=8", "data.test=null",
+        "algorithm.lmbda=1.0", "trainer.steps=3", "trainer.batch_size=8",
+        "data.train=builtin:tiny/train", "data.test=null",
         f"rollout.max_new_tokens={args.max_new_tokens}", "logging.wandb=disabled",
         "logging.progress=false", f"output_dir={output}", "trainer.overwrite=true",
     ]  # fmt: skip
