@@ -21,7 +21,7 @@ from torch import Tensor
 from transformers import PreTrainedModel
 
 from protege.actors.step_result import StepResult
-from protege.actors.teacher import teacher_outputs
+from protege.actors.teacher import rows_within_budget, teacher_outputs
 from protege.algorithms.registry import ModuleContext, StepLoss
 from protege.capabilities import NCCL_NOT_WITH_LORA, SELF_TEACHER_NEEDS_LORA
 from protege.config import Config
@@ -117,7 +117,9 @@ class Learner:
             return self._metrics(
                 batch, StepResult(applied=False, grad_norm=0.0, lr=self._engine.lr), 0.0, empty=True
             )
-        micro_batches = batch.split(self.config.learner.micro_batch_size)
+        # learner.micro_batch_size rows, fewer when their logits would pass the budget
+        rows = rows_within_budget(self._model, batch, self.config.learner.micro_batch_size)
+        micro_batches = batch.split(rows)
         # ZeRO-2/3 communicate inside forward/backward: every rank runs as many passes.
         count = int(self._engine.all_reduce(len(micro_batches), "max"))
         totals: dict[str, float] = {"learner/loss": 0.0}

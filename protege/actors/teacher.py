@@ -16,7 +16,7 @@ from torch import Tensor
 from protege.capabilities import SELF_TEACHER_HAS_NO_SCORER
 from protege.config import SELF_TEACHER
 from protege.memory import peak_metrics
-from protege.modeling import load_model, response_logits, vocab_size
+from protege.modeling import load_frozen_model, response_logits, vocab_size
 from protege.records import RolloutBatch, RolloutPlan
 
 
@@ -42,14 +42,28 @@ def teacher_outputs(
     if micro_batch_size < 1:
         raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
     parts: list[dict[str, Tensor]] = []
+    step = rows_within_budget(model, batch, micro_batch_size)
     # no_grad rather than inference_mode: under ZeRO-3 the learner's self-teacher pass would
     # leave DeepSpeed's re-partitioned parameters as inference tensors.
     with torch.no_grad():
-        for start in range(0, batch.size, micro_batch_size):
-            rows = batch.select(slice(start, start + micro_batch_size))
+        for start in range(0, batch.size, step):
+            rows = batch.select(slice(start, start + step))
             parts.append(_score_rows(model, rows, plan))
     fields = {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
     return batch.replace(**fields)
+
+
+LOGITS_BUDGET = 2**26  # float32 logits per forward (256 MiB); log-softmax copies scale with it
+
+
+def rows_within_budget(model: torch.nn.Module, batch: RolloutBatch, micro_batch_size: int) -> int:
+    """Rows per forward: `micro_batch_size`, fewer when their [rows, T, V] float32 logits
+    would pass LOGITS_BUDGET (a 49k-152k vocabulary at batch 64 is gigabytes per copy)."""
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    if not isinstance(vocab, int) or vocab < 1:
+        return micro_batch_size
+    per_row = (batch.response_ids.shape[1] + 1) * vocab
+    return max(1, min(micro_batch_size, LOGITS_BUDGET // per_row))
 
 
 def _score_rows(model: torch.nn.Module, rows: RolloutBatch, plan: RolloutPlan) -> dict[str, Tensor]:
@@ -88,8 +102,7 @@ class TeacherScorer:
             raise ValueError(SELF_TEACHER_HAS_NO_SCORER)
         if micro_batch_size < 1:
             raise ValueError(f"teacher.micro_batch_size must be >= 1, got {micro_batch_size}")
-        self.model = load_model(model, dtype).eval()
-        self.model.requires_grad_(False)
+        self.model = load_frozen_model(model, dtype)
         self.micro_batch_size = micro_batch_size
 
     @property
