@@ -94,7 +94,7 @@ def _logits_and_head_input(model: torch.nn.Module, rows: RolloutBatch) -> tuple[
 
 
 def _check_plain_head(head: torch.nn.Module, hidden: Tensor, logits: Tensor) -> None:
-    """The learner rebuilds the logits as head(hidden): refuse a model whose logits are
+    """The learner decodes logits as head(hidden): refuse a model whose logits are
     something more (Gemma-2's softcapping, Cohere's or Granite's logit scaling)."""
     again = head(hidden[:1]).float()
     tolerance = 1e-4 if hidden.dtype == torch.float32 else 2e-2  # 16-bit: a few ulps
