@@ -121,19 +121,20 @@ def measure_mode(mode: str, scorer, batch, reference, pair: tuple[str, str], arg
     plan = RolloutPlan(teacher_need=mode, topk=TOPK)
     learner, algorithm = learner_for(mode, *pair, scratch)
     bare = len(pickle.dumps(batch, protocol=5))
-    times: dict[str, list[float]] = {"teacher": [], "wire": [], "learner": []}
+    times: dict[str, list[float]] = {"teacher": [], "wire": [], "learner": [], "wall": []}
     for repeat in range(args.warmup + args.repeats):
-        started = time.perf_counter()
+        started, wall = time.process_time(), time.perf_counter()
         scored = scorer.score(batch, plan)
-        scored_at = time.perf_counter()
+        scored_at = time.process_time()
         wire = pickle.dumps(scored, protocol=5)
         received = pickle.loads(wire)
-        wired_at = time.perf_counter()
+        wired_at = time.process_time()
         learner.train(algorithm.advantages(received))
         if repeat >= args.warmup:
             times["teacher"].append(scored_at - started)
             times["wire"].append(wired_at - scored_at)
-            times["learner"].append(time.perf_counter() - wired_at)
+            times["learner"].append(time.process_time() - wired_at)
+            times["wall"].append(time.perf_counter() - wall)
     tokens = batch.num_response_tokens
     row = {name: 1000 * statistics.median(values) for name, values in times.items()}
     row["step"] = row["teacher"] + row["wire"] + row["learner"]
@@ -195,8 +196,10 @@ def markdown(results: dict) -> str:
             f"{setup['response_tokens']} response tokens), in-process workers, fp32, "
             f"{setup['threads']} torch thread; median of {setup['repeats']} repeats after "
             f"{setup['warmup']} warm-up; {setup['cpus']} CPU cores shared with other jobs (load "
-            f"average {setup['load_average']}). top-k: k = {TOPK} + tail. Step = teacher + "
-            f"wire (pickle round trip) + learner; 'at {NETWORK_GBIT} Gb/s' is the pickled bytes "
+            f"average {setup['load_average']}). top-k: k = {TOPK} + tail. Times are CPU ms of "
+            "this single-threaded process (the work, which the machine's other load changes "
+            "little; the wall time of the whole step is the last time column). Step = teacher "
+            f"+ wire (pickle round trip) + learner; 'at {NETWORK_GBIT} Gb/s' is the pickled bytes "
             "÷ that bandwidth (not measured: what a network between teacher and learner adds). "
             "The JSD error of top-k is that of random-weight teachers, whose distributions are "
             "nearly flat (a worst case for top-k); hidden states are exact by construction."
@@ -204,9 +207,10 @@ def markdown(results: dict) -> str:
         "",
         (
             "| V | teacher d | mode | tensor B/token | pickled B/token | full ÷ this | teacher ms "
-            f"| wire ms | learner ms | step ms | at {NETWORK_GBIT} Gb/s ms | JSD rel. error vs full |"
+            f"| wire ms | learner ms | step ms | step wall ms | at {NETWORK_GBIT} Gb/s ms "
+            "| JSD rel. error vs full |"
         ),
-        "| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for entry in results["vocabularies"]:
         full = entry["modes"]["full"]["wire_bytes_per_token"]
@@ -217,8 +221,9 @@ def markdown(results: dict) -> str:
             lines.append(
                 f"| {entry['vocab']:,} | {entry['teacher_hidden_size']} | {name} | "
                 f"{row['tensor_bytes_per_token']:,.0f} | {row['wire_bytes_per_token']:,.0f} | "
-                f"{ratio:,.1f}× | {row['teacher']:.1f} | {row['wire']:.1f} | "
-                f"{row['learner']:.1f} | {row['step']:.1f} | {row['network_ms']:.2f} | {error} |"
+                f"{ratio:,.1f}× | {row['teacher']:.0f} | {row['wire']:.1f} | "
+                f"{row['learner']:.0f} | {row['step']:.0f} | {row['wall']:.0f} | "
+                f"{row['network_ms']:.2f} | {error} |"
             )
     lines += ["", "Hidden states from a bf16 teacher (the GPU case), tensor bytes per token:", ""]
     for entry in results["vocabularies"]:

@@ -307,6 +307,7 @@ def test_head_stays_out_of_the_trained_and_exported_weights(tiny_dirs):
         (["teacher.backend=vllm"], "pooling-mode"),
         (["teacher.model=self", "student.lora.enabled=true"], cap.HIDDEN_NOT_FROM_SELF_TEACHER),
     ],
+    ids=["vllm_teacher", "self_teacher"],
 )
 def test_hidden_with_a_teacher_that_cannot_ship_it_is_refused(overrides, text, tmp_path):
     config = load_config(
