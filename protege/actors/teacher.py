@@ -13,7 +13,7 @@ import time
 import torch
 from torch import Tensor
 
-from protege.capabilities import SELF_TEACHER_HAS_NO_SCORER
+from protege.capabilities import HIDDEN_NEEDS_PLAIN_HEAD, SELF_TEACHER_HAS_NO_SCORER
 from protege.config import SELF_TEACHER
 from protege.memory import peak_metrics
 from protege.modeling import load_frozen_model, response_logits, vocab_size
@@ -29,14 +29,18 @@ def teacher_outputs(
     "topk" also `teacher_topk_ids`/`teacher_topk_logprobs` [B,T,K] (K = min(topk, V), on
     log_softmax(logits / plan.temperature)) and `teacher_tail_logprobs` [B,T], the exact
     log mass outside the top-k (−inf when K = V); for "full" also `teacher_logits` [B,T,V]
-    (float32, untempered). "none" returns `batch` unchanged. `model` is any module that
+    (float32, untempered); for "hidden" also `teacher_hidden` [B,T,d], the input of the
+    teacher's output head in the model's dtype (protege.teacher_head decodes it into those
+    logits). "none" returns `batch` unchanged. `model` is any module that
     `response_logits` accepts; the caller chooses its mode (eval, adapter disabled, ...).
     """
     need = plan.teacher_need
     if need == "none":
         return batch
-    if need not in ("sampled", "topk", "full"):
-        raise ValueError(f"unknown teacher_need {need!r}; expected none, sampled, topk or full")
+    if need not in ("sampled", "topk", "full", "hidden"):
+        raise ValueError(
+            f"unknown teacher_need {need!r}; expected none, sampled, topk, full or hidden"
+        )
     if need == "topk" and plan.topk < 1:
         raise ValueError(f"teacher_need='topk' needs plan.topk >= 1, got {plan.topk}")
     if micro_batch_size < 1:
@@ -67,7 +71,10 @@ def rows_within_budget(model: torch.nn.Module, batch: RolloutBatch, micro_batch_
 
 
 def _score_rows(model: torch.nn.Module, rows: RolloutBatch, plan: RolloutPlan) -> dict[str, Tensor]:
-    logits = response_logits(model, rows).float().cpu()  # [b,T,V]
+    if plan.teacher_need == "hidden":
+        logits, hidden = _logits_and_head_input(model, rows)
+    else:
+        logits = response_logits(model, rows).float().cpu()  # [b,T,V]
     mask = rows.response_mask
     logp = torch.log_softmax(logits, dim=-1)
     sampled = logp.gather(-1, rows.response_ids.unsqueeze(-1)).squeeze(-1)
@@ -79,7 +86,35 @@ def _score_rows(model: torch.nn.Module, rows: RolloutBatch, plan: RolloutPlan) -
         out.update(_topk_with_tail(tempered, plan.topk))
     elif plan.teacher_need == "full":
         out["teacher_logits"] = logits
+    elif plan.teacher_need == "hidden":
+        out["teacher_hidden"] = hidden.cpu().masked_fill(~mask.unsqueeze(-1), 0)
     return out
+
+
+def _logits_and_head_input(model: torch.nn.Module, rows: RolloutBatch) -> tuple[Tensor, Tensor]:
+    """([b,T,V] float32 logits, [b,T,d] what the output head read to make them) from one
+    forward: a hook on the head catches its input (the last hidden state after the final
+    norm), so no model family's layout is assumed."""
+    head = model.get_output_embeddings()
+    caught: list[Tensor] = []
+    hook = head.register_forward_hook(lambda module, args, output: caught.append(args[0]))
+    try:
+        logits = response_logits(model, rows)  # [b,T,V]
+    finally:
+        hook.remove()
+    prompt_len = rows.prompt_ids.shape[1]
+    hidden = caught[-1][:, prompt_len - 1 : -1]  # [b,T,d]
+    _check_plain_head(head, hidden, logits)
+    return logits.float().cpu(), hidden
+
+
+def _check_plain_head(head: torch.nn.Module, hidden: Tensor, logits: Tensor) -> None:
+    """The learner decodes logits as head(hidden): refuse a model whose logits are
+    something more (Gemma-2's softcapping, Cohere's or Granite's logit scaling)."""
+    again = head(hidden[:1]).float()
+    tolerance = 1e-4 if hidden.dtype == torch.float32 else 2e-2  # 16-bit: a few ulps
+    if not torch.allclose(again, logits[:1].float(), rtol=tolerance, atol=tolerance):
+        raise ValueError(HIDDEN_NEEDS_PLAIN_HEAD)
 
 
 def _topk_with_tail(logp: Tensor, topk: int) -> dict[str, Tensor]:
@@ -131,6 +166,7 @@ TEACHER_FIELDS = (
     "teacher_topk_logprobs",
     "teacher_tail_logprobs",
     "teacher_logits",
+    "teacher_hidden",
 )
 
 

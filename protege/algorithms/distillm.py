@@ -10,7 +10,7 @@ from torch import Tensor
 
 from protege.algorithms.divergences import masked_mean, skew_forward_kl, skew_reverse_kl
 from protege.algorithms.registry import AlgorithmDefaults, check, register
-from protege.algorithms.teacher_view import paired_logprobs
+from protege.algorithms.teacher_view import TeacherOutput, paired_logprobs
 from protege.records import RolloutBatch, RolloutPlan
 
 SkewDivergence = Literal["skew_forward", "skew_reverse"]
@@ -38,7 +38,7 @@ class DistiLLM(AlgorithmDefaults):
     alpha: float = 0.1
     lmbda: float = 0.5
     temperature: float = 1.0
-    teacher_output: Literal["topk", "full"] = "topk"
+    teacher_output: TeacherOutput = "topk"
     topk: int = 64
     seed: int = 0
 

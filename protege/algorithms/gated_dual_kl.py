@@ -11,7 +11,7 @@ from torch import Tensor
 
 from protege.algorithms.divergences import kl_from_logprobs, masked_mean
 from protege.algorithms.registry import AlgorithmDefaults, check, register
-from protege.algorithms.teacher_view import paired_logprobs
+from protege.algorithms.teacher_view import TeacherOutput, paired_logprobs
 from protege.records import RewriteSpec, RolloutBatch, RolloutPlan, TokenSource
 
 if TYPE_CHECKING:
@@ -36,7 +36,7 @@ class GatedDualKL(AlgorithmDefaults):
     rewrite_mode: Literal["argmax", "nucleus"] = "argmax"
     rewrite_top_p: float = 0.9
     temperature: float = 1.0
-    teacher_output: Literal["topk", "full"] = "topk"
+    teacher_output: TeacherOutput = "topk"
     topk: int = 64
 
     def __post_init__(self) -> None:

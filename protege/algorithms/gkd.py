@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 from torch import Tensor
 
 from protege.algorithms.divergences import jsd_from_logprobs, masked_mean
 from protege.algorithms.policy_gradient import token_logprobs
 from protege.algorithms.registry import AlgorithmDefaults, check, register
-from protege.algorithms.teacher_view import paired_logprobs
+from protege.algorithms.teacher_view import TeacherOutput, paired_logprobs
 from protege.records import RolloutBatch, RolloutPlan
 
 if TYPE_CHECKING:
@@ -33,7 +33,7 @@ class GKD(AlgorithmDefaults):
     beta: float = 0.5
     temperature: float = 1.0
     seq_kd: bool = False
-    teacher_output: Literal["topk", "full"] = "topk"
+    teacher_output: TeacherOutput = "topk"
     topk: int = 64
     seed: int = 0
 

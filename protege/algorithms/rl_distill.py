@@ -13,7 +13,7 @@ from protege.algorithms.advantages import broadcast_to_tokens, group_normalised,
 from protege.algorithms.divergences import jsd_from_logprobs, masked_mean, sampled_reverse_kl
 from protege.algorithms.policy_gradient import clipped_surrogate, token_logprobs
 from protege.algorithms.registry import AlgorithmDefaults, check, register
-from protege.algorithms.teacher_view import paired_logprobs, require
+from protege.algorithms.teacher_view import TeacherOutput, paired_logprobs, require
 from protege.records import RolloutBatch, RolloutPlan
 
 if TYPE_CHECKING:
@@ -51,7 +51,7 @@ class RLDistill(AlgorithmDefaults):
     distill: Literal["sampled", "analytic"] = "sampled"
     beta: float = 1.0
     clip_eps: float = 0.2
-    teacher_output: Literal["topk", "full"] = "topk"
+    teacher_output: TeacherOutput = "topk"
     topk: int = 64
     baseline: MovingBaseline = field(
         default_factory=MovingBaseline, init=False, compare=False, repr=False

@@ -10,14 +10,14 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from protege.algorithms.divergences import kl_from_logprobs, masked_mean
 from protege.algorithms.registry import AlgorithmDefaults, check, register
-from protege.algorithms.teacher_view import paired_logprobs
+from protege.algorithms.teacher_view import TeacherOutput, paired_logprobs
 from protege.records import RolloutBatch, RolloutPlan, Source
 
 LOSS_METRIC = "taid/loss"
@@ -131,7 +131,7 @@ class TAID(AlgorithmDefaults):
     adaptive: bool = True
     source: Source = "student"
     temperature: float = 1.0
-    teacher_output: Literal["topk", "full"] = "topk"
+    teacher_output: TeacherOutput = "topk"
     topk: int = 64
     state: _TAIDState = field(default_factory=_TAIDState, init=False, compare=False, repr=False)
 
