@@ -289,6 +289,7 @@ def test_head_stays_out_of_the_trained_and_exported_weights(tiny_dirs):
         "teacher": {"model": tiny_dirs["teacher"]},
         "learner": {"micro_batch_size": 2},
         "algorithm": {"name": "gkd", "teacher_output": "hidden"},
+        "data": {"train": "builtin:tiny/train"},
     }
     learner = Learner(config_from_dict(tree))
     before = set(learner.export_weights().tensors)

@@ -102,8 +102,8 @@ def _logits_and_head_input(model: torch.nn.Module, rows: RolloutBatch) -> tuple[
         logits = response_logits(model, rows)  # [b,T,V]
     finally:
         hook.remove()
-    prompt_len = rows.prompt_ids.shape[1]
-    hidden = caught[-1][:, prompt_len - 1 : -1]  # [b,T,d]
+    width = rows.response_ids.shape[1]  # the head read only the positions that predict them
+    hidden = caught[-1][:, -(width + 1) : -1]  # [b,T,d]
     _check_plain_head(head, hidden, logits)
     return logits.float().cpu(), hidden
 
