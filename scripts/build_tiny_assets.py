@@ -182,7 +182,7 @@ def build_osd_draft(tokenizer) -> None:
     low_test = domain_rows(NUM_TEST, TEST_SEED, OSD_LOW)
     stream_seed = OSD_DRAFT_SEEDS[1]
     model = build_tiny_model(student_config(), OSD_DRAFT_SEEDS[0])
-    stream = lambda step: domain_rows(BATCH_SIZE, stream_seed * 1_000_003 + step, OSD_LOW)  # noqa: E731
+    stream = lambda step: domain_rows(BATCH_SIZE, stream_seed * 1_000_003 + step, OSD_LOW)
     extra = {"high_domain_accuracy": traffic[NUM_OSD_TRAFFIC:]}
     build_extra(model, tokenizer, stream, OSD_DRAFT_STEPS, 2e-3, "osd_draft", low_test, extra)
 

@@ -4,7 +4,6 @@ serving, and bad input as one clear error. Real tiny models, no Ray."""
 from __future__ import annotations
 
 import json
-import threading
 import time
 
 import pytest

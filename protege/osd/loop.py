@@ -17,7 +17,7 @@ from typing import Any
 from protege.osd.buffer import DistillBuffer
 from protege.osd.config import OSDConfig
 from protege.osd.records import Request, Served
-from protege.osd.stats import ServingStats
+from protege.osd.stats import ServingStats, Totals
 
 
 @dataclass(frozen=True)
@@ -49,10 +49,13 @@ class OSDLoop:
         buffer = config.buffer
         self.buffer = DistillBuffer(buffer.capacity, buffer.min_records, buffer.max_age_s, clock)
         self.stats = ServingStats()
+        self.initial = Totals()  # the requests served before the first update landed
+        self.second_half = Totals()  # the last half of the traffic (after recovery)
         self.timeline: list[Event] = []
         self.rows: list[dict[str, float]] = []
         self._pending: Any = None  # the update in flight
         self._updates = 0
+        self._version = 0  # draft version the server holds
         self._last_update: dict[str, float] = {}
         self._has_heldout = False
 
@@ -66,6 +69,10 @@ class OSDLoop:
         for request in self.requests:
             served, latency = self._serve(request, start)
             self.stats.add(served, latency)
+            if self._updates == 0:
+                self.initial.add(served, latency)
+            if 2 * request.index >= len(self.requests):
+                self.second_half.add(served, latency)
             self.buffer.add(served.records)
             served_so_far = self.stats.total.requests
             self.timeline.append(
@@ -98,7 +105,7 @@ class OSDLoop:
             self._updates += 1
             self._last_update = {**result.metrics, "osd/weight_load_seconds": seconds}
             served = self.stats.total.requests
-            version = result.update.version
+            version = self._version = result.update.version
             self.timeline.append(Event("loaded", served, version, version))
         if self._pending is None and self.distiller is not None and self.buffer.ready():
             records = self.buffer.drain()
@@ -112,6 +119,7 @@ class OSDLoop:
         row["osd/buffer_size"] = float(self.buffer.size)
         row["osd/buffer_dropped"] = float(self.buffer.dropped)
         row["osd/updates"] = float(self._updates)
+        row["osd/draft_version"] = float(self._version)
         row["osd/update_in_flight"] = float(self._pending is not None)
         if self._has_heldout:
             row["osd/heldout_kl"] = self.launcher.get(self.server.heldout_kl.remote())
@@ -124,6 +132,8 @@ class OSDLoop:
             self.launcher.get(self._pending)
             self._pending = None
         totals = self.stats.total.metrics("total")
+        totals.update(self.initial.metrics("initial_draft"))
+        totals.update(self.second_half.metrics("second_half"))
         totals["total/updates"] = float(self._updates)
         totals["total/records_distilled"] = float(self.buffer.drained)
         if self._has_heldout:

@@ -20,6 +20,7 @@ from protege.modeling import (
 from protege.osd.config import OSDConfig, load_osd_config
 from protege.osd.distiller import DraftDistiller
 from protege.osd.loop import OSDLoop
+from protege.osd.plot import acceptance_curve, plot_acceptance
 from protege.osd.records import Request
 from protege.osd.server import OSDServer
 from protege.usage import HELP_FLAGS, format_rows, section_rows
@@ -120,9 +121,44 @@ def main(preset: str = "osd", argv: list[str] | None = None) -> dict[str, Any]:
         print(usage(preset))
         raise SystemExit(0)
     try:
-        return run(load_osd_config(preset, argv))
+        config = load_osd_config(preset, argv)
+        summary = run(config)
     except ProtegeError as error:
         raise SystemExit(report(error)) from None
+    print(describe(summary, config))
+    return summary
+
+
+def describe(summary: dict[str, Any], config: OSDConfig) -> str:
+    """The run's last lines: acceptance with the initial draft and at the end, held-out KL,
+    updates, and the plot written to output_dir."""
+    totals, rows = summary["totals"], summary["rows"]
+    curve = acceptance_curve(rows)
+    path = Path(config.output_dir) / "acceptance.png"
+    title = f"OSD: {config.distill.divergence}, k={config.serving.k}"
+    plot = plot_acceptance(
+        {"online-distilled draft": curve}, summary["updates_landed_at"], path, title
+    )
+    lines = [
+        (
+            f"acceptance rate: {totals['initial_draft/acceptance_rate']:.3f} with the initial draft "
+            f"({int(totals['initial_draft/requests'])} requests before the first update) -> "
+            f"{curve[-1][1]:.3f} over the last {config.eval.every} requests "
+            f"({int(totals['total/updates'])} updates, {int(totals['total/requests'])} requests)"
+        ),
+        (
+            f"tokens per target forward {totals['total/tokens_per_round']:.2f}, "
+            f"{totals['total/tokens_per_s']:.1f} tokens/s, latency p50 "
+            f"{totals['total/latency_p50_ms']:.1f} ms p95 {totals['total/latency_p95_ms']:.1f} ms"
+        ),
+    ]
+    if "total/heldout_kl_first" in totals:
+        lines.append(
+            f"held-out KL(target || draft): {totals['total/heldout_kl_first']:.3f} -> "
+            f"{totals['total/heldout_kl_last']:.3f}"
+        )
+    lines.append(f"plot: {plot}; metrics: {config.output_dir}/metrics.jsonl")
+    return "\n".join(lines)
 
 
 def usage(preset: str) -> str:
@@ -132,9 +168,11 @@ def usage(preset: str) -> str:
         [
             "usage: python examples/osd.py [a.b=value ...]",
             "",
-            f"Serves configs/{preset}.yaml's traffic with speculative decoding and distils the "
-            "draft online; each a.b=value override sets one key. A bad input prints one "
-            "`error: ...` block and exits with code 2.",
+            (
+                f"Serves configs/{preset}.yaml's traffic with speculative decoding and distils "
+                "the draft online; each a.b=value override sets one key. A bad input prints "
+                "one `error: ...` block and exits with code 2."
+            ),
             "",
             "keys (type) = this preset's value:",
             *format_rows(list(section_rows(OSDConfig, config, ""))),
