@@ -1,6 +1,6 @@
 """No speculation vs a static draft vs an online-distilled draft, on the same traffic.
 
-    python benchmarks/osd.py                  # 3 arms x 600 requests (configs/osd.yaml), ~3 min
+    python benchmarks/osd.py                  # 3 arms x 400 requests (configs/osd.yaml), ~3 min
     python benchmarks/osd.py --smoke          # 3 arms x 40 requests, < 1 min
     python benchmarks/osd.py --requests 1000 serving.temperature=1.0   # overrides for every arm
 
@@ -80,7 +80,7 @@ def table(results: list[dict[str, Any]]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--requests", type=int, default=600)
+    parser.add_argument("--requests", type=int, default=400)
     parser.add_argument("--smoke", action="store_true", help="40 requests per arm")
     parser.add_argument("--workdir", default="runs/bench_osd")
     parser.add_argument("overrides", nargs="*", help="a.b=value for every arm")

@@ -17,7 +17,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "RAY_ADDRE
 
 @pytest.mark.slow
 def test_example_acceptance_recovers_as_updates_land(tmp_path):
-    """The preset as shipped (600 requests, Ray actors for the server and the learner)."""
+    """The preset as shipped (400 requests, Ray actors for the server and the learner)."""
     out = tmp_path / "run"
     command = [sys.executable, str(ROOT / "examples" / "osd.py"), f"output_dir={out}"]
     done = subprocess.run(

@@ -199,6 +199,33 @@ def test_updates_never_stop_serving_beyond_one_weight_load(tmp_path):
     assert json.loads(lines[-1])["osd/updates"] == len(loaded)
 
 
+def test_requests_are_replayed_at_the_configured_rate(tmp_path, server):
+    """Arrivals i / rate: the loop sleeps until each one (a clock that only sleeping moves
+    makes the sleeps exact), and latency counts from the arrival."""
+    config = small_config(tmp_path, "serving.rate=4", "serving.num_requests=3")
+    clock = Clock()
+    sleeps: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        sleeps.append(seconds)
+        clock.now += seconds
+
+    launcher = LocalLauncher()
+    loop = OSDLoop(
+        config,
+        launcher,
+        LocalHandle(server),
+        None,
+        traffic(config),
+        MetricsLog(config),
+        clock=clock,
+        sleep=sleep,
+    )
+    totals = loop.run()
+    assert sleeps == [0.25, 0.25]  # the first request arrives at once
+    assert totals["total/requests"] == 3 and totals["total/latency_p95_ms"] == 0.0
+
+
 def test_static_draft_run_writes_metrics_and_summary(tmp_path):
     summary = run(small_config(tmp_path, "distill.enabled=false", "serving.num_requests=8"))
     totals = summary["totals"]
@@ -220,11 +247,21 @@ def test_static_draft_run_writes_metrics_and_summary(tmp_path):
         (["draft.model=/nonexistent"], SetupError, "draft.model"),
         (["serving.k=0"], SetupError, "serving.k >= 1"),
         (["serving.max_new_tokens=64"], SetupError, "serving.max_new_tokens"),
+        (["learner.num_workers=2"], SetupError, "learner.num_workers=1"),
     ],
 )
 def test_bad_input_is_one_clear_error(tmp_path, overrides, error, words):
     with pytest.raises(error, match=words.replace("(", r"\(")):
         run(small_config(tmp_path, *overrides))
+
+
+def test_the_preset_loads_by_name_and_by_path():
+    from protege.config import CONFIG_DIR
+
+    by_name = load_osd_config("osd")
+    assert by_name == load_osd_config(CONFIG_DIR / "osd.yaml")
+    assert by_name.learner_config().build_algorithm().name == "gkd"
+    assert load_osd_config("osd", ["distill.divergence=reverse_kl"]).divergence_beta == 1.0
 
 
 def test_cli_prints_one_error_block_and_exits_2(tmp_path, capsys):

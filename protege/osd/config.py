@@ -35,7 +35,7 @@ class ModelSpec(Section):
 
 class ServingConfig(Section):
     traffic: str = "builtin:tiny/osd_traffic"  # JSONL of {"prompt": ...}, replayed in order
-    num_requests: int = Field(600, ge=1)  # requests served (the file is cycled when shorter)
+    num_requests: int = Field(400, ge=1)  # requests served (the file is cycled when shorter)
     rate: float = Field(0.0, ge=0)  # arrivals per second, evenly spaced; 0: back to back
     k: int = Field(4, ge=0)  # draft proposals per verification round; 0: no speculation
     temperature: float = Field(0.0, ge=0)  # 0: greedy; > 0: exact speculative sampling

@@ -63,6 +63,11 @@ def check_setup(config: OSDConfig, requests: list[Request]) -> None:
             f"{config.serving.max_new_tokens} new tokens exceeds the models' {limit} positions; "
             "lower serving.max_new_tokens or shorten the prompts"
         )
+    if config.learner.num_workers != 1:
+        raise SetupError(
+            f"learner.num_workers={config.learner.num_workers}: the draft's learner runs as "
+            "one rank (a draft is small); set learner.num_workers=1"
+        )
     if config.distill.enabled and config.serving.k == 0:
         raise SetupError(
             "distill.enabled needs draft proposals to learn from, but serving.k=0 (no "
