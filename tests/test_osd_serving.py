@@ -91,8 +91,8 @@ def test_records_hold_both_models_distributions_at_their_prefixes(server):
     distribution after its prefix, recomputed here with a plain forward."""
     served = server.serve(Request(0, "67+85="))
     records = served.records
-    assert records is not None and records.size == served.proposed
-    assert records.rejected.sum() == served.proposed - served.accepted
+    assert records is not None and records.size == served.verified
+    assert records.rejected.sum() == served.verified - served.accepted
     for row in range(records.size):
         prefix = records.prefix_ids[row][records.prefix_mask[row]][None]
         with torch.no_grad():
@@ -109,7 +109,7 @@ def test_rejected_only_and_topk_payload(tmp_path):
     server = OSDServer(config)
     served = server.serve(Request(0, "67+85="))
     records = served.records
-    assert records.size == served.proposed - served.accepted > 0
+    assert records.size == served.verified - served.accepted > 0
     assert bool(records.rejected.all())
     assert records.support_ids.shape == (records.size, 4)
     assert torch.allclose(records.target_logprobs.exp().sum(-1), torch.ones(records.size))
@@ -271,3 +271,16 @@ def test_cli_prints_one_error_block_and_exits_2(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: invalid config") and "serving.rate" in err
     assert "Traceback" not in err
+
+
+def test_plot_writes_a_png_or_a_plain_svg(tmp_path):
+    from xml.etree import ElementTree
+
+    from protege.osd import plot
+
+    curves = {"static": [(25.0, 0.3), (50.0, 0.3)], "online": [(25.0, 0.3), (50.0, 0.6)]}
+    written = plot.plot_acceptance(curves, [20, 40], tmp_path / "a.png", "t")
+    assert written.stat().st_size > 0
+    svg = plot._svg(curves, [20, 40], tmp_path / "a.svg", "t & u")  # the no-matplotlib path
+    root = ElementTree.parse(svg).getroot()
+    assert len(root.findall("{http://www.w3.org/2000/svg}polyline")) == 3  # axes + 2 curves

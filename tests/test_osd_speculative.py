@@ -184,7 +184,7 @@ def test_no_speculation_is_plain_target_decoding(tiny_pair):
     ids = torch.tensor(tokenizer("67+85=", add_special_tokens=False)["input_ids"])
     plain = decoder.generate(ids, max_new_tokens=8, k=0)
     assert tokenizer.decode(plain.response_ids, skip_special_tokens=True) == "152"
-    assert plain.rounds == plain.response_ids.numel() and plain.num_proposed == 0
+    assert plain.rounds == plain.response_ids.numel() and plain.num_verified == 0
     self_drafted = decoder.generate(ids, max_new_tokens=8, k=4)  # the target as its own draft
-    assert self_drafted.num_accepted == self_drafted.num_proposed == 4
+    assert self_drafted.num_accepted == self_drafted.num_verified == 4
     assert self_drafted.rounds == 1

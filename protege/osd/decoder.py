@@ -23,22 +23,24 @@ class Decoded:
     """One request's response and what the draft and the target said at each position."""
 
     response_ids: Tensor  # [T] long, EOS included when reached
-    draft_logprobs: Tensor  # [T,V] float32 log q at temperature 1; 0 where nothing was proposed
+    draft_logprobs: Tensor  # [T,V] float32 log q at temperature 1; 0 where nothing was verified
     target_logprobs: Tensor  # [T,V] float32 log p at temperature 1
-    proposed: Tensor  # [T] bool: the draft proposed a token at this position
-    rejected: Tensor  # [T] bool: ... and the target turned it down
+    # [T] bool: the target judged a draft proposal at this position (proposals after a
+    # rejection are discarded unjudged: they count in `draft_forwards` only)
+    verified: Tensor
+    rejected: Tensor  # [T] bool: ... and turned it down
     rounds: int  # target forwards (verification rounds)
     draft_forwards: int
     draft_seconds: float
     target_seconds: float
 
     @property
-    def num_proposed(self) -> int:
-        return int(self.proposed.sum())
+    def num_verified(self) -> int:
+        return int(self.verified.sum())
 
     @property
     def num_accepted(self) -> int:
-        return int((self.proposed & ~self.rejected).sum())
+        return int((self.verified & ~self.rejected).sum())
 
 
 @dataclass
@@ -177,7 +179,7 @@ def _finish(trace: _Trace, max_new_tokens: int, rounds: int) -> Decoded:
         response_ids=torch.tensor(trace.tokens[:n], dtype=torch.long),
         draft_logprobs=draft,
         target_logprobs=target,
-        proposed=torch.tensor([d is not None for d in trace.draft[:n]], dtype=torch.bool),
+        verified=torch.tensor([d is not None for d in trace.draft[:n]], dtype=torch.bool),
         rejected=torch.tensor(trace.rejected[:n], dtype=torch.bool),
         rounds=rounds,
         draft_forwards=trace.draft_forwards,

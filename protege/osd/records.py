@@ -24,7 +24,7 @@ class Request:
 
 @dataclass(frozen=True)
 class DistillRecords:
-    """(prefix, draft distribution, target distribution) at positions the draft proposed."""
+    """(prefix, draft distribution, target distribution) at verified draft proposals."""
 
     prefix_ids: Tensor  # [N,L] long, prompt ⧺ response before the position, left-padded
     prefix_mask: Tensor  # [N,L] bool
@@ -106,8 +106,9 @@ class Served:
     index: int
     text: str  # the response, special tokens dropped
     tokens: int  # response tokens
-    proposed: int  # draft proposals verified
-    accepted: int  # ... of which the target kept
+    verified: int  # draft proposals the target judged
+    accepted: int  # ... of which it kept
+    drafted: int  # draft proposals made (also those discarded after a rejection)
     rounds: int  # target forwards
     seconds: float  # service time inside the server
     weights_version: int  # draft version that served it

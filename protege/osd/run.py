@@ -75,13 +75,13 @@ def check_setup(config: OSDConfig, requests: list[Request]) -> None:
         )
 
 
-def build_loop(config: OSDConfig, launcher: Any = None) -> tuple[OSDLoop, list[str]]:
-    """The loop with its workers spawned (threads in-process for workers=local, else Ray
-    actors with the configured CPUs/GPUs), and the held-out prompts."""
+def build_loop(config: OSDConfig, launcher: Any) -> tuple[OSDLoop, list[str]]:
+    """The loop with its workers spawned by `launcher` (`make_launcher`: threads in-process
+    for workers=local, else Ray actors with the configured CPUs/GPUs), and the held-out
+    prompts."""
     requests = traffic(config)
     heldout = heldout_prompts(config)
     check_setup(config, requests)
-    launcher = launcher or make_launcher(config)
     serving = Resources(config.serving.num_cpus, config.serving.num_gpus)
     server = launcher.spawn("osd-server", OSDServer, [serving], [(config,)])[0]
     distiller = None
@@ -106,12 +106,20 @@ def make_launcher(config: OSDConfig):
 
 
 def run(config: OSDConfig, launcher: Any = None) -> dict[str, Any]:
-    """Serve the traffic; returns the totals and every metrics row (also in summary.json)."""
-    loop, heldout = build_loop(config, launcher)
+    """Serve the traffic; returns the totals and every metrics row (also in summary.json).
+    A launcher made here is shut down at the end (Ray: its actors go, so another run in this
+    process finds the CPUs free)."""
+    own = launcher is None
+    launcher = make_launcher(config) if own else launcher
     try:
-        totals = loop.run(heldout)
+        loop, heldout = build_loop(config, launcher)
+        try:
+            totals = loop.run(heldout)
+        finally:
+            loop.log.close()
     finally:
-        loop.log.close()
+        if own and hasattr(launcher, "shutdown"):
+            launcher.shutdown()
     updates = [e.requests for e in loop.timeline if e.kind == "loaded"]
     summary = {"totals": totals, "rows": loop.rows, "updates_landed_at": updates}
     path = Path(config.output_dir) / "summary.json"

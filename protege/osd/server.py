@@ -60,8 +60,9 @@ class OSDServer:
             index=request.index,
             text=self.tokenizer.decode(decoded.response_ids, skip_special_tokens=True),
             tokens=int(decoded.response_ids.numel()),
-            proposed=decoded.num_proposed,
+            verified=decoded.num_verified,
             accepted=decoded.num_accepted,
+            drafted=decoded.draft_forwards,
             rounds=decoded.rounds,
             seconds=time.perf_counter() - started,
             weights_version=self.version,
@@ -80,9 +81,9 @@ class OSDServer:
 
     # -- buffer records -------------------------------------------------------------------
     def _records(self, prompt: Tensor, decoded: Decoded) -> DistillRecords | None:
-        """The positions the buffer keeps (rejected proposals, or every proposal), with
+        """The positions the buffer keeps (rejected proposals, or every verified one), with
         both distributions at the distillation temperature on the payload's support."""
-        keep = decoded.rejected if self.config.buffer.positions == "rejected" else decoded.proposed
+        keep = decoded.rejected if self.config.buffer.positions == "rejected" else decoded.verified
         positions = keep.nonzero().squeeze(-1)
         if positions.numel() == 0:
             return None
