@@ -226,6 +226,22 @@ def test_requests_are_replayed_at_the_configured_rate(tmp_path, server):
     assert totals["total/requests"] == 3 and totals["total/latency_p95_ms"] == 0.0
 
 
+def test_sampling_with_topk_payload_and_jsd_distils(tmp_path):
+    """Speculative sampling, top-k + tail records and JSD(β) through the learner, end to end."""
+    config = small_config(
+        tmp_path,
+        "serving.temperature=1.0",
+        "buffer.payload=topk",
+        "buffer.topk=4",
+        "distill.divergence=jsd",
+        "distill.beta=0.5",
+        "serving.num_requests=16",
+    )
+    totals = run(config)["totals"]
+    assert totals["total/updates"] >= 1 and totals["total/records_distilled"] >= 6
+    assert 0 < totals["total/acceptance_rate"] < 1
+
+
 def test_static_draft_run_writes_metrics_and_summary(tmp_path):
     summary = run(small_config(tmp_path, "distill.enabled=false", "serving.num_requests=8"))
     totals = summary["totals"]
