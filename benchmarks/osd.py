@@ -90,6 +90,7 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="40 requests per arm")
     parser.add_argument("--workdir", default="runs/bench_osd")
     parser.add_argument("--tag", default="", help="results go to osd_<tag>.* instead of osd.*")
+    parser.add_argument("--results", default=str(RESULTS), help="folder of the result files")
     parser.add_argument("overrides", nargs="*", help="a.b=value for every arm")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -100,15 +101,16 @@ def main() -> None:
     results = [run_arm(name, arm, shared, Path(args.workdir)) for name, arm in ARMS.items()]
     stem = "osd_smoke" if args.smoke else "osd"
     stem = f"{stem}_{args.tag}" if args.tag else stem
-    RESULTS.mkdir(exist_ok=True)
+    out = Path(args.results)
+    out.mkdir(parents=True, exist_ok=True)
     text = table(results)
     note = f"{requests} requests per arm; overrides for every arm: {' '.join(shared)}"
-    (RESULTS / f"{stem}.md").write_text(f"{note}\n\n{text}\n", encoding="utf-8")
-    (RESULTS / f"{stem}.json").write_text(json.dumps(results, indent=1), encoding="utf-8")
+    (out / f"{stem}.md").write_text(f"{note}\n\n{text}\n", encoding="utf-8")
+    (out / f"{stem}.json").write_text(json.dumps(results, indent=1), encoding="utf-8")
     online = results[-1]
     curves = {r["arm"]: r["curve"] for r in results if "serving.k=0" not in r["overrides"]}
     plot_acceptance(
-        curves, online["updates_landed_at"], RESULTS / f"{stem}_acceptance.png", "OSD benchmark"
+        curves, online["updates_landed_at"], out / f"{stem}_acceptance.png", "OSD benchmark"
     )
     print(note)
     print(text)

@@ -42,12 +42,14 @@ def test_benchmark_smoke_writes_its_table(tmp_path):
         "--smoke",
         "--workdir",
         str(tmp_path),
+        "--results",
+        str(tmp_path / "results"),
     ]
     done = subprocess.run(
         command, check=False, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    results = json.loads((ROOT / "benchmarks" / "results" / "osd_smoke.json").read_text())
+    results = json.loads((tmp_path / "results" / "osd_smoke.json").read_text())
     assert [r["arm"].split(" ")[0] for r in results] == ["no", "static", "online-distilled"]
     assert results[0]["totals"]["total/tokens_per_round"] == 1.0  # one token per forward
     assert results[2]["totals"]["total/updates"] >= 1

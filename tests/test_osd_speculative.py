@@ -159,7 +159,7 @@ def test_greedy_speculative_output_is_the_target_greedy_output(tiny_pair, draft_
     tokenizer, target = tiny_pair
     draft = load_model(draft_name).eval()
     decoder = SpeculativeDecoder(draft, target, [tokenizer.eos_token_id], temperature=0.0)
-    rows = tiny.load_rows(tiny.test_path())[:10] + tiny.load_rows(tiny.osd_traffic_path())[:10]
+    rows = tiny.load_rows(tiny.test_path())[:6] + tiny.load_rows(tiny.osd_traffic_path())[:6]
     rejected = 0
     for index, row in enumerate(rows):
         ids = torch.tensor(tokenizer(row["prompt"], add_special_tokens=False)["input_ids"])
