@@ -1,7 +1,7 @@
 """No speculation vs a static draft vs an online-distilled draft, on the same traffic.
 
     python benchmarks/osd.py                  # 3 arms x 400 requests (configs/osd.yaml), ~3 min
-    python benchmarks/osd.py --smoke          # 3 arms x 40 requests, < 1 min
+    python benchmarks/osd.py --smoke          # 3 arms x 40 requests in-process, ~1 min
     python benchmarks/osd.py --requests 1000 serving.temperature=1.0   # overrides for every arm
     python benchmarks/osd.py workers=local --tag local   # server and learner as threads
 
@@ -97,7 +97,8 @@ def main() -> None:
     requests = 40 if args.smoke else args.requests
     shared = [f"serving.num_requests={requests}", *args.overrides]
     if args.smoke:
-        shared += ["buffer.min_records=8", "eval.every=10", "eval.heldout_size=8"]
+        # the plumbing only: threads in this process (the example's test covers Ray)
+        shared += ["workers=local", "buffer.min_records=8", "eval.every=10", "eval.heldout_size=8"]
     results = [run_arm(name, arm, shared, Path(args.workdir)) for name, arm in ARMS.items()]
     stem = "osd_smoke" if args.smoke else "osd"
     stem = f"{stem}_{args.tag}" if args.tag else stem
