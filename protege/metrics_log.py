@@ -10,7 +10,14 @@ from typing import Any
 
 from protege.config import Config
 
-CONSOLE_KEYS = ("learner/loss", "time/step", "rollout/response_length")
+CONSOLE_KEYS = (
+    "learner/loss",
+    "time/step",
+    "rollout/response_length",
+    "osd/acceptance_rate",
+    "osd/updates",
+    "osd/heldout_kl",
+)
 
 
 class MetricsLog:

@@ -48,6 +48,9 @@ def resolve_path(name: str) -> str:
         "tiny/train": tiny.train_path,
         "tiny/test": tiny.test_path,
         "tiny/pretrain": tiny.pretrain_path,
+        "tiny/osd_draft": tiny.osd_draft_path,
+        "tiny/osd_traffic": tiny.osd_traffic_path,
+        "tiny/osd_heldout": tiny.osd_heldout_path,
     }
     key = name[len(BUILTIN_PREFIX) :]
     if key not in builtin:
