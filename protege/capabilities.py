@@ -56,6 +56,16 @@ LORA_UPDATE_TO_FULL_SAMPLER = (
     "a lora_only weight update needs a sampler built with student.lora.enabled=true; send "
     "full updates, or enable student.lora on the learner and the samplers alike"
 )
+HIDDEN_NEEDS_PLAIN_HEAD = (
+    "teacher_output: hidden ships the input of the teacher's output head and the learner "
+    "rebuilds the logits as head(hidden), but this teacher's logits are more than that "
+    "(logit softcapping or scaling after the head); use algorithm.teacher_output=full"
+)
+HIDDEN_NOT_FROM_SELF_TEACHER = (
+    "teacher_output: hidden saves the bytes of shipping logits from a separate teacher; "
+    "teacher.model: self is scored by the student's own base model, so nothing is shipped "
+    "(use algorithm.teacher_output=full, or set teacher.model to a separate model)"
+)
 
 
 def unknown_backend(role: str, backend: str) -> str:
@@ -161,6 +171,13 @@ def vllm_teacher_problem(plan: RolloutPlan) -> str | None:
     1, so sampled log-probs and untempered top-k, never full logits."""
     if plan.teacher_need == "full":
         return f"teacher_need='full' (full logits) is not returned by vLLM; {HF_HINT}"
+    if plan.teacher_need == "hidden":
+        return (
+            "teacher_need='hidden' (the teacher's last hidden states) is not returned by the "
+            "vLLM teacher, which scores with prompt log-probs (vLLM gives per-token hidden "
+            f"states only from a separate pooling-mode engine); {HF_HINT}, or set "
+            "algorithm.teacher_output=topk"
+        )
     if plan.teacher_need == "topk" and plan.temperature != 1.0:
         return (
             f"top-k at temperature {plan.temperature} needs the whole tempered distribution, "
@@ -216,6 +233,8 @@ def self_teacher_problem(config: Config, plans: Sequence[RolloutPlan]) -> str | 
             return SELF_TEACHER_VLLM_NEEDS_VLLM_ROLLOUT
         if not config.student.lora.enabled:
             return SELF_TEACHER_NEEDS_LORA
+    if any(t.is_self for t in config.teachers) and any(p.teacher_need == "hidden" for p in plans):
+        return HIDDEN_NOT_FROM_SELF_TEACHER
     decoding = any(p.needs_teacher_in_decoding or p.source == "teacher" for p in plans)
     if config.teacher.is_self and decoding:  # the first teacher steers decoding
         return SELF_TEACHER_CANNOT_DECODE

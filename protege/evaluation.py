@@ -8,8 +8,9 @@ as well: `reverse_kl` KL(q_θ‖p_T) on the student's samples and `forward_kl` K
 teacher-written ones (per token, Monte Carlo; exact in expectation at rollout temperature 1).
 
 Rows without answers (a user's own prompts): no greedy pass, and the sampled metrics are
-always on with `teacher_kl` (at least one sample per prompt), so the run reports how far
-the student is from its teacher before and after training.
+always on with the reverse KL (at least one sample per prompt), so the run reports how far
+the student is from its teacher before and after training at the cost of one training
+rollout of those prompts; forward KL too with `teacher_kl` (trainer.eval_teacher_kl).
 
 `workers` is anything with the Pipeline's `greedy_texts`, `sample` and `score`: the
 training run's Pipeline, or `protege.eval.standalone.LocalModels` for a saved model.
@@ -76,6 +77,9 @@ class Evaluator:
                 "teacher_kl needs sampled responses: set samples (trainer.eval_samples) >= 1"
             )
         if not self.has_answers:  # nothing to check: measure the distance to the teacher
+            # reverse KL costs what a training rollout of these prompts costs (student samples,
+            # teacher scores); forward KL (teacher-written samples) only when asked for
+            forward_kl = forward_kl and teacher_kl
             samples, teacher_kl = max(samples, 1), True
         self.rows, self.max_new_tokens, self.checker = rows, max_new_tokens, checker
         self.tokenizer, self.samples = tokenizer, samples

@@ -29,6 +29,8 @@ class Launcher(Protocol):
 
     def get(self, refs: Any) -> Any: ...
 
+    def ready(self, ref: Any) -> bool: ...
+
     def put(self, value: Any) -> Any: ...
 
     def rendezvous_host(self, role: str, resources: list[Resources]) -> str: ...
@@ -80,6 +82,10 @@ class LocalLauncher:
 
     def get(self, refs: Any) -> Any:
         return [_resolve(ref) for ref in refs] if isinstance(refs, list) else _resolve(refs)
+
+    def ready(self, ref: Any) -> bool:
+        """Whether `get(ref)` would return without waiting."""
+        return not isinstance(ref, Future) or ref.done()
 
     def rendezvous_host(self, role: str, resources: list[Resources]) -> str:
         return "127.0.0.1"  # every worker is in this process

@@ -53,6 +53,9 @@ def resolve_path(name: str) -> str:
         "tiny/train": tiny.train_path,
         "tiny/test": tiny.test_path,
         "tiny/pretrain": tiny.pretrain_path,
+        "tiny/osd_draft": tiny.osd_draft_path,
+        "tiny/osd_traffic": tiny.osd_traffic_path,
+        "tiny/osd_heldout": tiny.osd_heldout_path,
     }
     key = name[len(BUILTIN_PREFIX) :]
     if key not in builtin:
@@ -101,6 +104,21 @@ def load_model(
     model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
     model.config.use_cache = False
     return model if device is None else model.to(device)
+
+
+_FROZEN: dict[tuple[str, str, str], PreTrainedModel] = {}
+
+
+def load_frozen_model(
+    name: str, dtype: str = "float32", device: str | torch.device = "cpu"
+) -> PreTrainedModel:
+    """A read-only copy (eval mode, no gradients) of the model at `name`, loaded once per
+    process: in-process runs (`trainer.workers=local`) share one teacher between the teacher
+    scorer and the sampler's decoding instead of holding two."""
+    key = (str(Path(resolve_path(name)).resolve()), dtype, str(device))
+    if key not in _FROZEN:
+        _FROZEN[key] = load_model(name, dtype, device).eval().requires_grad_(False)
+    return _FROZEN[key]
 
 
 def load_model_config(name: str):
@@ -194,14 +212,15 @@ def response_logits(model: torch.nn.Module, batch: RolloutBatch) -> Tensor:
     [B,T,V]; position t predicts response_ids[:, t]."""
     input_ids, attention_mask, position_ids = sequence_inputs(batch)
     device = next(model.parameters()).device
+    width = batch.response_ids.shape[1]
     out = model(
         input_ids=input_ids.to(device),
         attention_mask=attention_mask.to(device),
         position_ids=position_ids.to(device),
         use_cache=False,
+        logits_to_keep=width + 1,  # the prompt's own logits ([B,P,V]) are never computed
     )
-    prompt_len = batch.prompt_ids.shape[1]
-    return out.logits[:, prompt_len - 1 : -1]
+    return out.logits[:, -(width + 1) : -1]
 
 
 def vocab_size(model: PreTrainedModel) -> int:

@@ -1,7 +1,7 @@
 """Typed records that cross actor boundaries.
 
 Shapes: B batch rows, P prompt tokens, T response tokens, K teacher top-k, V vocab,
-N pre-training rows, L pre-training tokens. Every tensor is on CPU.
+d teacher hidden size, N pre-training rows, L pre-training tokens. Every tensor is on CPU.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from torch import Tensor
 from protege.kv.cache import KV_PREFIX, LayerKV, concat_kv, flatten_kv, unflatten_kv
 from protege.memory import PEAK_SUFFIX
 
-TeacherNeed = Literal["none", "sampled", "topk", "full", "kv"]
+TeacherNeed = Literal["none", "sampled", "topk", "full", "hidden", "kv"]
 Source = Literal["student", "dataset", "teacher"]
 
 
@@ -109,6 +109,10 @@ class RolloutBatch:
     teacher_topk_logprobs: Tensor | None = None  # [B,T,K] their log-probs
     teacher_tail_logprobs: Tensor | None = None  # [B,T] log of the teacher mass outside top-k
     teacher_logits: Tensor | None = None  # [B,T,V] full teacher logits
+    # [B,T,d] the input of the teacher's output head (its last hidden state, after the final
+    # norm), in the teacher's dtype, 0 where masked; the learner decodes it into
+    # teacher_logits with its frozen copy of the head (protege.teacher_head)
+    teacher_hidden: Tensor | None = None
     # one LayerKV per KV teacher, in config order: L_t × [B,H_t,P+T,D_t] on the student's
     # sequence layout, keys with the teacher's RoPE undone, 0 where the student pads
     teacher_kv: tuple[LayerKV, ...] | None = None
@@ -239,6 +243,7 @@ _PER_ROW_TENSORS = frozenset(
         "teacher_topk_logprobs",
         "teacher_tail_logprobs",
         "teacher_logits",
+        "teacher_hidden",
         "rewards",
         "advantages",
         "importance_weights",

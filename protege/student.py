@@ -67,8 +67,8 @@ class StudentForward:
     @property
     def logits(self) -> Tensor:
         """[B,T,V]: position t predicts `batch.response_ids[:, t]`."""
-        prompt_len = self._batch.prompt_ids.shape[1]
-        return self._get("logits")[:, prompt_len - 1 : -1]
+        width = self._batch.response_ids.shape[1]
+        return self._get("logits")[:, -(width + 1) : -1]
 
     @property
     def sequence_mask(self) -> Tensor:
@@ -123,6 +123,8 @@ class StudentForward:
             position_ids=positions.to(device),
             use_cache=False,
             output_hidden_states="hidden" in names,
+            # Only the positions that predict response tokens: no [B,P,V] logits of the prompt.
+            logits_to_keep=self._batch.response_ids.shape[1] + 1,
         )
         self._out = {"logits": out.logits}
         if "hidden" in names:

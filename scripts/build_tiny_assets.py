@@ -4,6 +4,7 @@
     python scripts/build_tiny_assets.py --skip-headroom-check   # 2-3 min
     python scripts/build_tiny_assets.py --only teacher_b   # the second KV teacher, ~2 min
     python scripts/build_tiny_assets.py --only student_h32  # vLLM-on-CPU student, seconds
+    python scripts/build_tiny_assets.py --only osd_draft  # OSD's shifted draft + traffic, ~1 min
 
 Deterministic (seeded). Steps and measured times on 2 CPU cores:
 * teacher (4 x 128): 3,000 steps of batch 64 at lr 2e-3 on fresh gold problems (never a
@@ -19,6 +20,11 @@ Deterministic (seeded). Steps and measured times on 2 CPU cores:
 * student_h32 (2 x 64, 2 heads of 32, 2 KV heads): the student's recipe with 32-wide heads,
   the narrowest vLLM's CPU attention accepts, so `rollout.backend=vllm` runs on CPU; its
   numbers go to `student_h32/build.json`.
+* osd_draft (the student's shape) for online speculative distillation (`protege.osd`): 1,500
+  steps of batch 64 at lr 2e-3 on gold problems whose operands are both below 50 (domain
+  "low"), plus `osd_traffic.jsonl` (2,000 prompts) and `osd_heldout.jsonl` (200 others) with
+  both operands 50..99 (domain "high": three-digit sums it never saw); its numbers, in and
+  out of its domain, go to `osd_draft/build.json`.
 Results are written to `protege/assets/tiny/manifest.json`.
 """
 
@@ -40,6 +46,7 @@ from protege.tasks.tiny import (
     build_tiny_model,
     greedy_accuracy,
     load_rows,
+    make_row,
     make_rows,
     student_config,
     teacher_config,
@@ -54,6 +61,9 @@ NUM_TEST, NUM_TRAIN, NUM_LABELLED, NUM_PRETRAIN = 200, 2000, 300, 2000
 TEACHER_B_SHAPE = (3, 96, 6, 1, 288)
 TEACHER_B_STEPS, TEACHER_B_SEEDS = 2000, (41, 42)
 STUDENT_H32_SHAPE = (2, 64, 2, 2, 128)
+OSD_LOW, OSD_HIGH = (0, 49), (50, 99)  # operand ranges of the draft's domain and the traffic's
+OSD_DRAFT_STEPS, OSD_DRAFT_SEEDS, OSD_TRAFFIC_SEED = 1500, (51, 52), 53
+NUM_OSD_TRAFFIC, NUM_OSD_HELDOUT = 2000, 200
 BATCH_SIZE = 64
 
 Rows = list[dict[str, str]]
@@ -147,10 +157,48 @@ def build_student_h32(tokenizer, test_rows: Rows, labelled: Rows) -> None:
     )
 
 
+def domain_rows(n: int, seed: int, operands: tuple[int, int], exclude=frozenset()) -> Rows:
+    """`n` distinct problems whose two operands both lie in `operands` (inclusive)."""
+    rng = random.Random(seed)
+    rows: Rows = []
+    seen = set(exclude)
+    while len(rows) < n:
+        row = make_row(rng.randint(*operands), rng.randint(*operands))
+        if row["prompt"] not in seen:
+            seen.add(row["prompt"])
+            rows.append(row)
+    return rows
+
+
+def build_osd_draft(tokenizer) -> None:
+    """The domain-shifted draft and its traffic (see the module docstring)."""
+    traffic = domain_rows(NUM_OSD_TRAFFIC + NUM_OSD_HELDOUT, OSD_TRAFFIC_SEED, OSD_HIGH)
+    for name, rows in (
+        ("osd_traffic.jsonl", traffic[:NUM_OSD_TRAFFIC]),
+        ("osd_heldout.jsonl", traffic[NUM_OSD_TRAFFIC:]),
+    ):
+        with open(TINY_DIR / name, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(row) + "\n" for row in rows)
+    low_test = domain_rows(NUM_TEST, TEST_SEED, OSD_LOW)
+    stream_seed = OSD_DRAFT_SEEDS[1]
+    model = build_tiny_model(student_config(), OSD_DRAFT_SEEDS[0])
+    stream = lambda step: domain_rows(BATCH_SIZE, stream_seed * 1_000_003 + step, OSD_LOW)
+    extra = {"high_domain_accuracy": traffic[NUM_OSD_TRAFFIC:]}
+    build_extra(model, tokenizer, stream, OSD_DRAFT_STEPS, 2e-3, "osd_draft", low_test, extra)
+
+
 def build_extra(
-    model, tokenizer, stream, steps: int, lr: float, name: str, test_rows: Rows
+    model,
+    tokenizer,
+    stream,
+    steps: int,
+    lr: float,
+    name: str,
+    test_rows: Rows,
+    extra_sets: dict[str, Rows] | None = None,
 ) -> None:
-    """Train and save an asset outside the manifest; its numbers go to `<name>/build.json`."""
+    """Train and save an asset outside the manifest; its numbers go to `<name>/build.json`
+    (greedy accuracy on `test_rows`, and on each of `extra_sets`)."""
     seconds = train(model, tokenizer, stream, steps, lr, name)
     accuracy = greedy_accuracy(model, tokenizer, test_rows)
     print(f"{name}: test accuracy {accuracy:.3f} after {seconds:.0f} s", flush=True)
@@ -162,6 +210,9 @@ def build_extra(
         "train_seconds": round(seconds, 1),
         "test_accuracy": accuracy,
     }
+    for key, rows in (extra_sets or {}).items():
+        summary[key] = greedy_accuracy(model, tokenizer, rows)
+        print(f"{name}: {key} {summary[key]:.3f}", flush=True)
     with open(TINY_DIR / name / "build.json", "w", encoding="utf-8") as f:
         json.dump(summary, f, indent=2)
 
@@ -171,7 +222,7 @@ def main() -> None:
     parser.add_argument("--skip-headroom-check", action="store_true")
     parser.add_argument(
         "--only",
-        choices=["teacher_b", "student_h32"],
+        choices=["teacher_b", "student_h32", "osd_draft"],
         default=None,
         help="build only this asset from the shipped test set",
     )
@@ -180,6 +231,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if args.only == "teacher_b":
         build_teacher_b(build_char_tokenizer(), make_rows(NUM_TEST, TEST_SEED))
+        return
+    if args.only == "osd_draft":
+        build_osd_draft(build_char_tokenizer())
         return
     if args.only == "student_h32":
         labelled = load_rows(train_path())[:NUM_LABELLED]
@@ -223,6 +277,7 @@ def main() -> None:
         json.dump(manifest, f, indent=2)
     build_teacher_b(tokenizer, test_rows)
     build_student_h32(tokenizer, test_rows, train_rows[:NUM_LABELLED])
+    build_osd_draft(tokenizer)
 
 
 if __name__ == "__main__":

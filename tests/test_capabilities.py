@@ -67,6 +67,7 @@ REFUSED_PLANS = {
     ],
     "vllm_teacher_problem": [
         RolloutPlan(teacher_need="full"),
+        RolloutPlan(teacher_need="hidden"),
         RolloutPlan(teacher_need="topk", topk=8, temperature=2.0),
         RolloutPlan(teacher_need="topk", topk=0),
     ],
@@ -200,6 +201,8 @@ FRAGMENTS = {
     "SELF_TEACHER_HAS_NO_SCORER": "scorer is",
     "FULL_UPDATE_TO_LORA_SAMPLER": "full weight update sent",
     "LORA_UPDATE_TO_FULL_SAMPLER": "lora_only weight update needs",
+    "HIDDEN_NEEDS_PLAIN_HEAD": "rebuilds the logits as head(hidden)",
+    "HIDDEN_NOT_FROM_SELF_TEACHER": "saves the bytes of shipping logits",
     "HF_HINT": "use the HF backend",
     "stale_update": "stale weight update",
     "cannot_run": "cannot run this plan",

@@ -170,17 +170,14 @@ def test_the_first_line_counts_truncated_or_dropped_rows(
     overlong, counts, tmp_path, capsys, no_workers
 ):
     data = write_rows(tmp_path / "train.jsonl", ["1+1=", "2+2=", "9" * 300])
-    limit = "data.max_prompt_tokens=32"  # the tiny models' 64 positions hold it + the response
+    # 40 + 8 new tokens fit the tiny models' 64 positions (a 256-token prompt would not)
+    limit = ["data.max_prompt_tokens=40", f"data.overlong={overlong}"]
     with pytest.raises(PipelineReached):
-        main(
-            "gkd",
-            [*LOCAL, f"output_dir={tmp_path}", f"data.train={data}", f"data.overlong={overlong}",
-             limit],
-        )  # fmt: skip
+        main("gkd", [*LOCAL, f"output_dir={tmp_path}", f"data.train={data}", *limit])
     first = capsys.readouterr().err.splitlines()[0]
     rows = 3 if overlong == "truncate_left" else 2
     assert first.startswith(f"[protege] data.train: {rows} rows from {data}")
-    assert counts in first and limit in first
+    assert counts in first and "data.max_prompt_tokens=40" in first
 
 
 def test_a_tokenizer_without_eos_is_one_error_block(tmp_path, capsys, no_workers):

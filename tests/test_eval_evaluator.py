@@ -108,9 +108,10 @@ def test_rows_without_answers_measure_the_distance_to_the_teacher(tokenizer):
     rows = [Row("1+1="), Row("2+3=")]
     result = Evaluator(rows, tokenizer, max_new_tokens=4).run(workers)
     assert result["reverse_kl"] == pytest.approx(-0.5 + 2.0)
-    assert result["forward_kl"] == pytest.approx(-0.1 + 0.5)
-    assert not {"accuracy", "pass_at_1", "ece", "teacher_pass_at_1"} & set(result)
-    assert [p.samples_per_prompt for p in workers.plans] == [1, 1]
+    assert not {"accuracy", "pass_at_1", "ece", "teacher_pass_at_1", "forward_kl"} & set(result)
+    assert [(p.source, p.samples_per_prompt) for p in workers.plans] == [("student", 1)]
+    asked = Evaluator(rows, tokenizer, 4, samples=1, teacher_kl=True).run(workers)
+    assert asked["forward_kl"] == pytest.approx(-0.1 + 0.5)  # teacher-written, when asked
 
 
 def test_training_run_logs_extended_eval_metrics(tmp_path):

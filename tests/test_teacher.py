@@ -175,3 +175,57 @@ def test_a_padded_teacher_ships_distributions_over_the_tokenizers_ids(
         forward = SimpleNamespace(logits=reference_logits(student, batch))  # what losses read
         loss, _ = gkd.loss(forward, out)
         assert torch.isfinite(loss)
+
+
+def test_a_logits_budget_splits_rows_without_changing_any_output(monkeypatch):
+    """Rows scored a few at a time (a small LOGITS_BUDGET) give exactly the outputs of one
+    forward over the whole batch."""
+    from protege.actors import teacher as module
+    from protege.modeling import load_model
+
+    model = load_model("builtin:tiny/teacher").eval()
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(4, 20, (6, 5), generator=g)
+    mask = torch.ones(6, 5, dtype=torch.bool)
+    batch = RolloutBatch(ids, mask, ids.flip(1), mask.clone())
+    plan = RolloutPlan(teacher_need="topk", topk=4)
+    whole = module.teacher_outputs(model, batch, plan, micro_batch_size=64)
+    vocab = model.config.vocab_size
+    monkeypatch.setattr(module, "LOGITS_BUDGET", 2 * 6 * vocab)  # two rows per forward
+    assert module.rows_within_budget(model, batch, 64) == 2
+    split = module.teacher_outputs(model, batch, plan, micro_batch_size=64)
+    for name in (
+        "teacher_logprobs",
+        "teacher_topk_ids",
+        "teacher_topk_logprobs",
+        "teacher_tail_logprobs",
+    ):
+        torch.testing.assert_close(getattr(split, name), getattr(whole, name), rtol=0, atol=1e-6)
+
+
+@pytest.mark.slow  # bfloat16 matmuls are emulated on CPUs without AVX512-BF16/AMX
+def test_a_bfloat16_teacher_keeps_its_answers_and_log_probs():
+    """teacher.dtype=bfloat16 halves the teacher's memory; on the test sums (teacher-forced
+    on the right answers) it must pick the same tokens as in float32 and score them within
+    a few hundredths of a nat."""
+    from protege.data import PromptSource, read_jsonl
+
+    tokenizer = load_tokenizer("builtin:tiny/teacher")
+    rows = read_jsonl("builtin:tiny/test")[:64]
+    prompts = PromptSource(rows, tokenizer, batch_size=64).next(0)
+    answers = [tokenizer(a, add_special_tokens=False)["input_ids"] for a in prompts.answers]
+    width = max(map(len, answers))
+    ids = torch.tensor([a + [tokenizer.pad_token_id] * (width - len(a)) for a in answers])
+    mask = torch.tensor([[i < len(a) for i in range(width)] for a in answers])
+    batch = RolloutBatch(prompts.prompt_ids, prompts.prompt_mask.bool(), ids, mask)
+    plan = RolloutPlan(teacher_need="full")
+    scores = {
+        dtype: TeacherScorer("builtin:tiny/teacher", dtype=dtype).score(batch, plan)
+        for dtype in ("float32", "bfloat16")
+    }
+    full, half = scores["float32"], scores["bfloat16"]
+    picks = [s.teacher_logits.argmax(-1)[mask] for s in (full, half)]
+    assert float((picks[0] == picks[1]).float().mean()) >= 0.98
+    assert float((picks[0] == ids[mask]).float().mean()) >= 0.95  # the teacher is right
+    gap = (full.teacher_logprobs - half.teacher_logprobs)[mask].abs()
+    assert float(gap.mean()) < 0.05

@@ -21,15 +21,20 @@ from torch import Tensor
 from transformers import PreTrainedModel
 
 from protege.actors.step_result import StepResult
-from protege.actors.teacher import teacher_outputs
+from protege.actors.teacher import rows_within_budget, teacher_outputs
 from protege.algorithms.registry import ModuleContext, StepLoss
-from protege.capabilities import NCCL_NOT_WITH_LORA, SELF_TEACHER_NEEDS_LORA
+from protege.capabilities import (
+    HIDDEN_NOT_FROM_SELF_TEACHER,
+    NCCL_NOT_WITH_LORA,
+    SELF_TEACHER_NEEDS_LORA,
+)
 from protege.config import Config
 from protege.lora import wrap_with_lora as _with_lora
 from protege.memory import peak_metrics
 from protege.modeling import load_model, load_model_config, load_tokenizer
 from protege.records import RolloutBatch, RolloutPlan, WeightUpdate, lm_targets
 from protege.student import StudentForward
+from protege.teacher_head import TeacherHead
 
 STUDENT = "student."  # the student's parameter names inside the trained container
 
@@ -72,6 +77,7 @@ class Learner:
         )
         self._engine.module.train()
         self._version = 0
+        self._teacher_head: TeacherHead | None = None  # loaded for the first hidden states
 
     @property
     def version(self) -> int:
@@ -117,7 +123,9 @@ class Learner:
             return self._metrics(
                 batch, StepResult(applied=False, grad_norm=0.0, lr=self._engine.lr), 0.0, empty=True
             )
-        micro_batches = batch.split(self.config.learner.micro_batch_size)
+        # learner.micro_batch_size rows, fewer when their logits would pass the budget
+        rows = rows_within_budget(self._model, batch, self.config.learner.micro_batch_size)
+        micro_batches = batch.split(rows)
         # ZeRO-2/3 communicate inside forward/backward: every rank runs as many passes.
         count = int(self._engine.all_reduce(len(micro_batches), "max"))
         totals: dict[str, float] = {"learner/loss": 0.0}
@@ -146,10 +154,23 @@ class Learner:
 
     def _loss_pass(self, micro: RolloutBatch, step_loss: StepLoss) -> tuple[Tensor, dict]:
         micro = _on_device(micro, self._device())  # the loss reads teacher outputs, masks, ...
+        if micro.teacher_hidden is not None:  # teacher_need "hidden": exact logits, per micro
+            micro = self.teacher_head.decode(micro)
         student = StudentForward(
             self._engine.module, micro, self._trained.extras, config=self._model.config
         )
         return step_loss.loss(student, micro)
+
+    @property
+    def teacher_head(self) -> TeacherHead:
+        """The frozen output head of the first teacher (the one token-level losses read),
+        loaded once on this rank; never trained, checkpointed or sent to samplers."""
+        if self._teacher_head is None:
+            teacher = self.config.teacher
+            if teacher.is_self:
+                raise ValueError(HIDDEN_NOT_FROM_SELF_TEACHER)
+            self._teacher_head = TeacherHead.load(teacher.model, teacher.dtype, self._device())
+        return self._teacher_head
 
     def _padding_pass(self) -> Tensor:
         """A zero-gradient pass that keeps ZeRO's collectives in step when this rank has

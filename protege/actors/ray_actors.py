@@ -86,6 +86,11 @@ class RayLauncher:
     def put(self, value: Any) -> Any:
         return ray.put(value)
 
+    def ready(self, ref: Any) -> bool:
+        """Whether `get(ref)` would return without waiting."""
+        done, _ = ray.wait([ref], timeout=0)
+        return bool(done)
+
     def shutdown(self) -> None:
         for group in self.groups:
             ray.util.remove_placement_group(group)

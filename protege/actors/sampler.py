@@ -29,7 +29,13 @@ from protege.capabilities import (
 from protege.config import SELF_TEACHER, LoraConfig, RolloutConfig
 from protege.lora import wrap_with_lora
 from protege.memory import peak_metrics
-from protege.modeling import check_same_vocabulary, load_model, load_tokenizer, response_logits
+from protege.modeling import (
+    check_same_vocabulary,
+    load_frozen_model,
+    load_model,
+    load_tokenizer,
+    response_logits,
+)
 from protege.records import PromptBatch, RolloutBatch, RolloutPlan, TokenSource, WeightUpdate
 
 Replica = tuple[torch.nn.Module, Callable | None]  # (model, context factory switching LoRA off)
@@ -240,7 +246,7 @@ class HFSampler:
                 raise ValueError(SELF_TEACHER_NEEDS_LORA)
             return self.student, self.peft_model.disable_adapter
         check_same_vocabulary(self.tokenizer, load_tokenizer(name))
-        return load_model(name, self.dtype).eval().requires_grad_(False).to(self.device), None
+        return load_frozen_model(name, self.dtype, self.device), None
 
 
 def rollout_batch(

@@ -13,10 +13,10 @@ import time
 import torch
 from torch import Tensor
 
-from protege.capabilities import SELF_TEACHER_HAS_NO_SCORER
+from protege.capabilities import HIDDEN_NEEDS_PLAIN_HEAD, SELF_TEACHER_HAS_NO_SCORER
 from protege.config import SELF_TEACHER
 from protege.memory import peak_metrics
-from protege.modeling import load_model, load_tokenizer, response_logits, vocab_size
+from protege.modeling import load_frozen_model, load_tokenizer, response_logits, vocab_size
 from protege.records import RolloutBatch, RolloutPlan
 
 
@@ -33,37 +33,59 @@ def teacher_outputs(
     "topk" also `teacher_topk_ids`/`teacher_topk_logprobs` [B,T,K] (K = min(topk, V), on
     log_softmax(logits / plan.temperature)) and `teacher_tail_logprobs` [B,T], the exact
     log mass outside the top-k (−inf when K = V); for "full" also `teacher_logits` [B,T,V]
-    (float32, untempered). "none" returns `batch` unchanged. `model` is any module that
+    (float32, untempered); for "hidden" also `teacher_hidden` [B,T,d], the input of the
+    teacher's output head in the model's dtype (protege.teacher_head decodes it into those
+    logits). "none" returns `batch` unchanged. `model` is any module that
     `response_logits` accepts; the caller chooses its mode (eval, adapter disabled, ...).
     `vocab`: the ids the tokenizer can emit; wider (padded) logits are cut to them first.
     """
     need = plan.teacher_need
     if need == "none":
         return batch
-    if need not in ("sampled", "topk", "full"):
-        raise ValueError(f"unknown teacher_need {need!r}; expected none, sampled, topk or full")
+    if need not in ("sampled", "topk", "full", "hidden"):
+        raise ValueError(
+            f"unknown teacher_need {need!r}; expected none, sampled, topk, full or hidden"
+        )
     if need == "topk" and plan.topk < 1:
         raise ValueError(f"teacher_need='topk' needs plan.topk >= 1, got {plan.topk}")
     if micro_batch_size < 1:
         raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
     parts: list[dict[str, Tensor]] = []
+    step = rows_within_budget(model, batch, micro_batch_size)
     # no_grad rather than inference_mode: under ZeRO-3 the learner's self-teacher pass would
     # leave DeepSpeed's re-partitioned parameters as inference tensors.
     with torch.no_grad():
-        for start in range(0, batch.size, micro_batch_size):
-            rows = batch.select(slice(start, start + micro_batch_size))
+        for start in range(0, batch.size, step):
+            rows = batch.select(slice(start, start + step))
             parts.append(_score_rows(model, rows, plan, vocab))
     fields = {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
     return batch.replace(**fields)
 
 
+LOGITS_BUDGET = 2**26  # float32 logits per forward (256 MiB); log-softmax copies scale with it
+
+
+def rows_within_budget(model: torch.nn.Module, batch: RolloutBatch, micro_batch_size: int) -> int:
+    """Rows per forward: `micro_batch_size`, fewer when their [rows, T, V] float32 logits
+    would pass LOGITS_BUDGET (a 49k-152k vocabulary at batch 64 is gigabytes per copy)."""
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    if not isinstance(vocab, int) or vocab < 1:
+        return micro_batch_size
+    per_row = (batch.response_ids.shape[1] + 1) * vocab
+    return max(1, min(micro_batch_size, LOGITS_BUDGET // per_row))
+
+
 def _score_rows(
     model: torch.nn.Module, rows: RolloutBatch, plan: RolloutPlan, vocab: int | None
 ) -> dict[str, Tensor]:
+    if plan.teacher_need == "hidden":
+        logits, hidden = _logits_and_head_input(model, rows)
+    else:
+        logits = response_logits(model, rows).float().cpu()  # [b,T,V]
     # Padded rows of the output embedding (Qwen2.5-7B: 152064 for 151665 token ids) are ids
     # no tokenizer emits: cut, so the distribution is over real tokens and top-k ids always
     # index the student's (at least tokenizer-wide) logits.
-    logits = response_logits(model, rows).float().cpu()[..., :vocab]  # [b,T,V]
+    logits = logits[..., :vocab]
     mask = rows.response_mask
     logp = torch.log_softmax(logits, dim=-1)
     sampled = logp.gather(-1, rows.response_ids.unsqueeze(-1)).squeeze(-1)
@@ -75,7 +97,35 @@ def _score_rows(
         out.update(_topk_with_tail(tempered, plan.topk))
     elif plan.teacher_need == "full":
         out["teacher_logits"] = logits
+    elif plan.teacher_need == "hidden":
+        out["teacher_hidden"] = hidden.cpu().masked_fill(~mask.unsqueeze(-1), 0)
     return out
+
+
+def _logits_and_head_input(model: torch.nn.Module, rows: RolloutBatch) -> tuple[Tensor, Tensor]:
+    """([b,T,V] float32 logits, [b,T,d] what the output head read to make them) from one
+    forward: a hook on the head catches its input (the last hidden state after the final
+    norm), so no model family's layout is assumed."""
+    head = model.get_output_embeddings()
+    caught: list[Tensor] = []
+    hook = head.register_forward_hook(lambda module, args, output: caught.append(args[0]))
+    try:
+        logits = response_logits(model, rows)  # [b,T,V]
+    finally:
+        hook.remove()
+    width = rows.response_ids.shape[1]  # the head read only the positions that predict them
+    hidden = caught[-1][:, -(width + 1) : -1]  # [b,T,d]
+    _check_plain_head(head, hidden, logits)
+    return logits.float().cpu(), hidden
+
+
+def _check_plain_head(head: torch.nn.Module, hidden: Tensor, logits: Tensor) -> None:
+    """The learner decodes logits as head(hidden): refuse a model whose logits are
+    something more (Gemma-2's softcapping, Cohere's or Granite's logit scaling)."""
+    again = head(hidden[:1]).float()
+    tolerance = 1e-4 if hidden.dtype == torch.float32 else 2e-2  # 16-bit: a few ulps
+    if not torch.allclose(again, logits[:1].float(), rtol=tolerance, atol=tolerance):
+        raise ValueError(HIDDEN_NEEDS_PLAIN_HEAD)
 
 
 def _topk_with_tail(logp: Tensor, topk: int) -> dict[str, Tensor]:
@@ -98,8 +148,7 @@ class TeacherScorer:
             raise ValueError(SELF_TEACHER_HAS_NO_SCORER)
         if micro_batch_size < 1:
             raise ValueError(f"teacher.micro_batch_size must be >= 1, got {micro_batch_size}")
-        self.model = load_model(model, dtype).eval()
-        self.model.requires_grad_(False)
+        self.model = load_frozen_model(model, dtype)
         self.micro_batch_size = micro_batch_size
         self.tokens = min(len(load_tokenizer(model)), vocab_size(self.model))  # ids it emits
 
@@ -130,6 +179,7 @@ TEACHER_FIELDS = (
     "teacher_topk_logprobs",
     "teacher_tail_logprobs",
     "teacher_logits",
+    "teacher_hidden",
 )
 
 

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from protege.algorithms.divergences import masked_mean, skew_forward_kl, skew_reverse_kl
 from protege.algorithms.registry import AlgorithmDefaults, check, register
-from protege.algorithms.teacher_view import paired_logprobs
+from protege.algorithms.teacher_view import TeacherOutput, paired_logprobs
 from protege.records import RolloutBatch, RolloutPlan
 
 SkewDivergence = Literal["skew_forward", "skew_reverse"]
@@ -35,12 +35,13 @@ class DistiLLM(AlgorithmDefaults):
     """
 
     # skew_reverse (SRKL, the paper's best) or skew_forward (SKL)
+    # skew_reverse (SRKL, the paper's best) or skew_forward (SKL)
     divergence: SkewDivergence = "skew_reverse"
     alpha: float = 0.1  # skew α of the mixture (0: plain forward / reverse KL)
     lmbda: float = 0.5  # probability that a step trains on the student's own samples (on-policy)
     temperature: float = 1.0  # softmax temperature of both the student's and the teacher's logits
-    # teacher payload: top-k log-probs plus the tail mass, or full logits
-    teacher_output: Literal["topk", "full"] = "topk"
+    # teacher payload: top-k log-probs + tail mass, full logits, or hidden states
+    teacher_output: TeacherOutput = "topk"
     topk: int = 64  # k of the top-k teacher payload
     seed: int = 0  # seeds each step's on/off-policy draw
 

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from protege.algorithms.divergences import kl_from_logprobs, masked_mean
 from protege.algorithms.registry import AlgorithmDefaults, check, register
-from protege.algorithms.teacher_view import paired_logprobs
+from protege.algorithms.teacher_view import TeacherOutput, paired_logprobs
 from protege.records import RewriteSpec, RolloutBatch, RolloutPlan, TokenSource
 
 if TYPE_CHECKING:
@@ -29,17 +29,19 @@ class GatedDualKL(AlgorithmDefaults):
     gate: Literal["hard", "soft"] = "soft"  # hard: λ_t = 1[D_t < τ]; soft: λ_t = σ(a·(τ − D_t))
     sharpness: float = 5.0  # a in σ(a·(τ − D))
     # gate per token, or per reasoning step (tokens up to the delimiter)
+    # gate per token, or per reasoning step (tokens up to the delimiter)
     granularity: Literal["token", "step"] = "token"
     step_delimiter_id: int | None = None  # token id that ends a reasoning step (granularity=step)
     clip_kl: float | None = None  # clip D_t at this value before gating (null: no clip)
     support_topk: int | None = None  # compute both KLs on the teacher's top-k support only
     rewrite: bool = True  # the teacher re-samples steps with D_t ≥ τ during generation
     # a rewritten step: the teacher's argmax, or a nucleus sample
+    # a rewritten step: the teacher's argmax, or a nucleus sample
     rewrite_mode: Literal["argmax", "nucleus"] = "argmax"
     rewrite_top_p: float = 0.9  # nucleus mass of a rewrite (rewrite_mode=nucleus)
     temperature: float = 1.0  # softmax temperature of both the student's and the teacher's logits
-    # teacher payload: top-k log-probs plus the tail mass, or full logits
-    teacher_output: Literal["topk", "full"] = "topk"
+    # teacher payload: top-k log-probs + tail mass, full logits, or hidden states
+    teacher_output: TeacherOutput = "topk"
     topk: int = 64  # k of the top-k teacher payload
 
     def __post_init__(self) -> None:

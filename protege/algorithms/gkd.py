@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 from torch import Tensor
 
 from protege.algorithms.divergences import jsd_from_logprobs, masked_mean
 from protege.algorithms.policy_gradient import token_logprobs
 from protege.algorithms.registry import AlgorithmDefaults, check, register
-from protege.algorithms.teacher_view import paired_logprobs
+from protege.algorithms.teacher_view import TeacherOutput, paired_logprobs
 from protege.records import RolloutBatch, RolloutPlan
 
 if TYPE_CHECKING:
@@ -33,8 +33,8 @@ class GKD(AlgorithmDefaults):
     beta: float = 0.5  # JSD mixture weight β: 0 forward KL(p_T‖q), 1 reverse KL(q‖p_T)
     temperature: float = 1.0  # softmax temperature of both the student's and the teacher's logits
     seq_kd: bool = False  # off-policy steps train on teacher-generated responses, not the dataset's
-    # teacher payload: top-k log-probs plus the tail mass, or full logits
-    teacher_output: Literal["topk", "full"] = "topk"
+    # teacher payload: top-k log-probs + tail mass, full logits, or hidden states
+    teacher_output: TeacherOutput = "topk"
     topk: int = 64  # k of the top-k teacher payload
     seed: int = 0  # seeds each step's on/off-policy draw
 

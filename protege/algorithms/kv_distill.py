@@ -47,15 +47,18 @@ class KVDistill(AlgorithmDefaults):
     distill: bool = True  # False: the control arm (δ·CE only; no teacher is read)
     time_align: Literal["resample", "segment", "char"] = "segment"  # teachers on other tokens
     # which teacher layers each student layer learns: proportional or CKA
+    # which teacher layers each student layer learns: proportional or CKA
     layer_map: Literal["proportional", "cka"] = "proportional"
     interpolate_layers: bool = False  # proportional map: blend the two nearest teacher layers
     cka_top_k: int = 2  # cka map: each student layer learns from its k most similar layers
     cka_temperature: float = 0.1  # cka map: softmax(CKA / temperature) over those k
     cka_rows: int = 64  # cka map: first training rows whose hidden states calibrate it
     # maps student K/V to the teacher's heads/dims: linear or bottleneck MLP
+    # maps student K/V to the teacher's heads/dims: linear or bottleneck MLP
     projector: Literal["linear", "bottleneck"] = "linear"
     train_projector: bool = False  # False: the projector's initialisation is a fixed map
     mlp_ratio: float = 2.0  # bottleneck width / student head_dim
+    # how teachers combine: fixed weights, similarity, a learned router, attention
     # how teachers combine: fixed weights, similarity, a learned router, attention
     fusion: Literal["fixed", "similarity", "router", "attention"] = "fixed"
     fusion_weights: list[float] | None = None  # fixed: one per teacher (None: uniform)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -12,7 +12,7 @@ from protege.algorithms.advantages import future_returns, whiten
 from protege.algorithms.divergences import kl_from_logprobs, masked_mean
 from protege.algorithms.policy_gradient import clipped_surrogate, next_token_nll, token_logprobs
 from protege.algorithms.registry import AlgorithmDefaults, check, register
-from protege.algorithms.teacher_view import paired_logprobs, require
+from protege.algorithms.teacher_view import TeacherOutput, paired_logprobs, require
 from protege.records import RolloutBatch, RolloutPlan
 
 if TYPE_CHECKING:
@@ -46,8 +46,8 @@ class MiniLLM(AlgorithmDefaults):
     single_step_coef: float = 1.0  # weight of the single-step term
     lm_coef: float = 1.0  # weight of the LM loss on data.pretrain
     max_importance_weight: float | None = None  # cap on w_t = q/p̃ (null: no cap)
-    # teacher payload: top-k log-probs plus the tail mass, or full logits
-    teacher_output: Literal["topk", "full"] = "topk"
+    # teacher payload: top-k log-probs + tail mass, full logits, or hidden states
+    teacher_output: TeacherOutput = "topk"
     topk: int = 64  # k of the top-k teacher payload
 
     def __post_init__(self) -> None:

@@ -13,7 +13,7 @@ from protege.algorithms.advantages import broadcast_to_tokens, group_normalised,
 from protege.algorithms.divergences import jsd_from_logprobs, masked_mean, sampled_reverse_kl
 from protege.algorithms.policy_gradient import clipped_surrogate, token_logprobs
 from protege.algorithms.registry import AlgorithmDefaults, check, register
-from protege.algorithms.teacher_view import paired_logprobs, require
+from protege.algorithms.teacher_view import TeacherOutput, paired_logprobs, require
 from protege.records import RolloutBatch, RolloutPlan
 
 if TYPE_CHECKING:
@@ -44,18 +44,21 @@ class RLDistill(AlgorithmDefaults):
     alpha: float = 0.5  # distillation weight α (the reward's is 1 − α)
     alpha_end: float | None = None  # scheduled towards this value over `schedule_steps`
     # α over the run: constant, or linear / cosine towards alpha_end
+    # α over the run: constant, or linear / cosine towards alpha_end
     alpha_schedule: Literal["constant", "linear", "cosine"] = "constant"
     schedule_steps: int = 1000  # steps over which α reaches alpha_end
+    # reward advantage: reinforce (moving baseline), group-normalised, rloo
     # reward advantage: reinforce (moving baseline), group-normalised, rloo
     estimator: Literal["reinforce", "group", "rloo"] = "group"
     samples_per_prompt: int = 4  # responses sampled per prompt (group and rloo compare them)
     baseline_momentum: float = 0.9  # reinforce: momentum of the moving reward baseline
     # sampled-token reverse-KL advantage, or analytic JSD(β) in the loss
+    # sampled-token reverse-KL advantage, or analytic JSD(β) in the loss
     distill: Literal["sampled", "analytic"] = "sampled"
     beta: float = 1.0  # JSD β of the analytic distillation term
     clip_eps: float = 0.2  # PPO clipping ε of the importance ratio
-    # teacher payload: top-k log-probs plus the tail mass, or full logits
-    teacher_output: Literal["topk", "full"] = "topk"
+    # teacher payload: top-k log-probs + tail mass, full logits, or hidden states
+    teacher_output: TeacherOutput = "topk"
     topk: int = 64  # k of the top-k teacher payload
     baseline: MovingBaseline = field(
         default_factory=MovingBaseline, init=False, compare=False, repr=False

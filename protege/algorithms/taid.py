@@ -10,14 +10,14 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from protege.algorithms.divergences import kl_from_logprobs, masked_mean
 from protege.algorithms.registry import AlgorithmDefaults, check, register
-from protege.algorithms.teacher_view import paired_logprobs
+from protege.algorithms.teacher_view import TeacherOutput, paired_logprobs
 from protege.records import RolloutBatch, RolloutPlan, Source
 
 LOSS_METRIC = "taid/loss"
@@ -131,8 +131,8 @@ class TAID(AlgorithmDefaults):
     adaptive: bool = True  # adapt t to the loss (false: the linear schedule alone)
     source: Source = "student"  # who writes the responses: student, dataset or teacher
     temperature: float = 1.0  # softmax temperature of both the student's and the teacher's logits
-    # teacher payload: top-k log-probs plus the tail mass, or full logits
-    teacher_output: Literal["topk", "full"] = "topk"
+    # teacher payload: top-k log-probs + tail mass, full logits, or hidden states
+    teacher_output: TeacherOutput = "topk"
     topk: int = 64  # k of the top-k teacher payload
     state: _TAIDState = field(default_factory=_TAIDState, init=False, compare=False, repr=False)
 

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from torch import Tensor
 
 from protege.algorithms.divergences import log_probs, topk_buckets
 from protege.records import RolloutBatch
+
+# How an algorithm over the teacher's distribution asks for it (its `teacher_output` field):
+# top-k + tail, full logits, or the teacher's last hidden states, which the learner decodes
+# into the exact full logits with a frozen copy of the teacher's head before the loss runs.
+TeacherOutput = Literal["topk", "full", "hidden"]
 
 
 def paired_logprobs(
@@ -24,9 +31,15 @@ def paired_logprobs(
             batch.teacher_topk_logprobs,
             batch.teacher_tail_logprobs,
         )
+    if batch.teacher_hidden is not None:
+        raise ValueError(
+            "the batch carries teacher hidden states that no teacher head decoded; the "
+            "learner decodes them (protege.teacher_head.TeacherHead.decode) before the loss"
+        )
     raise ValueError(
         "this loss needs the teacher's distribution, but the batch has neither teacher_logits "
-        "nor teacher top-k; the algorithm's plan must ask for teacher_need='topk' or 'full'"
+        "nor teacher top-k; the algorithm's plan must ask for teacher_need='topk', 'full' or "
+        "'hidden'"
     )
 
 

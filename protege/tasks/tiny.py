@@ -76,6 +76,22 @@ def student_h32_path() -> str:
     return str(TINY_DIR / "student_h32")
 
 
+def osd_draft_path() -> str:
+    """The student's shape trained only on sums of two operands below 50: the draft of
+    online speculative distillation (`protege.osd`), shifted from its traffic."""
+    return str(TINY_DIR / "osd_draft")
+
+
+def osd_traffic_path() -> str:
+    """2,000 prompts with both operands in 50..99 (three-digit sums): OSD's traffic."""
+    return str(TINY_DIR / "osd_traffic.jsonl")
+
+
+def osd_heldout_path() -> str:
+    """200 more prompts of the traffic's domain, never served: OSD's held-out prefixes."""
+    return str(TINY_DIR / "osd_heldout.jsonl")
+
+
 def student_path() -> str:
     return str(TINY_DIR / "student")
 

@@ -1,0 +1,1 @@
+"""Online speculative distillation (OSD): a draft distilled from its target while it serves."""
