@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -16,7 +17,14 @@ from torch import Tensor
 from protege.capabilities import HIDDEN_NEEDS_PLAIN_HEAD, SELF_TEACHER_HAS_NO_SCORER
 from protege.config import SELF_TEACHER
 from protege.memory import peak_metrics
-from protege.modeling import load_frozen_model, load_tokenizer, response_logits, vocab_size
+from protege.modeling import (
+    TOKENIZER_FILES,
+    load_frozen_model,
+    load_tokenizer,
+    resolve_path,
+    response_logits,
+    vocab_size,
+)
 from protege.records import RolloutBatch, RolloutPlan
 
 
@@ -140,6 +148,15 @@ def _topk_with_tail(logp: Tensor, topk: int) -> dict[str, Tensor]:
     return {"teacher_topk_ids": ids, "teacher_topk_logprobs": values, "teacher_tail_logprobs": tail}
 
 
+def emitted_ids(model: str, width: int) -> int:
+    """How many ids the teacher's tokenizer emits (its logits are cut to them); the model's
+    width when its directory holds no tokenizer (a bare model directory: nothing to cut by)."""
+    path = Path(resolve_path(model))
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        return width
+    return min(len(load_tokenizer(model)), width)
+
+
 class TeacherScorer:
     """A frozen teacher that scores rollout batches (wrapped as a Ray actor elsewhere)."""
 
@@ -150,7 +167,7 @@ class TeacherScorer:
             raise ValueError(f"teacher.micro_batch_size must be >= 1, got {micro_batch_size}")
         self.model = load_frozen_model(model, dtype)
         self.micro_batch_size = micro_batch_size
-        self.tokens = min(len(load_tokenizer(model)), vocab_size(self.model))  # ids it emits
+        self.tokens = emitted_ids(model, vocab_size(self.model))
 
     @property
     def vocab_size(self) -> int:
