@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import socket
 import sys
 
@@ -10,7 +11,7 @@ import torch
 from protege.algorithms.registry import Algorithm
 from protege.capabilities import config_problem, vllm_models_on_cpu, weight_sync_problem
 from protege.config import Config, load_config
-from protege.controller import Controller
+from protege.controller import Controller, Interrupted
 from protege.data import (
     PromptSource,
     chat_template_on,
@@ -161,7 +162,14 @@ def make_launcher(config: Config):
         return LocalLauncher()
     from protege.actors.ray_actors import RayLauncher
 
-    return RayLauncher()
+    trainer = config.trainer
+    return RayLauncher(trainer.ray_address, trainer.placement_timeout_s)
+
+
+def stop_on_sigterm(controller: Controller) -> None:
+    """SIGTERM (a scheduler's preemption, `kill`) ends the step in flight, checkpoints and
+    exits 0. Installed after Ray starts: Ray's own driver handler dumps a C stack (rc 134)."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: controller.request_stop("SIGTERM"))
 
 
 def free_port() -> int:
@@ -179,9 +187,14 @@ def main(preset: str, argv: list[str] | None = None) -> dict[str, float]:
         raise SystemExit(0)
     try:
         config = load_config(preset, argv)
-        result = build_controller(config).run()
+        controller = build_controller(config)
+        stop_on_sigterm(controller)
+        result = controller.run()
     except ProtegeError as error:
         raise SystemExit(report(error)) from None
+    except Interrupted as stopped:
+        print(f"[protege] {stopped}", file=sys.stderr, flush=True)
+        raise SystemExit(0) from None
     print(result_line(config, result))
     return result
 
