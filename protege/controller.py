@@ -141,7 +141,8 @@ class Controller:
     def lost_message(self, died: WorkerDied) -> str:
         """What died, when, what is kept and how to go on."""
         steps = self.config.trainer.steps
-        when = f"at step {self.current_step}/{steps}" if self.current_step >= 0 else "before step 0"
+        k = self.current_step
+        when = f"in step {k} (trainer.steps={steps})" if k >= 0 else "before step 0"
         kept = (
             f"the newest checkpoint, {self.last_checkpoint}, is intact"
             if self.last_checkpoint

@@ -99,6 +99,8 @@ class Launcher(Protocol):
 
     def wait_ready(self, handles: list[Any]) -> None: ...
 
+    def shutdown(self) -> None: ...
+
 
 class _Call:
     def __init__(self, method: Callable):
@@ -151,6 +153,9 @@ class LocalLauncher:
 
     def wait_ready(self, handles: list[Any]) -> None:
         """In-process workers never die apart from the driver."""
+
+    def shutdown(self) -> None:
+        """Nothing is reserved in-process."""
 
     def get(self, refs: Any) -> Any:
         return [_resolve(ref) for ref in refs] if isinstance(refs, list) else _resolve(refs)
