@@ -65,16 +65,17 @@ def resource_problem(
         each = [getattr(r, field) for r in resources]
         asked, free = sum(each), available.get(kind, 0.0)
         largest = max((node.get(kind, 0.0) for node in nodes), default=0.0)
-        fix = f"lower {key}.num_workers or {key}.{field}, or add nodes with {kind}s"
         if max(each, default=0.0) > largest + 1e-9:
             return (
                 f"{role}: each worker asks for {max(each):g} {kind} ({key}.{field}), but no node "
-                f"of the Ray cluster has that many (largest: {largest:g}); {fix}"
+                f"of the Ray cluster has that many (the largest has {largest:g}; {free:g} {kind} "
+                f"available in all); lower {key}.{field}, or add a node with more {kind}s"
             )
         if asked > free + 1e-9:
             return (
                 f"{role}: {len(each)} workers x {max(each):g} {kind} = {asked:g} {kind} asked, "
-                f"{free:g} {kind} available in the Ray cluster; {fix}"
+                f"{free:g} {kind} available in the Ray cluster; lower {key}.num_workers or "
+                f"{key}.{field}, or add nodes"
             )
     return None
 
