@@ -29,11 +29,11 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def cluster():
-    """A head (the driver's node, 0.5 CPU and one pretend GPU: `learner.num_gpus=1` pins the
-    learner there) and two 1-CPU worker nodes."""
+    """A head (the driver's node, 1 CPU and one pretend GPU: `learner.num_gpus=1` pins the
+    learner there, `learner.num_cpus=1` fills it) and two 1-CPU worker nodes."""
     if ray.is_initialized():
         ray.shutdown()
-    nodes = Cluster(initialize_head=True, head_node_args={"num_cpus": 0.5, "num_gpus": 1})
+    nodes = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 1})
     nodes.add_node(num_cpus=1)
     nodes.add_node(num_cpus=1)
     nodes.wait_for_nodes()
@@ -57,6 +57,7 @@ def test_a_removed_node_s_actors_come_back_elsewhere_and_every_step_runs(
             f"trainer.ray_address={cluster.address}",
             "rollout.num_workers=2",
             "learner.num_gpus=1",
+            "learner.num_cpus=1",
             "trainer.steps=4",
             "trainer.batch_size=2",
             "data.test=null",
@@ -96,14 +97,14 @@ def test_a_removed_node_s_actors_come_back_elsewhere_and_every_step_runs(
 
 
 def test_a_placement_no_node_can_grant_times_out_naming_the_role(cluster):
-    """0.5 CPU held on every node leaves 1 CPU free in all, but no node has the 0.75 CPU one
+    """0.5 CPU held on every node leaves 1.5 CPU free in all, but no node has the 0.75 CPU one
     worker asks for: the check passes, the placement cannot, and the wait is bounded."""
     launcher = RayLauncher(cluster.address, placement_timeout_s=2)
     holder = placement_group([{"CPU": 0.5}] * 3, strategy="STRICT_SPREAD")
     ray.get(holder.ready(), timeout=60)
     try:
         with pytest.raises(ResourcesUnavailable, match=r"rollout: .* not granted within "
-                           r"trainer.placement_timeout_s=2 s; 1 CPU, 1 GPU available"):
+                           r"trainer.placement_timeout_s=2 s; 1.5 CPU, 1 GPU available"):
             launcher.spawn("rollout", object, [Resources(0.75)], [()])
     finally:
         remove_placement_group(holder)
