@@ -36,7 +36,7 @@ class WorkerDied(ProtegeError):
     def __init__(self, role: str, index: int, reason: str):
         self.role, self.index = role, index
         self.restartable = restartable(role)
-        name = f"teacher {role[len('teacher-'):]!r}" if role.startswith("teacher-") else role
+        name = f"teacher {role[len('teacher-') :]!r}" if role.startswith("teacher-") else role
         which = f"{name} worker {index}" if index >= 0 else f"a {name} worker"
         super().__init__(f"{which} died: {reason}")
 

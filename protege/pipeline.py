@@ -176,8 +176,10 @@ class Pipeline:
         self.launcher.wait_ready(self._restartable_handles())
         if self.nccl_sync:
             raise WorkerDied(
-                "rollout", -1, "a restarted vLLM engine cannot rejoin the NCCL weight "
-                "broadcast; use rollout.weight_sync=object_store to survive sampler restarts"
+                "rollout",
+                -1,
+                "a restarted vLLM engine cannot rejoin the NCCL weight "
+                "broadcast; use rollout.weight_sync=object_store to survive sampler restarts",
             )
         exported = [rank.export_weights.remote() for rank in self.learners]  # ZeRO-3: all
         loads = [s.load_weights.remote(exported[0]) for s in self.samplers]

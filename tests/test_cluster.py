@@ -13,16 +13,14 @@ import subprocess
 import sys
 
 import pytest
+import ray
+from ray.cluster_utils import Cluster
+from ray.util.placement_group import placement_group, remove_placement_group
 
-ray = pytest.importorskip("ray")
-
-from ray.cluster_utils import Cluster  # noqa: E402
-from ray.util.placement_group import placement_group, remove_placement_group  # noqa: E402
-
-from protege.actors.ray_actors import RayLauncher  # noqa: E402
-from protege.config import load_config  # noqa: E402
-from protege.launch import Resources, ResourcesUnavailable  # noqa: E402
-from protege.run import build_controller  # noqa: E402
+from protege.actors.ray_actors import RayLauncher
+from protege.config import load_config
+from protege.launch import Resources, ResourcesUnavailable
+from protege.run import build_controller
 
 pytestmark = pytest.mark.slow
 
@@ -47,9 +45,7 @@ def node_of(handle) -> str:
     return ray.get(handle.__ray_call__.remote(lambda self: ray.get_runtime_context().get_node_id()))
 
 
-def test_a_removed_node_s_actors_come_back_elsewhere_and_every_step_runs(
-    cluster, tmp_path, capfd
-):
+def test_a_removed_node_s_actors_come_back_elsewhere_and_every_step_runs(cluster, tmp_path, capfd):
     out = tmp_path / "run"
     config = load_config(
         "gkd",
@@ -103,8 +99,11 @@ def test_a_placement_no_node_can_grant_times_out_naming_the_role(cluster):
     holder = placement_group([{"CPU": 0.5}] * 3, strategy="STRICT_SPREAD")
     ray.get(holder.ready(), timeout=60)
     try:
-        with pytest.raises(ResourcesUnavailable, match=r"rollout: .* not granted within "
-                           r"trainer.placement_timeout_s=2 s; 1.5 CPU, 1 GPU available"):
+        with pytest.raises(
+            ResourcesUnavailable,
+            match=r"rollout: .* not granted within "
+            r"trainer.placement_timeout_s=2 s; 1.5 CPU, 1 GPU available",
+        ):
             launcher.spawn("rollout", object, [Resources(0.75)], [()])
     finally:
         remove_placement_group(holder)
@@ -123,8 +122,12 @@ def test_protege_joins_a_running_cluster_only_when_told(cluster):
     runs = {}
     for name, extra in (("own", {}), ("joined", {"RAY_ADDRESS": cluster.address})):
         runs[name] = subprocess.run(
-            [sys.executable, "-c", script], env={**env, **extra}, capture_output=True,
-            text=True, timeout=300, check=False,
+            [sys.executable, "-c", script],
+            env={**env, **extra},
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
         )
         assert runs[name].returncode == 0, runs[name].stderr[-3000:]
     assert runs["own"].stdout.split()[-1] != cluster.address

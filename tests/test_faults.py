@@ -14,13 +14,12 @@ import os
 import signal
 
 import pytest
+import ray
 
-ray = pytest.importorskip("ray")
-
-from protege.actors.ray_actors import init_ray  # noqa: E402
-from protege.config import load_config  # noqa: E402
-from protege.controller import WorkerLost  # noqa: E402
-from protege.run import build_controller  # noqa: E402
+from protege.actors.ray_actors import init_ray
+from protege.config import load_config
+from protege.controller import WorkerLost
+from protege.run import build_controller
 
 pytestmark = pytest.mark.slow
 
@@ -65,9 +64,7 @@ def step_losses(out) -> dict[int, float]:
     return {row["step"]: row["learner/loss"] for row in rows if "learner/loss" in row}
 
 
-def test_killed_rollout_teacher_and_reward_actors_restart_and_the_run_is_unchanged(
-    tmp_path, capfd
-):
+def test_killed_rollout_teacher_and_reward_actors_restart_and_the_run_is_unchanged(tmp_path, capfd):
     """rl_distill has all three restartable roles: its sampler dies after step 0, its teacher
     after step 1, its rewarder after step 2 (`ray.kill` with restart). Sampling is seeded
     per step and the restarted sampler gets the current weights, so every step's loss equals

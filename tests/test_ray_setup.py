@@ -43,7 +43,10 @@ def test_sigterm_checkpoints_exits_0_and_the_checkpoint_resumes(tmp_path):
     with open(log, "w") as stderr:
         driver = subprocess.Popen(
             example("gkd", "trainer.steps=50", f"output_dir={out}"),
-            cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=stderr,
+            cwd=ROOT,
+            env=ENV,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
         )
         deadline = time.monotonic() + 400
         while not step_rows(out) and driver.poll() is None and time.monotonic() < deadline:
@@ -109,7 +112,12 @@ assert listening and all(ip in ("127.0.0.1", "::1") for _, ip in listening), lis
 """
     env = {key: value for key, value in ENV.items() if key != "RAY_ADDRESS"}
     done = subprocess.run(
-        [sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
-        timeout=300, check=False,
+        [sys.executable, "-c", script],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
     )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]

@@ -42,7 +42,9 @@ def init_ray(address: str | None = None) -> None:
     submit` sets), saying so; else start protege's own instance, every server of it bound
     to 127.0.0.1 and no dashboard. A Ray instance this process already joined is used."""
     if ray.is_initialized():
-        log(f"using the Ray cluster this process already joined ({ray.get_runtime_context().gcs_address})")
+        log(
+            f"using the Ray cluster this process already joined ({ray.get_runtime_context().gcs_address})"
+        )
         return
     source = "trainer.ray_address" if address else "RAY_ADDRESS"
     address = address or os.environ.get("RAY_ADDRESS") or LOCAL
