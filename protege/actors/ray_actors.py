@@ -142,7 +142,7 @@ class RayLauncher:
         waiting in a collective for a dead peer would otherwise hold it forever)."""
         try:
             if isinstance(refs, list) and len(refs) > 1:
-                pending = list(refs)
+                pending = list(dict.fromkeys(refs))  # ray.wait refuses a repeated ref
                 while pending:
                     done, pending = ray.wait(pending, num_returns=1)
                     ray.get(done)  # raises now if that call failed
