@@ -91,9 +91,9 @@ def test_a_request_the_cluster_cannot_place_is_refused_at_once(override, expecte
 
 def test_protege_s_own_ray_instance_listens_on_loopback_only():
     """Every listening socket of the Ray processes protege starts (gcs, raylet, agents,
-    workers, the driver) is on 127.0.0.1."""
+    workers, the driver) is on 127.0.0.1 (or its IPv4-mapped IPv6 form)."""
     script = """
-import os, psutil, ray
+import ipaddress, os, psutil, ray
 from protege.actors.ray_actors import init_ray
 init_ray()
 @ray.remote(num_cpus=0)
@@ -108,7 +108,10 @@ listening = {
     if c.status == psutil.CONN_LISTEN
 }
 print(sorted(listening))
-assert listening and all(ip in ("127.0.0.1", "::1") for _, ip in listening), listening
+def loopback(ip):
+    address = ipaddress.ip_address(ip)
+    return (getattr(address, "ipv4_mapped", None) or address).is_loopback  # ::ffff:127.0.0.1
+assert listening and all(loopback(ip) for _, ip in listening), listening
 """
     env = {key: value for key, value in ENV.items() if key != "RAY_ADDRESS"}
     done = subprocess.run(
