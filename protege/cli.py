@@ -46,6 +46,13 @@ def run_example(preset: str, argv: list[str] | None = None) -> dict[str, float]:
         result = train(config)
     except ProtegeError as error:
         raise SystemExit(report(error)) from None
+    except Exception as error:
+        from protege.controller import Interrupted
+
+        if not isinstance(error, Interrupted):
+            raise
+        print(f"[protege] {error}", file=sys.stderr, flush=True)  # checkpointed: exit 0
+        raise SystemExit(0) from None
     from protege.run import result_line
 
     print(result_line(config, result))
@@ -54,11 +61,13 @@ def run_example(preset: str, argv: list[str] | None = None) -> dict[str, float]:
 
 def train(config: Config) -> dict[str, float]:
     """Build the run and train it under a progress bar, closed before anything else prints."""
-    from protege.run import build_controller
+    from protege.run import build_controller, stop_on_sigterm
 
     enabled = progress_enabled(config.logging.progress, sys.stderr)
     progress = Progress(config.trainer.steps, enabled)
     try:
-        return build_controller(config).run(on_step=progress.update)
+        controller = build_controller(config)
+        stop_on_sigterm(controller)  # SIGTERM: finish the step, checkpoint, exit 0
+        return controller.run(on_step=progress.update)
     finally:
         progress.close()

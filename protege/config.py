@@ -198,6 +198,13 @@ class TrainerConfig(Section):
     max_bad_steps: int = Field(5, ge=0)  # stop after this many non-finite steps in a row; 0: never
     max_staleness: int = Field(0, ge=0)  # rollouts sampled ahead of the update (0: synchronous)
     workers: Literal["ray", "local"] = "ray"  # local: every role in this process (tests, debugging)
+    # A Ray cluster to join ("auto": the one `ray start` runs here; host:port; ray://...).
+    # Unset: RAY_ADDRESS if set, else protege starts its own instance bound to 127.0.0.1.
+    ray_address: str | None = None
+    # Restarts of each rollout, teacher and reward actor after a crash, and retries of the
+    # shard it was working on (with the current weights re-sent); learner ranks never restart.
+    worker_restarts: int = Field(3, ge=0)
+    placement_timeout_s: float = Field(300.0, gt=0)  # wait for a role's Ray resources, then stop
 
 
 class LoggingConfig(Section):

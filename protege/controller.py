@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import shlex
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -19,6 +21,7 @@ from protege.config import Config
 from protege.data import PromptSource
 from protege.errors import ProtegeError
 from protege.evaluation import Evaluator
+from protege.launch import WorkerDied
 from protege.metrics_log import MetricsLog, phase_accounting
 from protege.pipeline import Pipeline
 from protege.records import PromptBatch
@@ -30,6 +33,16 @@ from protege.rollouts import RolloutQueue
 class TrainingStopped(ProtegeError):
     """The run stopped on bad numerics; the message names the step, the cause and the last
     good checkpoint."""
+
+
+class WorkerLost(ProtegeError):
+    """A worker died beyond recovery (a learner rank, or a worker out of restarts); the
+    message names it, the step, the checkpoint to resume from and the command."""
+
+
+class Interrupted(Exception):
+    """The run stopped on a signal after writing a checkpoint; the message says where and how
+    to resume (the CLI prints it and exits 0)."""
 
 
 class Controller:
@@ -49,6 +62,8 @@ class Controller:
         self.resume_from, self.start_step = resume_from, 0
         self.bad_steps = 0  # consecutive steps skipped for a non-finite loss or gradient
         self.last_checkpoint: Path | None = resume_from
+        self.stop_signal: str | None = None  # set by a signal handler: stop after this step
+        self.current_step = -1
         trainer = config.trainer
         self.rollouts = RolloutQueue(
             self.rollout, prompts, trainer.steps, trainer.max_staleness, self.checkpoint_due
@@ -83,6 +98,7 @@ class Controller:
                 self.resume(self.resume_from)
             before = {} if self.resume_from else self.evaluate("eval_before")
             for k in range(self.start_step, self.config.trainer.steps):
+                self.current_step = k
                 started = time.perf_counter()
                 metrics = self.step(k)
                 row = self.record(k, metrics, time.perf_counter() - started)
@@ -90,15 +106,49 @@ class Controller:
                     on_step(k, row)
                 self.check_numerics(k, metrics)
                 self.maybe_checkpoint(k)
+                if self.stop_signal:
+                    self.stop_on_signal(k)
             self.rollouts.clear()  # rollouts past the last step (filled for a checkpoint)
             self.pipeline.wait_sync()  # the last update has reached the samplers
             # Logged at step `steps`, after the last training step: wandb refuses a step that
             # goes back, and would drop the final evaluation.
             after = self.evaluate("eval_after", step=self.config.trainer.steps)
             self.save_final()
+        except WorkerDied as died:
+            raise WorkerLost(self.lost_message(died)) from None
         finally:
             self.log.close()
         return {**before, **after}
+
+    def request_stop(self, signal_name: str) -> None:
+        """From a signal handler: finish the step in flight, checkpoint, stop (a second
+        signal stops at once)."""
+        if self.stop_signal:
+            raise SystemExit(f"{signal_name} again: stopped without a checkpoint")
+        self.stop_signal = signal_name
+        self.log.warning(f"{signal_name}: stopping after the step in flight, with a checkpoint")
+
+    def stop_on_signal(self, k: int) -> None:
+        if not self.checkpoint_due(k) or self.bad_steps:
+            self.rollouts.submit_drawn()
+            self.write_checkpoint(k)
+        where = self.last_checkpoint or "no checkpoint (a run of non-finite steps)"
+        raise Interrupted(
+            f"{self.stop_signal}: stopped after step {k} ({k + 1}/{self.config.trainer.steps} "
+            f"done); checkpoint {where}. Resume with: {resume_command()}"
+        )
+
+    def lost_message(self, died: WorkerDied) -> str:
+        """What died, when, what is kept and how to go on."""
+        steps = self.config.trainer.steps
+        k = self.current_step
+        when = f"in step {k} (trainer.steps={steps})" if k >= 0 else "before step 0"
+        kept = (
+            f"the newest checkpoint, {self.last_checkpoint}, is intact"
+            if self.last_checkpoint
+            else "no checkpoint was written yet (trainer.save_every)"
+        )
+        return f"{died}; the run stopped {when}; {kept}. Resume with: {resume_command()}"
 
     def record(self, k: int, metrics: dict[str, float], seconds: float) -> dict[str, float]:
         phases = {**self.pipeline.take_seconds(), "time/step": seconds}
@@ -166,8 +216,11 @@ class Controller:
         return bool(every) and (k + 1) % every == 0
 
     def maybe_checkpoint(self, k: int) -> None:
-        if not self.checkpoint_due(k):
-            return
+        if self.checkpoint_due(k):
+            self.write_checkpoint(k)
+
+    def write_checkpoint(self, k: int) -> None:
+        """The state after step k (unless in a run of non-finite steps)."""
         if self.bad_steps:  # keep the last checkpoint from before the non-finite steps
             self.log.warning(f"step {k}: no checkpoint during a run of non-finite steps")
             return
@@ -210,3 +263,10 @@ class Controller:
         except ValueError as error:
             self.log.warning(f"{final} not written: {error}")
             raise
+
+
+def resume_command() -> str:
+    """This process's command line with `trainer.resume=auto` (resumes from the newest
+    complete checkpoint, or starts fresh where there is none)."""
+    argv = [arg for arg in sys.argv if not arg.startswith("trainer.resume=")]
+    return shlex.join([sys.executable, *argv, "trainer.resume=auto"])

@@ -15,6 +15,13 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from protege.errors import ProtegeError
+
+# Roles whose actors Ray restarts after a crash (`trainer.worker_restarts`): they hold no
+# training state, so a restarted one needs only the current weights and its shard again.
+# Learner ranks hold the optimizer state and are never restarted.
+RESTARTABLE_ROLES = ("rollout", "teacher-", "reward")
+
 
 @dataclass(frozen=True)
 class Resources:
@@ -22,9 +29,65 @@ class Resources:
     num_gpus: float = 0.0
 
 
+class WorkerDied(ProtegeError):
+    """A worker's process died (killed, out of memory, its node gone). `restartable`: its role
+    is restarted by Ray, so the call may be retried once the worker is back."""
+
+    def __init__(self, role: str, index: int, reason: str):
+        self.role, self.index = role, index
+        self.restartable = restartable(role)
+        name = f"teacher {role[len('teacher-') :]!r}" if role.startswith("teacher-") else role
+        which = f"{name} worker {index}" if index >= 0 else f"a {name} worker"
+        super().__init__(f"{which} died: {reason}")
+
+
+class ResourcesUnavailable(ProtegeError):
+    """A role asks for more CPUs/GPUs than the cluster has, or its placement timed out."""
+
+
+def restartable(role: str) -> bool:
+    return role.startswith(RESTARTABLE_ROLES)
+
+
+def role_key(role: str) -> str:
+    """The config section that sizes a role's workers (`teacher-<name>` -> `teachers`)."""
+    return "teachers.<name>" if role.startswith("teacher-") else role
+
+
+def resource_problem(
+    role: str, resources: list[Resources], available: dict[str, float], nodes: list[dict]
+) -> str | None:
+    """Why `role`'s workers cannot be placed on the cluster, or None. `available`: the
+    cluster's free CPU/GPU now (after the roles placed before); `nodes`: each node's total.
+    A worker needs one node with room for it; the role needs its total free."""
+    key = role_key(role)
+    for kind, field in (("CPU", "num_cpus"), ("GPU", "num_gpus")):
+        each = [getattr(r, field) for r in resources]
+        asked, free = sum(each), available.get(kind, 0.0)
+        largest = max((node.get(kind, 0.0) for node in nodes), default=0.0)
+        if max(each, default=0.0) > largest + 1e-9:
+            return (
+                f"{role}: each worker asks for {max(each):g} {kind} ({key}.{field}), but no node "
+                f"of the Ray cluster has that many (the largest has {largest:g}; {free:g} {kind} "
+                f"available in all); lower {key}.{field}, or add a node with more {kind}s"
+            )
+        if asked > free + 1e-9:
+            return (
+                f"{role}: {len(each)} workers x {max(each):g} {kind} = {asked:g} {kind} asked, "
+                f"{free:g} {kind} available in the Ray cluster; lower {key}.num_workers or "
+                f"{key}.{field}, or add nodes"
+            )
+    return None
+
+
 class Launcher(Protocol):
     def spawn(
-        self, role: str, cls: type, resources: list[Resources], args: list[tuple]
+        self,
+        role: str,
+        cls: type,
+        resources: list[Resources],
+        args: list[tuple],
+        restarts: int = 0,
     ) -> list[Any]: ...
 
     def get(self, refs: Any) -> Any: ...
@@ -34,6 +97,10 @@ class Launcher(Protocol):
     def put(self, value: Any) -> Any: ...
 
     def rendezvous_host(self, role: str, resources: list[Resources]) -> str: ...
+
+    def wait_ready(self, handles: list[Any]) -> None: ...
+
+    def shutdown(self) -> None: ...
 
 
 class _Call:
@@ -76,9 +143,20 @@ class LocalLauncher:
         self.threads = threads
 
     def spawn(
-        self, role: str, cls: type, resources: list[Resources], args: list[tuple]
+        self,
+        role: str,
+        cls: type,
+        resources: list[Resources],
+        args: list[tuple],
+        restarts: int = 0,
     ) -> list[Any]:
         return [LocalHandle(cls(*a), threaded=self.threads) for a in args]
+
+    def wait_ready(self, handles: list[Any]) -> None:
+        """In-process workers never die apart from the driver."""
+
+    def shutdown(self) -> None:
+        """Nothing is reserved in-process."""
 
     def get(self, refs: Any) -> Any:
         return [_resolve(ref) for ref in refs] if isinstance(refs, list) else _resolve(refs)
@@ -152,7 +230,8 @@ def _spawn_samplers(config: Any, launcher: Launcher) -> list[Any]:
         for i in range(n)
     ]
     resources = [Resources(rollout.num_cpus, rollout.num_gpus)] * n
-    return launcher.spawn("rollout", sampler_class(rollout.backend), resources, args)
+    restarts = config.trainer.worker_restarts
+    return launcher.spawn("rollout", sampler_class(rollout.backend), resources, args, restarts)
 
 
 def _spawn_teacher(spec: Any, launcher: Launcher, config: Any) -> list[Any]:
@@ -165,7 +244,8 @@ def _spawn_teacher(spec: Any, launcher: Launcher, config: Any) -> list[Any]:
         cls = KVTeacherScorer
         args = (*args, config.student.model, spec.prefix, kv_cache_dir(spec, config))
     resources = [Resources(spec.num_cpus, spec.num_gpus)] * spec.num_workers
-    return launcher.spawn(f"teacher-{spec.name}", cls, resources, [args] * spec.num_workers)
+    restarts, replicas = config.trainer.worker_restarts, [args] * spec.num_workers
+    return launcher.spawn(f"teacher-{spec.name}", cls, resources, replicas, restarts)
 
 
 def _spawn_rewarders(config: Any, launcher: Launcher) -> list[Any]:
@@ -175,7 +255,8 @@ def _spawn_rewarders(config: Any, launcher: Launcher) -> list[Any]:
     if not reward.enabled:
         return []
     resources = [Resources(reward.num_cpus, reward.num_gpus)]
-    return launcher.spawn("reward", RewardScorer, resources, [(reward, config.student.model)])
+    args = [(reward, config.student.model)]
+    return launcher.spawn("reward", RewardScorer, resources, args, config.trainer.worker_restarts)
 
 
 def _join_weight_broadcast(config: Any, launcher: Launcher, roles: Roles) -> bool:

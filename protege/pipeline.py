@@ -5,18 +5,25 @@ values) and never block: a shard goes from its sampler to each teacher and the r
 without a stop at the driver. `gather` is the one wait of a rollout, `wait_train` the one
 wait of an update. Training and evaluation use the same calls. The seconds the driver
 waits and the seconds workers report are added up per phase for the step's accounting.
+
+A shard remembers how it was made (`Shard.redo`): when a rollout, teacher or reward worker
+dies with it in flight, the pipeline waits for Ray to restart the worker, sends the
+samplers the current weights again and replays the shard's stages, at most
+`trainer.worker_restarts` times. A learner rank that dies is not retried (WorkerDied).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from protege.config import Config
-from protege.launch import Launcher, LocalLauncher, spawn_roles
+from protege.launch import Launcher, LocalLauncher, WorkerDied, spawn_roles
 from protege.records import PromptBatch, RolloutBatch, RolloutPlan
 from protege.sharding import (
     LEARNER_SECONDS,
@@ -29,6 +36,26 @@ from protege.sharding import (
 # Worker-side seconds each rollout stage reports in the batch's extras, by phase name.
 WORKER_SECONDS = {"rollout": "rollout/seconds", "teacher": "teacher/seconds"}
 WORKER_SECONDS["reward"] = "reward/seconds"
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One shard in flight: its future (or batch) and how to submit it again, every stage
+    replayed, after a worker that held it died."""
+
+    ref: Any
+    redo: Callable[[], Any]
+    min_version: int = 0  # the weights its sampler was sent; older ones: it was restarted
+
+    @classmethod
+    def of(cls, submit: Callable[[], Any], min_version: int = 0) -> Shard:
+        return cls(submit(), submit, min_version)
+
+    def then(self, stage: Callable[[Any], Any]) -> Shard:
+        """This shard passed on to one more stage (which takes and returns a future)."""
+        redo = self.redo
+        return Shard(stage(self.ref), lambda: stage(redo()), self.min_version)
 
 
 @dataclass
@@ -50,22 +77,28 @@ class Pipeline:
         self.nccl_sync = roles.nccl_sync
         self.seconds: dict[str, float] = {}
         self.version = 0  # the learner's version, as of the last collected step or sync
+        self.sent_version = 0  # the weights last sent to the samplers (loaded or queued)
         self._loads: list[Any] = []  # samplers' weight loads not yet checked
+        self.retries = config.trainer.worker_restarts
+        self.warn: Callable[[str], None] = _warn
 
     # -- stages: futures in, futures out ---------------------------------------------------
-    def generate(self, prompts: PromptBatch, plan: RolloutPlan) -> list[Any]:
+    def generate(self, prompts: PromptBatch, plan: RolloutPlan) -> list[Shard]:
         """One shard per sampler: sampled responses, or the dataset's own."""
         parts = split_prompts(prompts, len(self.samplers))
         if plan.source == "dataset":
-            return [self.launcher.put(dataset_batch(part, self.version)) for part in parts]
-        return [s.generate.remote(part, plan) for s, part in zip(self.samplers, parts)]
+            refs = [self.launcher.put(dataset_batch(part, self.version)) for part in parts]
+            return [Shard(ref, lambda ref=ref: ref) for ref in refs]
+        return [
+            Shard.of(functools.partial(s.generate.remote, part, plan), self.sent_version)
+            for s, part in zip(self.samplers, parts)
+        ]
 
-    def reward(self, shards: list[Any]) -> list[Any]:
+    def reward(self, shards: list[Shard]) -> list[Shard]:
         if not self.rewarders:
             return shards
-        return [
-            self.rewarders[i % len(self.rewarders)].score.remote(s) for i, s in enumerate(shards)
-        ]
+        scorers = [self.rewarders[i % len(self.rewarders)] for i in range(len(shards))]
+        return [shard.then(scorer.score.remote) for scorer, shard in zip(scorers, shards)]
 
     def train(self, batch: RolloutBatch, loss: Any) -> PendingTrain:
         """Start one optimizer step on `batch` (row shards over the data-parallel ranks) with
@@ -80,7 +113,7 @@ class Pipeline:
         """Wait for a rollout's shards; their worker-side seconds go to `time/rollout`,
         `time/teacher`, `time/reward` (the slowest shard: shards run in parallel)."""
         started = time.perf_counter()
-        resolved = self.launcher.get(list(shards))
+        resolved = self.resolve(shards)
         self._add("time/wait_rollout", time.perf_counter() - started)
         for name, key in WORKER_SECONDS.items():
             self._add(f"time/{name}", max(shard.extras.get(key, 0.0) for shard in resolved))
@@ -95,8 +128,67 @@ class Pipeline:
         return {**metrics, "rollout/staleness": float(pending.staleness)}
 
     def resolve(self, shards: list[Any]) -> list[RolloutBatch]:
-        """A rollout's shards fetched (to keep them in a checkpoint)."""
-        return self.launcher.get(list(shards))
+        """A rollout's shards fetched (also to keep them in a checkpoint); a shard whose
+        worker died is submitted again once the worker is back."""
+        return [self._fetch(shard) for shard in shards]
+
+    def _fetch(self, shard: Shard | RolloutBatch) -> RolloutBatch:
+        if isinstance(shard, RolloutBatch):  # fetched before (restored from a checkpoint)
+            return shard
+        refs = [shard.ref]
+
+        def attempt() -> RolloutBatch:
+            if not refs:
+                refs.append(shard.redo())
+            batch = self.launcher.get(refs.pop())
+            self._check_version(batch.weights_version, shard.min_version)
+            return batch
+
+        return self._retrying(attempt, "its shard")
+
+    def _check_version(self, held: int, sent: int) -> None:
+        """A sampler holding older weights than it was sent was restarted in between (Ray
+        restarts it from the initial student; the calls queued before were dropped)."""
+        if held < sent:
+            raise WorkerDied(
+                "rollout", -1, f"restarted: it sampled with weights v{held}, not the v{sent} sent"
+            )
+
+    def _retrying(self, attempt: Callable[[], T], what: str) -> T:
+        """`attempt()`, tried again after a restartable worker died in it: the workers are
+        back and the samplers hold the current weights before each retry."""
+        for tries in range(self.retries + 1):
+            try:
+                return attempt()
+            except WorkerDied as died:
+                if not died.restartable or tries == self.retries:
+                    if died.restartable:
+                        died.args = (f"{died} (retried {tries} times: trainer.worker_restarts)",)
+                    raise
+                self.warn(f"{died}; retrying {what} ({tries + 1}/{self.retries})")
+                self._recover()
+        raise AssertionError("unreachable")
+
+    def _recover(self) -> None:
+        """Wait for restarted workers, then load the learner's current weights into every
+        sampler (a restarted one starts from the initial student; the others load the weights
+        they hold). No training call is in flight when a shard or a load is waited for."""
+        self.launcher.wait_ready(self._restartable_handles())
+        if self.nccl_sync:
+            raise WorkerDied(
+                "rollout",
+                -1,
+                "a restarted vLLM engine cannot rejoin the NCCL weight "
+                "broadcast; use rollout.weight_sync=object_store to survive sampler restarts",
+            )
+        exported = [rank.export_weights.remote() for rank in self.learners]  # ZeRO-3: all
+        loads = [s.load_weights.remote(exported[0]) for s in self.samplers]
+        self._loads = []  # superseded (and failed, on the restarted sampler)
+        self.launcher.get([*loads, *exported[1:]])
+
+    def _restartable_handles(self) -> list[Any]:
+        teachers = [h for t in self.teachers if t.placement == "actors" for h in t.handles]
+        return [*self.samplers, *teachers, *self.rewarders]
 
     # -- blocking compositions of the stages (evaluation) -------------------------------
     def sample(self, prompts: PromptBatch, plan: RolloutPlan) -> RolloutBatch:
@@ -104,14 +196,22 @@ class Pipeline:
 
     def score(self, batch: RolloutBatch, plan: RolloutPlan) -> RolloutBatch:
         """`batch` scored by the first teacher (evaluation's KL to the teacher)."""
-        shards = [self.launcher.put(s) for s in batch.shards(len(self.samplers))]
-        scored = self.teachers[0].score(shards, plan)
+        refs = [self.launcher.put(s) for s in batch.shards(len(self.samplers))]
+        scored = self.teachers[0].score([Shard(ref, lambda ref=ref: ref) for ref in refs], plan)
         return self.gather(scored, _no_text(batch))
 
     def greedy_texts(self, prompts: PromptBatch, max_new_tokens: int) -> list[str]:
         parts = split_prompts(prompts, len(self.samplers))
-        refs = [s.greedy_texts.remote(p, max_new_tokens) for s, p in zip(self.samplers, parts)]
-        return [text for texts in self.launcher.get(refs) for text in texts]
+
+        def attempt() -> list[list[str]]:
+            calls = zip(self.samplers, parts)
+            texts = [s.greedy_texts.remote(p, max_new_tokens) for s, p in calls]
+            versions = [s.weights_version.remote() for s in self.samplers]  # run after the texts
+            for held in self.launcher.get(versions):
+                self._check_version(held, self.sent_version)
+            return self.launcher.get(texts)
+
+        return [text for texts in self._retrying(attempt, "greedy decoding") for text in texts]
 
     # -- weights ---------------------------------------------------------------------------
     def sync_weights(self, wait: bool = True) -> int:
@@ -120,22 +220,28 @@ class Pipeline:
         queue behind their current work and are checked at the next sync."""
         started = time.perf_counter()
         self.wait_sync()
+        self.sent_version = self.version  # the learner's, as of the last collected step
         if self.nccl_sync:  # every rank gathers (ZeRO-3), rank 0 broadcasts to the engines
             self.version = self._on_all_learners(lambda rank: rank.broadcast_weights.remote())
         else:
             exported = [rank.export_weights.remote() for rank in self.learners]  # ZeRO-3: all
             self._loads = [s.load_weights.remote(exported[0]) for s in self.samplers]
             if wait:
-                self.version = self.launcher.get(exported[0]).version
+                self.version = self.sent_version = self.launcher.get(exported[0]).version
                 self.wait_sync()
             self.launcher.get(exported[1:])
         self._add("time/sync", time.perf_counter() - started)
         return self.version
 
     def wait_sync(self) -> None:
-        """Wait for (and surface errors of) the samplers' last weight loads."""
-        loads, self._loads = self._loads, []
-        self.launcher.get(loads)
+        """Wait for (and surface errors of) the samplers' last weight loads; a sampler that
+        died meanwhile gets the weights again once restarted."""
+
+        def attempt() -> None:
+            loads, self._loads = self._loads, []
+            self.launcher.get(loads)
+
+        self._retrying(attempt, "the weight load")
 
     # -- persistence -----------------------------------------------------------------------
     def save_checkpoint(self, path: str) -> None:
@@ -167,6 +273,10 @@ class Pipeline:
             yield self.seconds
         finally:
             self.seconds = saved
+
+
+def _warn(message: str) -> None:
+    print(f"[protege] {message}", file=sys.stderr, flush=True)
 
 
 def _no_text(batch: RolloutBatch) -> PromptBatch:

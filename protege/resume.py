@@ -36,6 +36,9 @@ FREE_KEYS = (
     "trainer.max_bad_steps",
     "trainer.save_every",
     "trainer.workers",
+    "trainer.ray_address",
+    "trainer.worker_restarts",
+    "trainer.placement_timeout_s",
     "trainer.eval_",
     "data.test",
 )

@@ -62,6 +62,12 @@ class RolloutQueue:
         if after < self.steps and not due and after not in self.drawn:
             self.drawn[after] = self.prompts.next(after)
 
+    def submit_drawn(self) -> None:
+        """Submit the steps whose prompts were drawn ahead: a checkpoint written off the
+        schedule (on a signal) must hold them, the data position having moved past them."""
+        for j in sorted(self.drawn):
+            self.pending[j] = self.submit(j)
+
     def resolved(self, fetch: Callable[[list[Any]], list[Any]]) -> dict[int, Submitted]:
         """Every rollout in flight, with its shards fetched (part of a checkpoint)."""
         self.pending = {j: Submitted(s.prompts, fetch(s.shards)) for j, s in self.pending.items()}

@@ -3,6 +3,7 @@ the controller. `protege.cli.main` (what every example calls) runs it."""
 
 from __future__ import annotations
 
+import signal
 import socket
 import sys
 
@@ -181,7 +182,14 @@ def make_launcher(config: Config):
         return LocalLauncher()
     from protege.actors.ray_actors import RayLauncher
 
-    return RayLauncher()
+    trainer = config.trainer
+    return RayLauncher(trainer.ray_address, trainer.placement_timeout_s)
+
+
+def stop_on_sigterm(controller: Controller) -> None:
+    """SIGTERM (a scheduler's preemption, `kill`) ends the step in flight, checkpoints and
+    exits 0. Installed after Ray starts: Ray's own driver handler dumps a C stack (rc 134)."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: controller.request_stop("SIGTERM"))
 
 
 def free_port() -> int:

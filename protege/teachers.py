@@ -36,10 +36,17 @@ class TeacherClient:
     handles: list[Any]  # scorers, samplers or learner ranks
 
     def score(self, shards: list[Any], plan: RolloutPlan) -> list[Any]:
-        """One scoring call per shard; each takes and returns a future (never blocks)."""
+        """One scoring call per shard, which takes and returns a future (never blocks). A
+        `protege.pipeline.Shard` comes back as one, the stage joined to its replay (after a
+        worker died); a plain future or batch comes back as a future."""
         if plan.teacher_need == "none":
             return shards
-        return [self._score_one(i, shard, plan) for i, shard in enumerate(shards)]
+        return [
+            shard.then(lambda ref, i=i: self._score_one(i, ref, plan))
+            if hasattr(shard, "then")
+            else self._score_one(i, shard, plan)
+            for i, shard in enumerate(shards)
+        ]
 
     def _score_one(self, index: int, shard: Any, plan: RolloutPlan) -> Any:
         if self.placement == "actors":

@@ -16,7 +16,7 @@ from protege.algorithms.divergences import masked_mean
 from protege.algorithms.registry import ALGORITHMS, AlgorithmDefaults, register
 from protege.checkpoint import CheckpointError, verify
 from protege.config import load_config
-from protege.controller import TrainingStopped
+from protege.controller import Interrupted, TrainingStopped
 from protege.records import RolloutPlan
 from protege.resume import config_changes, config_hash, saved_config
 from protege.run import build_controller
@@ -237,3 +237,21 @@ def test_the_change_list_ignores_run_length_logging_and_explicit_defaults():
         ("learner.lr", 0.001, 0.01),
         ("teachers.0.dtype", "float32", "bfloat16"),
     ]
+
+
+def test_a_stop_signal_checkpoints_after_the_step_and_the_resume_matches_an_unstopped_run(
+    tmp_path,
+):
+    """SIGTERM's handler calls `request_stop`: the step in flight ends, a checkpoint is
+    written off the save schedule (with the rollout run ahead and the prompts drawn ahead),
+    and resuming it reproduces the uninterrupted run's losses."""
+    common = ["algorithm.name=gkd", "trainer.steps=4", "trainer.max_staleness=1"]
+    build_controller(local(tmp_path / "full", *common)).run()
+    out = tmp_path / "stopped"
+    controller = build_controller(local(out, *common))
+    with pytest.raises(Interrupted, match=r"SIGTERM: stopped after step 1 \(2/4 done\)") as stop:
+        controller.run(on_step=lambda k, row: k == 1 and controller.request_stop("SIGTERM"))
+    assert str(stop.value).endswith("trainer.resume=auto")
+    assert "step_0000002" in str(stop.value) and not (out / "final").exists()
+    build_controller(local(out, *common, "trainer.resume=true")).run()
+    assert losses(out) == losses(tmp_path / "full")

@@ -76,6 +76,11 @@ class HFSampler:
         """Learner version of the weights the sampler holds (0: the initial student)."""
         return self._version
 
+    def weights_version(self) -> int:
+        """`version` as a call (actors answer calls, not properties): the pipeline checks it
+        to catch a sampler that Ray restarted with the initial student's weights."""
+        return self._version
+
     @property
     def model(self) -> torch.nn.Module:
         """The student module the sampler decodes with (LoRA layers injected when enabled)."""

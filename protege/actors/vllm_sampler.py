@@ -78,6 +78,11 @@ class VLLMSampler:
     def version(self) -> int:
         return self._version
 
+    def weights_version(self) -> int:
+        """`version` as a call (actors answer calls, not properties): the pipeline checks it
+        to catch a sampler that Ray restarted with the initial student's weights."""
+        return self._version
+
     @staticmethod
     def supports(plan: RolloutPlan) -> str | None:
         """None when vLLM can run `plan`, else why not (naming the HF backend)."""
