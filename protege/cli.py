@@ -46,13 +46,6 @@ def run_example(preset: str, argv: list[str] | None = None) -> dict[str, float]:
         result = train(config)
     except ProtegeError as error:
         raise SystemExit(report(error)) from None
-    except Exception as error:
-        from protege.controller import Interrupted
-
-        if not isinstance(error, Interrupted):
-            raise
-        print(f"[protege] {error}", file=sys.stderr, flush=True)  # checkpointed: exit 0
-        raise SystemExit(0) from None
     from protege.run import result_line
 
     print(result_line(config, result))
@@ -61,6 +54,7 @@ def run_example(preset: str, argv: list[str] | None = None) -> dict[str, float]:
 
 def train(config: Config) -> dict[str, float]:
     """Build the run and train it under a progress bar, closed before anything else prints."""
+    from protege.controller import Interrupted
     from protege.run import build_controller, stop_on_sigterm
 
     enabled = progress_enabled(config.logging.progress, sys.stderr)
@@ -69,5 +63,9 @@ def train(config: Config) -> dict[str, float]:
         controller = build_controller(config)
         stop_on_sigterm(controller)  # SIGTERM: finish the step, checkpoint, exit 0
         return controller.run(on_step=progress.update)
+    except Interrupted as stopped:  # a checkpoint was written; the message says how to resume
+        progress.close()
+        print(f"[protege] {stopped}", file=sys.stderr, flush=True)
+        raise SystemExit(0) from None
     finally:
         progress.close()

@@ -41,7 +41,7 @@ def test_the_pair_shares_a_tokenizer_and_chat_template(pair):
 
 
 def test_gkd_on_the_real_pair_runs_and_reports_kl_to_the_teacher(pair, tmp_path, capsys):
-    from protege.run import main
+    from protege.cli import run_example as main
 
     result = main(
         "gkd",
