@@ -126,11 +126,11 @@ def main() -> None:
     parser.add_argument(
         "--pair", default="runs/smollm2", help="scripts/build_smollm2_pair.py --out"
     )
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=5e-5)
-    parser.add_argument("--eval-size", type=int, default=50)
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--eval-size", type=int, default=16)
     parser.add_argument("--algorithms", nargs="+", default=list(ALGORITHMS))
     parser.add_argument("--work", default="runs/real_model")
     parser.add_argument("--smoke", action="store_true", help="2 steps of GKD, 8 eval prompts")
