@@ -57,13 +57,15 @@ MODES = ("sampled", "topk", "full", "hidden")
 
 
 def model_dir(root: Path, name: str, vocab: int, shape: tuple, seed: int) -> str:
-    from protege.tasks.tiny_models import build_char_tokenizer, build_tiny_model, tiny_config
+    from protege.tasks.tiny_models import build_tiny_model, tiny_config
 
     layers, hidden, heads, kv_heads, mlp = shape
     config = tiny_config(layers, hidden, heads, kv_heads, mlp, vocab_size=vocab)
     path = root / f"{name}_{vocab}"
+    # No tokenizer: random ids over the whole vocabulary are scored, and a teacher cuts its
+    # logits to its tokenizer's ids when its directory has one (a 30-token char tokenizer
+    # would make every wider model look padded).
     build_tiny_model(config, seed).save_pretrained(path)
-    build_char_tokenizer().save_pretrained(path)  # the learner saves a tokenizer; unused here
     return str(path)
 
 
@@ -108,6 +110,7 @@ def learner_for(mode: str, teacher: str, student: str, output_dir: str):
         "learner": {"micro_batch_size": BATCH_ROWS},
         "algorithm": {**algorithm, **({"topk": TOPK} if mode == "topk" else {})},
         "trainer": {"steps": 1000},
+        "data": {"train": "builtin:tiny/train"},  # never read: the batches are synthetic
         "output_dir": output_dir,
     }
     config = config_from_dict(tree)
