@@ -16,14 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 BUILTIN = "builtin:"
-SELF = "self"
-TINY = {
-    "student.model": "builtin:tiny/student",
-    "teacher.model": "builtin:tiny/teacher",
-    "data.train": "builtin:tiny/train",
-    "data.test": "builtin:tiny/test",
-    "data.pretrain": "builtin:tiny/pretrain",
-}
+SELF = "self"  # config.SELF_TEACHER (config imports this module, not the reverse)
 REQUIRED = ("data.train",)  # a run with its own models or data must name these
 OFF_UNLESS_NAMED = ("data.test", "data.pretrain")
 
