@@ -42,7 +42,7 @@ started=$SECONDS
 tests_rc=0
 if [[ $MODE == gpu ]]; then
   echo "== gpu-marked tests" >&2
-  timeout 300 "$PYTHON" -m pytest -q -m gpu -rs tests/ --junitxml="$RESULTS/gpu_tests.xml" \
+  timeout 420 "$PYTHON" -m pytest -q -m gpu -rs tests/ --junitxml="$RESULTS/gpu_tests.xml" \
     || tests_rc=$?
   # pytest's 5 is "no tests collected": gpu_check.py reports it (none ran) from the XML
   JUNIT=(--junit "$RESULTS/gpu_tests.xml")

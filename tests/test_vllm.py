@@ -259,5 +259,13 @@ def test_engine_on_gpu(head32_dirs):
     assert torch.allclose(batch.student_logprobs, hf_logprobs(trained, batch), atol=1e-3)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_teacher_scorer_on_gpu_matches_hf(head32_dirs):
+    """The vLLM teacher on CUDA (vLLM's device whenever one is visible) against the HF scorer
+    on the CPU: every check of test_teacher_scorer_matches_hf."""
+    test_teacher_scorer_matches_hf(head32_dirs)
+
+
 if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") not in (None, "0"):
     pytest.skip("vLLM tests run the engine in-process", allow_module_level=True)
