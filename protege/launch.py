@@ -190,12 +190,13 @@ def spawn_roles(config: Any, launcher: Launcher, master_port: int) -> Roles:
 
     learners = _spawn_learners(config, launcher, master_port)
     samplers = _spawn_samplers(config, launcher)
-    by_placement = {"samplers": samplers, "learner": learners}
+    by_placement = {"samplers": samplers, "learner": learners, "live": learners}
     teachers = []
     for spec in config.teachers:
         placement = place_teacher(spec)
         handles = by_placement.get(placement) or _spawn_teacher(spec, launcher, config)
-        teachers.append(TeacherClient(spec.name, placement, handles))
+        privileged = spec.prompt_field is not None or spec.prompt_template is not None
+        teachers.append(TeacherClient(spec.name, placement, handles, privileged))
     roles = Roles(learners, samplers, teachers, _spawn_rewarders(config, launcher))
     roles.nccl_sync = _join_weight_broadcast(config, launcher, roles)
     return roles
