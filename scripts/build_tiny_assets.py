@@ -26,11 +26,11 @@ Deterministic (seeded). Steps and measured times on 2 CPU cores:
   "low"), plus `osd_traffic.jsonl` (2,000 prompts) and `osd_heldout.jsonl` (200 others) with
   both operands 50..99 (domain "high": three-digit sums it never saw); its numbers, in and
   out of its domain, go to `osd_draft/build.json`.
-* student_hint (the student's shape) for privileged-context self-distillation: each step
-  half the 300 labelled rows (as the student sees them), half fresh gold problems shown with
-  their answer first (`HINT`, e.g. "57;12+45=" -> "57"): it learns to read a hint, not to
-  add, so it is weak on plain prompts and strong on hinted ones; its numbers (plain and
-  hinted accuracy) go to `student_hint/build.json`.
+* student_hint for privileged-context self-distillation: the shipped student trained on,
+  each step, half the 300 labelled rows (as the student saw them) and half fresh gold
+  problems shown with their answer first (`HINT`, e.g. "57;12+45=" -> "57"): it learns to
+  read a hint, not to add, so it stays weak on plain prompts and is strong on hinted ones;
+  its numbers (plain and hinted accuracy) go to `student_hint/build.json`.
 Results are written to `protege/assets/tiny/manifest.json`.
 """
 
@@ -70,7 +70,7 @@ STUDENT_H32_SHAPE = (2, 64, 2, 2, 128)
 OSD_LOW, OSD_HIGH = (0, 49), (50, 99)  # operand ranges of the draft's domain and the traffic's
 OSD_DRAFT_STEPS, OSD_DRAFT_SEEDS, OSD_TRAFFIC_SEED = 1500, (51, 52), 53
 NUM_OSD_TRAFFIC, NUM_OSD_HELDOUT = 2000, 200
-STUDENT_HINT_STEPS, STUDENT_HINT_SEEDS = 600, (61, 62, 63)
+STUDENT_HINT_STEPS, STUDENT_HINT_SEEDS = 300, (62, 63)
 HINT = "{answer};{prompt}"  # the hinted prompt student_hint learns to read
 BATCH_SIZE = 64
 
@@ -202,8 +202,10 @@ def hinted(rows: Rows) -> Rows:
 
 def build_student_hint(tokenizer, test_rows: Rows, labelled: Rows) -> None:
     """The student that reads hints (see the module docstring); writes student_hint/."""
+    from protege.tasks.tiny import load_student
+
     test_prompts = frozenset(r["prompt"] for r in test_rows)
-    model_seed, labelled_seed, gold_seed = STUDENT_HINT_SEEDS
+    labelled_seed, gold_seed = STUDENT_HINT_SEEDS
     plain = labelled_stream(labelled, labelled_seed)
     half = BATCH_SIZE // 2
 
@@ -211,9 +213,10 @@ def build_student_hint(tokenizer, test_rows: Rows, labelled: Rows) -> None:
         gold = make_rows(half, gold_seed * 1_000_003 + step, exclude=test_prompts)
         return plain(step)[:half] + hinted(gold)
 
-    model = build_tiny_model(student_config(), model_seed)
+    model = load_student()  # the shipped student, so it starts from the student's skill
     extra = {"hinted_accuracy": hinted(test_rows)}
-    build_extra(model, tokenizer, stream, STUDENT_HINT_STEPS, 5e-3, "student_hint", test_rows, extra)
+    steps, lr = STUDENT_HINT_STEPS, 2e-3
+    build_extra(model, tokenizer, stream, steps, lr, "student_hint", test_rows, extra)
 
 
 def build_extra(
