@@ -186,6 +186,7 @@ class Roles:
 def spawn_roles(config: Any, launcher: Launcher, master_port: int) -> Roles:
     """Spawn learners, samplers, each teacher's scorers and the rewarder, and place every
     teacher (its own actors, the samplers or the learner: decided here, once)."""
+    from protege.prompt_views import is_privileged
     from protege.teachers import TeacherClient, place_teacher
 
     learners = _spawn_learners(config, launcher, master_port)
@@ -195,8 +196,7 @@ def spawn_roles(config: Any, launcher: Launcher, master_port: int) -> Roles:
     for spec in config.teachers:
         placement = place_teacher(spec)
         handles = by_placement.get(placement) or _spawn_teacher(spec, launcher, config)
-        privileged = spec.prompt_field is not None or spec.prompt_template is not None
-        teachers.append(TeacherClient(spec.name, placement, handles, privileged))
+        teachers.append(TeacherClient(spec.name, placement, handles, is_privileged(spec)))
     roles = Roles(learners, samplers, teachers, _spawn_rewarders(config, launcher))
     roles.nccl_sync = _join_weight_broadcast(config, launcher, roles)
     return roles

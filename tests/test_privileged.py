@@ -16,7 +16,8 @@ from protege.config import ConfigError, config_from_dict, load_config
 from protege.data import DataError, PromptSource, read_jsonl
 from protege.launch import LocalHandle
 from protege.modeling import load_model, load_tokenizer
-from protege.privileged import template_fields, view_texts
+from protege.privileged import view_texts
+from protege.prompt_views import template_fields
 from protege.records import RolloutBatch, RolloutPlan, concat
 from protege.teachers import TeacherClient
 
