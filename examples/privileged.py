@@ -1,7 +1,6 @@
 """privileged on the built-in tiny task: the student is taught by itself shown the answer
-(a live self-teacher with a privileged prompt); pass a.b=value overrides, e.g.
-trainer.steps=10 or teacher.live=false student.lora.enabled=true (the frozen base as
-the hinted teacher).
+(its frozen starting weights, with a privileged prompt); pass a.b=value overrides, e.g.
+trainer.steps=10, or teacher.model=self teacher.live=true for the live self-teacher.
 
 python examples/privileged.py
 ray job submit --working-dir . -- python examples/privileged.py

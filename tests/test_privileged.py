@@ -305,17 +305,21 @@ def test_what_a_privileged_teacher_cannot_do_is_refused_before_training(
         build_controller(local_config(preset, tmp_path, *overrides))
 
 
-def test_the_privileged_example_trains_with_a_live_hinted_self_teacher(tmp_path):
-    """The preset end to end in-process: the live self-teacher is scored by the learner on the
-    hinted prompt, and its divergence from the student is not zero (the plain live student
-    would be its own teacher)."""
+@pytest.mark.parametrize(
+    "overrides",
+    [[], ["teacher.model=self", "teacher.live=true"]],
+    ids=["frozen copy", "live self"],
+)
+def test_the_privileged_example_trains_on_the_hinted_teachers_scores(overrides, tmp_path):
+    """The preset end to end in-process, with its frozen hinted copy (an HF scorer) and
+    with the live self-teacher (scored by the learner): their divergence from the student is
+    not zero, where the same model on the student's own prompt would be the student."""
     from protege.run import build_controller
 
-    config = local_config("privileged", tmp_path)
+    config = local_config("privileged", tmp_path, *overrides)
     result = build_controller(config).run()
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
-    rows = [json.loads(line) for line in lines]
-    steps = [row for row in rows if "learner/loss" in row]
+    steps = [row for row in map(json.loads, lines) if "learner/loss" in row]
     assert [row["step"] for row in steps] == [0, 1]
     assert all(0.01 < row["gkd/jsd"] < 10 for row in steps), steps
     assert 0.0 <= result["eval_after/accuracy"] <= 1.0
