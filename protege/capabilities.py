@@ -231,7 +231,7 @@ def self_teacher_problem(config: Config, plans: Sequence[RolloutPlan]) -> str | 
             continue
         if teacher.backend == "vllm" and config.rollout.backend != "vllm":
             return SELF_TEACHER_VLLM_NEEDS_VLLM_ROLLOUT
-        if not config.student.lora.enabled:
+        if not config.student.lora.enabled and not teacher.live:  # live: the current weights
             return SELF_TEACHER_NEEDS_LORA
     if any(t.is_self for t in config.teachers) and any(p.teacher_need == "hidden" for p in plans):
         return HIDDEN_NOT_FROM_SELF_TEACHER

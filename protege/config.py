@@ -88,6 +88,21 @@ class TeacherConfig(Section):
     prefix: str = ""
     kv_cache: bool = False  # keep scored K-V rows on disk and reuse them (kv_distill)
     kv_cache_dir: str | None = None  # default: <output_dir>/teacher_kv/<name>
+    # Privileged context (protege.privileged): the teacher scores the student's responses
+    # after a prompt of its own, the row's field `prompt_field`, or `prompt_template` filled
+    # from the row's text fields ("{answer};{prompt}"; plain {field}s only).
+    prompt_field: str | None = None  # the row's field holding the teacher's prompt text
+    prompt_template: str | None = None  # the teacher's prompt from the row's text fields
+    live: bool = False  # model self: the student's current weights (LoRA on), not its base
+
+    @model_validator(mode="after")
+    def _privileged_view(self) -> TeacherConfig:
+        from protege.prompt_views import spec_problem
+
+        problem = spec_problem(self)
+        if problem:
+            raise ValueError(problem)
+        return self
 
     @property
     def is_self(self) -> bool:

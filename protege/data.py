@@ -19,6 +19,7 @@ from transformers import PreTrainedTokenizerBase
 from protege.errors import ProtegeError
 from protege.modeling import render_chat, resolve_path
 from protege.records import PromptBatch
+from protege.teacher_prompts import TeacherPrompts
 
 OPTIONAL_TEXT_FIELDS = ("completion", "answer")
 OVERLONG = ("error", "truncate_left", "drop")  # what data.overlong may say
@@ -34,6 +35,8 @@ class Row:
     completion: str | None = None
     answer: str | None = None
     where: str = field(default="", compare=False)  # "file:line" it was read from
+    # every text field of the JSON object (privileged teachers' prompts are made from them)
+    fields: dict[str, str] = field(default_factory=dict, compare=False)
 
 
 def read_jsonl(name: str) -> list[Row]:
@@ -62,7 +65,8 @@ def _parse_row(line: str, where: str) -> Row:
     for key in OPTIONAL_TEXT_FIELDS:
         if key in record and not isinstance(record[key], str):
             raise DataError(f"{where}: {key!r} must be a string, got {record[key]!r}")
-    return Row(prompt, record.get("completion"), record.get("answer"), where)
+    texts = {key: value for key, value in record.items() if isinstance(value, str)}
+    return Row(prompt, record.get("completion"), record.get("answer"), where, texts)
 
 
 def read_text_lines(name: str) -> list[str]:
@@ -186,6 +190,7 @@ class PromptSource:
         pretrain: list[str] | None = None,
         overlong: str = "error",
         system_prompt: str | None = None,
+        teacher_views: dict[str, Callable[[dict[str, str], str], str]] | None = None,
     ):
         if overlong not in OVERLONG:
             raise DataError(f"data.overlong must be one of {list(OVERLONG)}, got {overlong!r}")
@@ -207,6 +212,24 @@ class PromptSource:
         self._prompt_tokens.ids = [torch.tensor(ids, dtype=torch.long) for ids in prompt_ids]
         self._completion_tokens = TokenCache(self._tokenize_completions, len(self.rows))
         self._pretrain_tokens = TokenCache(self._tokenize_plain, len(pretrain or ()))
+        self._view_ids = self._tokenize_views(teacher_views or {})
+
+    def _tokenize_views(self, views: dict) -> dict[str, list[torch.Tensor]]:
+        """teacher name -> each kept row's privileged prompt ids, rendered and tokenised like
+        the student's prompt (not cut to data.max_prompt_tokens: check_positions bounds them)."""
+        out = {}
+        for name, text_of in views.items():
+            try:
+                texts = [
+                    text_of(row.fields, row.where or f"row {i + 1}")
+                    for i, row in enumerate(self.rows)
+                ]
+            except KeyError as error:
+                raise DataError(error.args[0]) from None
+            out[name] = [
+                torch.tensor(ids, dtype=torch.long) for ids in self._tokenize_prompts(texts)
+            ]
+        return out
 
     def _fit_prompts(self, rows: list[Row], overlong: str) -> tuple[list[Row], list[list[int]]]:
         """The rows kept and their prompt ids, each at most `max_prompt_tokens` long."""
@@ -266,7 +289,26 @@ class PromptSource:
             pretrain_ids=pretrain_ids,
             pretrain_mask=pretrain_mask,
             step=step,
+            teacher_prompts=self._teacher_prompts(indices),
         )
+
+    def _teacher_prompts(self, indices: list[int]) -> TeacherPrompts | None:
+        if not self._view_ids:
+            return None
+        pad_id = self.tokenizer.pad_token_id
+        padded = {
+            name: pad([ids[i] for i in indices], pad_id, left=True)
+            for name, ids in self._view_ids.items()
+        }
+        return TeacherPrompts(
+            {name: ids for name, (ids, _) in padded.items()},
+            {name: mask for name, (_, mask) in padded.items()},
+        )
+
+    @property
+    def longest_teacher_prompts(self) -> dict[str, int]:
+        """teacher name -> tokens in its longest privileged prompt."""
+        return {name: max(map(len, ids), default=0) for name, ids in self._view_ids.items()}
 
     def _next_indices(self) -> list[int]:
         indices = []

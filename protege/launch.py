@@ -186,16 +186,17 @@ class Roles:
 def spawn_roles(config: Any, launcher: Launcher, master_port: int) -> Roles:
     """Spawn learners, samplers, each teacher's scorers and the rewarder, and place every
     teacher (its own actors, the samplers or the learner: decided here, once)."""
+    from protege.prompt_views import is_privileged
     from protege.teachers import TeacherClient, place_teacher
 
     learners = _spawn_learners(config, launcher, master_port)
     samplers = _spawn_samplers(config, launcher)
-    by_placement = {"samplers": samplers, "learner": learners}
+    by_placement = {"samplers": samplers, "learner": learners, "live": learners}
     teachers = []
     for spec in config.teachers:
         placement = place_teacher(spec)
         handles = by_placement.get(placement) or _spawn_teacher(spec, launcher, config)
-        teachers.append(TeacherClient(spec.name, placement, handles))
+        teachers.append(TeacherClient(spec.name, placement, handles, is_privileged(spec)))
     roles = Roles(learners, samplers, teachers, _spawn_rewarders(config, launcher))
     roles.nccl_sync = _join_weight_broadcast(config, launcher, roles)
     return roles

@@ -56,6 +56,7 @@ def resolve_path(name: str) -> str:
         "tiny/osd_draft": tiny.osd_draft_path,
         "tiny/osd_traffic": tiny.osd_traffic_path,
         "tiny/osd_heldout": tiny.osd_heldout_path,
+        "tiny/student_hint": tiny.student_hint_path,
     }
     key = name[len(BUILTIN_PREFIX) :]
     if key not in builtin:

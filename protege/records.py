@@ -17,6 +17,7 @@ from torch import Tensor
 
 from protege.kv.cache import KV_PREFIX, LayerKV, concat_kv, flatten_kv, unflatten_kv
 from protege.memory import PEAK_SUFFIX
+from protege.teacher_prompts import TeacherPrompts, concat_prompts, from_flat
 
 TeacherNeed = Literal["none", "sampled", "topk", "full", "hidden", "kv"]
 Source = Literal["student", "dataset", "teacher"]
@@ -55,6 +56,9 @@ class RolloutPlan:
     pretrain_weight: float = 0.0  # weight of the LM loss on pre-training text (0 = off)
     # teacher_need "kv": how a teacher reading other tokens (prefix, tokenizer) is aligned
     kv_time_align: Literal["resample", "segment", "char"] = "segment"
+    # the teacher scoring this call reads its own prompt, batch.teacher_prompts[name] (set
+    # per teacher client, never by an algorithm; protege.privileged)
+    teacher_prompt: str | None = None
 
     @property
     def needs_teacher_in_decoding(self) -> bool:
@@ -75,6 +79,7 @@ class PromptBatch:
     pretrain_ids: Tensor | None = None  # [N,L] long, pre-training text for MiniLLM's LM loss
     pretrain_mask: Tensor | None = None  # [N,L] bool
     step: int = 0
+    teacher_prompts: TeacherPrompts | None = None  # privileged teachers' prompts, per row
 
     @property
     def size(self) -> int:
@@ -128,6 +133,8 @@ class RolloutBatch:
     step: int = 0  # training step this batch belongs to (schedules read it)
     weights_version: int = 0  # learner version whose weights sampled this batch
     extras: dict[str, float] = field(default_factory=dict)  # scalar rollout metrics
+    # privileged teachers' own prompts, name -> [B,P_n] (protege.privileged)
+    teacher_prompts: TeacherPrompts | None = None
 
     def __reduce__(self):
         """Pickled (Ray, checkpoints) with all tensors in one byte buffer: see `pack_tensors`."""
@@ -137,6 +144,8 @@ class RolloutBatch:
             (tensors if isinstance(value, Tensor) else rest)[f.name] = value
         if rest.pop("teacher_kv") is not None:
             tensors.update(flatten_kv(self.teacher_kv))
+        if rest.pop("teacher_prompts") is not None:
+            tensors.update(self.teacher_prompts.flat())
         return _unpack_batch, (pack_tensors(tensors), rest)
 
     def replace(self, **changes) -> RolloutBatch:
@@ -177,6 +186,8 @@ class RolloutBatch:
             changes["answers"] = tuple(self.answers[i] for i in index.tolist())
         if self.teacher_kv is not None:
             changes["teacher_kv"] = tuple(kv.select(take) for kv in self.teacher_kv)
+        if self.teacher_prompts is not None:
+            changes["teacher_prompts"] = self.teacher_prompts.select(take)
         return dataclasses.replace(self, **changes)
 
     def shards(self, parts: int, keep_empty: bool = False) -> list[RolloutBatch]:
@@ -281,6 +292,7 @@ def concat(batches: list[RolloutBatch]) -> RolloutBatch:
         prompts = [int(b.prompt_ids.shape[1]) for b in batches]
         changes["teacher_kv"] = concat_kv([b.teacher_kv for b in batches], prompts)
     changes["answers"] = tuple(a for b in batches for a in b.answers)
+    changes["teacher_prompts"] = concat_prompts([b.teacher_prompts for b in batches])
     changes["token_count"] = None
     changes["pretrain_token_count"] = None
     return dataclasses.replace(first, extras=combine_extras(batches), **changes)
@@ -374,5 +386,6 @@ def _unpack_weights(version: int, packed: tuple, lora_only: bool) -> WeightUpdat
 
 def _unpack_batch(packed: tuple, rest: dict) -> RolloutBatch:
     tensors = unpack_tensors(*packed)
+    prompts = from_flat(tensors)
     kv = {name: tensors.pop(name) for name in list(tensors) if name.startswith(KV_PREFIX)}
-    return RolloutBatch(**tensors, **rest, teacher_kv=unflatten_kv(kv))
+    return RolloutBatch(**tensors, **rest, teacher_kv=unflatten_kv(kv), teacher_prompts=prompts)

@@ -14,6 +14,7 @@ from torch import Tensor
 
 from protege.records import PromptBatch, RolloutBatch
 from protege.rollouts import Submitted
+from protege.teacher_prompts import TeacherPrompts, from_flat
 
 TENSORS_FILE = "pending_rollouts.safetensors"
 FIELDS_FILE = "pending_rollouts.json"
@@ -60,6 +61,12 @@ def _split(record: Any, prefix: str, tensors: dict[str, Tensor]) -> dict[str, An
             fields[field.name] = {"tensor": key}
         elif isinstance(value, tuple):
             fields[field.name] = {"tuple": list(value)}
+        elif isinstance(value, TeacherPrompts):
+            keys = {}
+            for name, tensor in value.flat().items():
+                keys[name] = f"{prefix}/{name}"
+                tensors[keys[name]] = tensor.detach().cpu().contiguous().clone()
+            fields[field.name] = {"teacher_prompts": keys}
         else:
             fields[field.name] = {"value": value}
     return fields
@@ -76,6 +83,9 @@ def _join(record_type: type, fields: dict[str, Any], tensors: dict[str, Tensor])
             values[name] = tensors[saved["tensor"]]
         elif "tuple" in saved:
             values[name] = tuple(saved["tuple"])
+        elif "teacher_prompts" in saved:
+            flat = {key: tensors[stored] for key, stored in saved["teacher_prompts"].items()}
+            values[name] = from_flat(flat)
         else:
             values[name] = saved["value"]
     return record_type(**values)

@@ -27,6 +27,7 @@ from protege.metrics_log import MetricsLog
 from protege.modeling import check_same_chat_template, check_same_vocabulary, load_tokenizer
 from protege.pipeline import Pipeline
 from protege.preflight import check_paths, check_positions
+from protege.privileged import check_view_positions, setup_problem, view_texts
 from protege.resume import prepare_output_dir
 from protege.rewards import check_rules
 
@@ -48,14 +49,19 @@ def build_controller(config: Config) -> Controller:
         pretrain=read_pretrain(config, algorithm),
         overlong=config.data.overlong,
         system_prompt=config.data.system_prompt,
+        teacher_views=view_texts(config),
     )
     check_positions(config, prompts.longest_prompt)
+    check_view_positions(config, prompts.longest_teacher_prompts)
     for line in data_summary(config, prompts):
         print(f"[protege] {line}", file=sys.stderr, flush=True)
     evaluator = None
     if config.data.test:
         rows = read_jsonl(config.data.test)[: config.trainer.eval_size]
         evaluator = Evaluator.from_config(rows, tokenizer, config, chat_template=chat)
+        reason = setup_problem(config, [], eval_teacher_kl=evaluator.teacher_kl)
+        if reason:  # test rows without answers: evaluation measures KL to the teacher
+            raise SetupError(reason)
     pipeline = Pipeline(config, make_launcher(config), master_port=free_port())
     log = MetricsLog(config)
     return Controller(config, pipeline, prompts, algorithm, evaluator, log, resume_from)
@@ -147,6 +153,10 @@ def check_teachers(config: Config, algorithm: Algorithm) -> None:
                 f"teacher {spec.name!r}: K-V outputs come from an HF teacher model "
                 "(teacher.backend=hf, a model other than 'self')"
             )
+    plans = [algorithm.plan(k) for k in range(max(config.trainer.steps, 1))]
+    reason = setup_problem(config, plans, config.trainer.eval_teacher_kl)
+    if reason:
+        raise ValueError(reason)
     most = getattr(algorithm, "reads_teachers", 1)
     if len(config.teachers) > most:
         names = [t.name for t in config.teachers]

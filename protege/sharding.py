@@ -21,6 +21,7 @@ def split_prompts(prompts: PromptBatch, parts: int) -> list[PromptBatch]:
                 completion_ids=prompts.completion_ids[rows] if completions else None,
                 completion_mask=prompts.completion_mask[rows] if completions else None,
                 step=prompts.step,
+                teacher_prompts=prompts.teacher_prompts and prompts.teacher_prompts.select(rows),
             )
         )
     return shards
@@ -61,6 +62,7 @@ def dataset_batch(prompts: PromptBatch, version: int) -> RolloutBatch:
         group_ids=torch.arange(prompts.size),
         step=prompts.step,
         weights_version=version,
+        teacher_prompts=prompts.teacher_prompts,
     )
 
 

@@ -5,25 +5,31 @@ Where a teacher runs is decided once, when the run is built (`place_teacher`):
 * `samplers` — LoRA self-distillation on vLLM: the rollout engines score with the adapter
   off (the student's base is the teacher; no second model in memory);
 * `learner` — LoRA self-distillation on HF: the learner scores with the adapter off (every
-  data-parallel rank joins, ZeRO-3 gathers are collective; rank 0 answers).
+  data-parallel rank joins, ZeRO-3 gathers are collective; rank 0 answers);
+* `live` — a live self-teacher (`live: true`): the learner scores with its current weights
+  (adapter on), so the teacher is synced every step by construction.
+A privileged teacher (its own prompt, protege.privileged) is scored wherever it runs: the
+client names its prompt in the plan, and the scorer reads that prompt from the batch.
 No other module asks whether a teacher is the student itself.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from protege.config import TeacherConfig
 from protege.records import RolloutPlan
 
-Placement = Literal["actors", "samplers", "learner"]
+Placement = Literal["actors", "samplers", "learner", "live"]
 
 
 def place_teacher(spec: TeacherConfig) -> Placement:
     """Where `spec` is scored (see the module docstring)."""
     if not spec.is_self:
         return "actors"
+    if spec.live:
+        return "live"
     return "samplers" if spec.backend == "vllm" else "learner"
 
 
@@ -34,6 +40,7 @@ class TeacherClient:
     name: str
     placement: Placement
     handles: list[Any]  # scorers, samplers or learner ranks
+    privileged: bool = False  # scores on its own prompt, batch.teacher_prompts[name]
 
     def score(self, shards: list[Any], plan: RolloutPlan) -> list[Any]:
         """One scoring call per shard, which takes and returns a future (never blocks). A
@@ -41,6 +48,8 @@ class TeacherClient:
         worker died); a plain future or batch comes back as a future."""
         if plan.teacher_need == "none":
             return shards
+        if self.privileged:
+            plan = replace(plan, teacher_prompt=self.name)
         return [
             shard.then(lambda ref, i=i: self._score_one(i, ref, plan))
             if hasattr(shard, "then")
@@ -53,5 +62,8 @@ class TeacherClient:
             return self.handles[index % len(self.handles)].score.remote(shard, plan)
         if self.placement == "samplers":
             return self.handles[index % len(self.handles)].score_as_teacher.remote(shard, plan)
-        refs = [rank.score_as_teacher.remote(shard, plan) for rank in self.handles]
+        if self.placement == "live":
+            refs = [rank.score_live.remote(shard, plan) for rank in self.handles]
+        else:
+            refs = [rank.score_as_teacher.remote(shard, plan) for rank in self.handles]
         return refs[0]  # every rank joins the collective; rank 0 answers

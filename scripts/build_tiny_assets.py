@@ -5,6 +5,7 @@
     python scripts/build_tiny_assets.py --only teacher_b   # the second KV teacher, ~2 min
     python scripts/build_tiny_assets.py --only student_h32  # vLLM-on-CPU student, seconds
     python scripts/build_tiny_assets.py --only osd_draft  # OSD's shifted draft + traffic, ~1 min
+    python scripts/build_tiny_assets.py --only student_hint  # privileged-context student, ~1 min
 
 Deterministic (seeded). Steps and measured times on 2 CPU cores:
 * teacher (4 x 128): 3,000 steps of batch 64 at lr 2e-3 on fresh gold problems (never a
@@ -25,6 +26,11 @@ Deterministic (seeded). Steps and measured times on 2 CPU cores:
   "low"), plus `osd_traffic.jsonl` (2,000 prompts) and `osd_heldout.jsonl` (200 others) with
   both operands 50..99 (domain "high": three-digit sums it never saw); its numbers, in and
   out of its domain, go to `osd_draft/build.json`.
+* student_hint for privileged-context self-distillation: the shipped student trained on,
+  each step, half the 300 labelled rows (as the student saw them) and half fresh gold
+  problems shown with their answer first (`HINT`, e.g. "57;12+45=" -> "57"): it learns to
+  read a hint, not to add, so it stays weak on plain prompts and is strong on hinted ones;
+  its numbers (plain and hinted accuracy) go to `student_hint/build.json`.
 Results are written to `protege/assets/tiny/manifest.json`.
 """
 
@@ -64,6 +70,8 @@ STUDENT_H32_SHAPE = (2, 64, 2, 2, 128)
 OSD_LOW, OSD_HIGH = (0, 49), (50, 99)  # operand ranges of the draft's domain and the traffic's
 OSD_DRAFT_STEPS, OSD_DRAFT_SEEDS, OSD_TRAFFIC_SEED = 1500, (51, 52), 53
 NUM_OSD_TRAFFIC, NUM_OSD_HELDOUT = 2000, 200
+STUDENT_HINT_STEPS, STUDENT_HINT_SEEDS = 300, (62, 63)
+HINT = "{answer};{prompt}"  # the hinted prompt student_hint learns to read
 BATCH_SIZE = 64
 
 Rows = list[dict[str, str]]
@@ -187,6 +195,30 @@ def build_osd_draft(tokenizer) -> None:
     build_extra(model, tokenizer, stream, OSD_DRAFT_STEPS, 2e-3, "osd_draft", low_test, extra)
 
 
+def hinted(rows: Rows) -> Rows:
+    """`rows` with each prompt shown with its answer first (the privileged view)."""
+    return [{**row, "prompt": HINT.format(**row)} for row in rows]
+
+
+def build_student_hint(tokenizer, test_rows: Rows, labelled: Rows) -> None:
+    """The student that reads hints (see the module docstring); writes student_hint/."""
+    from protege.tasks.tiny import load_student
+
+    test_prompts = frozenset(r["prompt"] for r in test_rows)
+    labelled_seed, gold_seed = STUDENT_HINT_SEEDS
+    plain = labelled_stream(labelled, labelled_seed)
+    half = BATCH_SIZE // 2
+
+    def stream(step: int) -> Rows:
+        gold = make_rows(half, gold_seed * 1_000_003 + step, exclude=test_prompts)
+        return plain(step)[:half] + hinted(gold)
+
+    model = load_student()  # the shipped student, so it starts from the student's skill
+    extra = {"hinted_accuracy": hinted(test_rows)}
+    steps, lr = STUDENT_HINT_STEPS, 2e-3
+    build_extra(model, tokenizer, stream, steps, lr, "student_hint", test_rows, extra)
+
+
 def build_extra(
     model,
     tokenizer,
@@ -222,7 +254,7 @@ def main() -> None:
     parser.add_argument("--skip-headroom-check", action="store_true")
     parser.add_argument(
         "--only",
-        choices=["teacher_b", "student_h32", "osd_draft"],
+        choices=["teacher_b", "student_h32", "osd_draft", "student_hint"],
         default=None,
         help="build only this asset from the shipped test set",
     )
@@ -238,6 +270,10 @@ def main() -> None:
     if args.only == "student_h32":
         labelled = load_rows(train_path())[:NUM_LABELLED]
         build_student_h32(build_char_tokenizer(), make_rows(NUM_TEST, TEST_SEED), labelled)
+        return
+    if args.only == "student_hint":
+        labelled = load_rows(train_path())[:NUM_LABELLED]
+        build_student_hint(build_char_tokenizer(), make_rows(NUM_TEST, TEST_SEED), labelled)
         return
     TINY_DIR.mkdir(parents=True, exist_ok=True)
 
@@ -278,6 +314,7 @@ def main() -> None:
     build_teacher_b(tokenizer, test_rows)
     build_student_h32(tokenizer, test_rows, train_rows[:NUM_LABELLED])
     build_osd_draft(tokenizer)
+    build_student_hint(tokenizer, test_rows, train_rows[:NUM_LABELLED])
 
 
 if __name__ == "__main__":

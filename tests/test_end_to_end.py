@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("example", ["minillm", "rl_distill", "kv_distill"])
+@pytest.mark.parametrize("example", ["minillm", "rl_distill", "kv_distill", "privileged"])
 def test_example_runs_over_a_local_ray_cluster(example, tmp_path):
     """`python examples/<name>.py` starts its own Ray instance, runs every role as an actor,
     and writes metrics, accuracy and a loadable final model."""

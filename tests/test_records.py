@@ -78,6 +78,7 @@ def test_every_row_field_is_sliced_by_select():
             "weights_version",
             "extras",
             "teacher_kv",  # per-row LayerKVs, selected on their own (tests/test_kv_distill.py)
+            "teacher_prompts",  # per-teacher prompts, selected on their own (test_privileged.py)
         )
     }
 

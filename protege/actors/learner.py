@@ -32,6 +32,7 @@ from protege.config import Config
 from protege.lora import wrap_with_lora as _with_lora
 from protege.memory import peak_metrics
 from protege.modeling import load_model, load_model_config, load_tokenizer
+from protege.privileged import scored_on_view
 from protege.records import RolloutBatch, RolloutPlan, WeightUpdate, lm_targets
 from protege.student import StudentForward
 from protege.teacher_head import TeacherHead
@@ -231,9 +232,17 @@ class Learner:
         if not self.lora:
             raise ValueError(SELF_TEACHER_NEEDS_LORA)
         with self._model.disable_adapter(), _eval_mode(self._engine.module):
-            return teacher_outputs(
-                self._engine.module, batch, plan, self.config.teacher.micro_batch_size
-            )
+            return scored_on_view(batch, plan, self._teacher_pass(plan))
+
+    def score_live(self, batch: RolloutBatch, plan: RolloutPlan) -> RolloutBatch:
+        """Teacher outputs from the student's current weights (adapter on), no gradient: a
+        live self-teacher, on its privileged prompt (protege.privileged)."""
+        with _eval_mode(self._engine.module):
+            return scored_on_view(batch, plan, self._teacher_pass(plan))
+
+    def _teacher_pass(self, plan: RolloutPlan):
+        size = self.config.teacher.micro_batch_size
+        return lambda view: teacher_outputs(self._engine.module, view, plan, size)
 
     # -- weights and checkpoints ----------------------------------------------------------
     def export_weights(self) -> WeightUpdate:

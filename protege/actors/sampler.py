@@ -279,6 +279,7 @@ def rollout_batch(
         step=prompts.step,
         weights_version=version,
         extras=extras,
+        teacher_prompts=prompts.teacher_prompts and prompts.teacher_prompts.repeat(n),
         **fields,
     )
 

@@ -25,6 +25,7 @@ from protege.modeling import (
     response_logits,
     vocab_size,
 )
+from protege.privileged import scored_on_view
 from protege.records import RolloutBatch, RolloutPlan
 
 
@@ -178,7 +179,13 @@ class TeacherScorer:
         """Teacher outputs for `batch`, with the worker's seconds, scored tokens and the bytes
         of teacher outputs it ships added to `extras`."""
         started = time.perf_counter()
-        scored = teacher_outputs(self.model, batch, plan, self.micro_batch_size, self.tokens)
+        scored = scored_on_view(
+            batch,
+            plan,
+            lambda view: teacher_outputs(
+                self.model, view, plan, self.micro_batch_size, self.tokens
+            ),
+        )
         if scored is batch:  # teacher_need "none": nothing scored
             return batch
         extras = {

@@ -40,6 +40,7 @@ from protege.capabilities import (
 )
 from protege.config import SELF_TEACHER, LoraConfig, RolloutConfig
 from protege.modeling import load_tokenizer, resolve_path
+from protege.privileged import scored_on_view
 from protege.records import PromptBatch, RolloutBatch, RolloutPlan, WeightUpdate
 
 
@@ -190,8 +191,14 @@ class VLLMSampler:
             raise ValueError(cannot_run("teacher", "vllm", reason))
         if plan.teacher_need == "none":
             return batch
-        scores = score_sequences(self.llm, batch, plan.topk if plan.teacher_need == "topk" else 0)
-        return batch.replace(**outputs_from_scores(scores, batch, plan))
+        topk = plan.topk if plan.teacher_need == "topk" else 0
+
+        def score(view: RolloutBatch) -> RolloutBatch:  # a privileged prompt, or the student's
+            return view.replace(
+                **outputs_from_scores(score_sequences(self.llm, view, topk), view, plan)
+            )
+
+        return scored_on_view(batch, plan, score)
 
     # -- weights -------------------------------------------------------------------------
     def load_weights(self, update: WeightUpdate) -> None:

@@ -18,6 +18,7 @@ from protege.capabilities import (
     teacher_problem,
 )
 from protege.config import SELF_TEACHER
+from protege.privileged import scored_on_view
 from protege.records import RolloutBatch, RolloutPlan
 
 
@@ -50,6 +51,9 @@ class VLLMTeacherScorer:
             raise ValueError(cannot_run("teacher", "vllm", reason))
         if plan.teacher_need == "none":
             return batch
+        return scored_on_view(batch, plan, lambda view: self._score(view, plan))
+
+    def _score(self, batch: RolloutBatch, plan: RolloutPlan) -> RolloutBatch:
         topk = plan.topk if plan.teacher_need == "topk" else 0
         parts = []
         for start in range(0, batch.size, self.micro_batch_size):

@@ -71,6 +71,12 @@ def teacher_b_path() -> str:
     return str(TINY_DIR / "teacher_b")
 
 
+def student_hint_path() -> str:
+    """The student's shape trained to read a hint ("57;12+45=" -> "57") but barely to add:
+    the model shown the answer is a teacher for itself (privileged-context distillation)."""
+    return str(TINY_DIR / "student_hint")
+
+
 def student_h32_path() -> str:
     """The student's recipe with 32-wide heads, which vLLM's CPU attention accepts."""
     return str(TINY_DIR / "student_h32")
