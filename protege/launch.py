@@ -243,6 +243,10 @@ def _spawn_teacher(spec: Any, launcher: Launcher, config: Any) -> list[Any]:
 
         cls = KVTeacherScorer
         args = (*args, config.student.model, spec.prefix, kv_cache_dir(spec, config))
+    if spec.on_server:  # the model runs elsewhere: where it is and how to ask it
+        from protege.teacher_server import limits_for
+
+        args = (*args, spec.url, limits_for(spec), spec.name)
     resources = [Resources(spec.num_cpus, spec.num_gpus)] * spec.num_workers
     restarts, replicas = config.trainer.worker_restarts, [args] * spec.num_workers
     return launcher.spawn(f"teacher-{spec.name}", cls, resources, replicas, restarts)
