@@ -218,6 +218,7 @@ def _spawn_samplers(config: Any, launcher: Launcher) -> list[Any]:
     n, rollout = config.rollout.num_workers, config.rollout
     lora = config.student.lora if config.student.lora.enabled else None
     teacher = config.teacher.model  # the teacher that steers decoding (mixing, rewrite)
+    teacher = None if config.teacher.on_server else teacher  # a server's model is not here
     args = [
         (
             config.student.model,
