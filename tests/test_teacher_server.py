@@ -14,6 +14,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+import torch
 
 from protege.capabilities import config_problem
 from protege.cli import run_example
@@ -127,6 +128,17 @@ def test_a_refused_request_is_not_retried_and_names_the_servers_reason(network):
     ):
         client.post("/v1/completions", {"prompt": [[1, 2]]})
     assert len(server.arrivals) == 1 and client.retried == 0
+
+
+def test_a_scorer_whose_server_stops_answering_fails_the_step_with_one_error(network):
+    from protege.actors.server_teacher import ServerTeacherScorer
+    from protege.records import RolloutBatch, RolloutPlan
+
+    server = network([503])
+    scorer = ServerTeacherScorer("big", url=server.url, limits=FAST, name="big")
+    ids, mask = torch.tensor([[5, 6]]), torch.ones(1, 2, dtype=torch.bool)
+    with pytest.raises(TeacherServerError, match="teacher 'big': the server at .* did not answer"):
+        scorer.score(RolloutBatch(ids, mask, ids, mask), RolloutPlan(teacher_need="sampled"))
 
 
 def closed_port() -> int:

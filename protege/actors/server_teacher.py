@@ -86,6 +86,9 @@ class ServerTeacherScorer:
         return scored.replace(extras={**scored.extras, **extras})
 
     def _width(self, topk: int) -> tuple[int, int | None]:
+        """(K, V) for a top-k plan, asked of the server once per k; sampled needs neither."""
+        if topk == 0:
+            return 0, None
         if topk not in self._widths:
             self._widths[topk] = logprob_width(self.client, self.model, topk)
         return self._widths[topk]
