@@ -54,7 +54,8 @@ class ServerClient:
         import httpx
 
         limits = limits or ServerLimits()
-        self.url, self.name, self.limits = url.rstrip("/"), name, limits
+        # The OpenAI convention writes base URLs with /v1; the routes below are spelled whole.
+        self.url, self.name, self.limits = url.rstrip("/").removesuffix("/v1"), name, limits
         pool = httpx.Limits(max_connections=limits.concurrency)
         self._http = httpx.Client(base_url=self.url, timeout=limits.timeout_s, limits=pool)
         self.retried = 0  # failed attempts that were retried, for the scorer's metrics

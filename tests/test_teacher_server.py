@@ -120,6 +120,11 @@ def test_retries_back_off_exponentially(network):
         assert gap >= FAST.backoff_s * 2**attempt * 0.9, gaps
 
 
+def test_a_url_with_the_openai_v1_suffix_names_the_same_server(network):
+    server = network([200])
+    assert ServerClient(f"{server.url}/v1/", "big", FAST).url == server.url
+
+
 def test_a_refused_request_is_not_retried_and_names_the_servers_reason(network):
     server = network([400])
     client = ServerClient(server.url, "big", FAST)
