@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from protege.records import RolloutPlan
 
 BACKENDS = ("hf", "vllm")
+TEACHER_BACKENDS = (*BACKENDS, "server")  # server: an OpenAI-compatible server scores
 
 # Head sizes vLLM's CPU attention kernel accepts (vllm/v1/attention/backends/cpu_attn.py).
 VLLM_CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
@@ -61,6 +62,16 @@ HIDDEN_NEEDS_PLAIN_HEAD = (
     "rebuilds the logits as head(hidden), but this teacher's logits are more than that "
     "(logit softcapping or scaling after the head); use algorithm.teacher_output=full"
 )
+SERVER_TEACHER_NEEDS_URL = (
+    "teacher.backend=server scores with a running OpenAI-compatible server: set teacher.url "
+    "to its address (e.g. http://127.0.0.1:8000) and teacher.model to the name it serves the "
+    "model under (not 'self': the student's own base is scored in-process)"
+)
+SERVER_TEACHER_CANNOT_DECODE = (
+    "teacher-mixed sampling, teacher rewrite and seq_kd need the first teacher inside the "
+    "rollout sampler, but teachers.0 is on a server (teacher.backend=server); turn those off "
+    "in the algorithm section, or score that teacher in-process (teacher.backend=hf)"
+)
 HIDDEN_NOT_FROM_SELF_TEACHER = (
     "teacher_output: hidden saves the bytes of shipping logits from a separate teacher; "
     "teacher.model: self is scored by the student's own base model, so nothing is shipped "
@@ -69,7 +80,8 @@ HIDDEN_NOT_FROM_SELF_TEACHER = (
 
 
 def unknown_backend(role: str, backend: str) -> str:
-    return f"{role}.backend must be one of {list(BACKENDS)}, not {backend!r}"
+    known = TEACHER_BACKENDS if role == "teacher" else BACKENDS
+    return f"{role}.backend must be one of {list(known)}, not {backend!r}"
 
 
 def stale_update(version: int, held: int) -> str:
@@ -188,6 +200,25 @@ def vllm_teacher_problem(plan: RolloutPlan) -> str | None:
     return None
 
 
+def server_teacher_problem(plan: RolloutPlan) -> str | None:
+    """A server teacher answers with prompt log-probs at temperature 1, as the in-process
+    vLLM teacher: sampled log-probs and untempered top-k, never logits or hidden states."""
+    if plan.teacher_need in ("full", "hidden"):
+        return (
+            f"teacher_need={plan.teacher_need!r} needs the teacher's logits or hidden states, "
+            "which an OpenAI-compatible server does not return (it returns log-probs); set "
+            f"algorithm.teacher_output=topk, or {HF_HINT}"
+        )
+    if plan.teacher_need == "topk" and plan.temperature != 1.0:
+        return (
+            f"top-k at temperature {plan.temperature} needs the whole tempered distribution, "
+            f"while the server returns log-probs at temperature 1; {HF_HINT}"
+        )
+    if plan.teacher_need == "topk" and plan.topk < 1:
+        return f"teacher_need='topk' needs plan.topk >= 1 (algorithm topk), got {plan.topk}"
+    return None
+
+
 SAMPLER_PROBLEMS: dict[str, Callable[[RolloutPlan], str | None]] = {
     "hf": hf_sampler_problem,
     "vllm": vllm_sampler_problem,
@@ -195,6 +226,7 @@ SAMPLER_PROBLEMS: dict[str, Callable[[RolloutPlan], str | None]] = {
 TEACHER_PROBLEMS: dict[str, Callable[[RolloutPlan], str | None]] = {
     "hf": hf_teacher_problem,
     "vllm": vllm_teacher_problem,
+    "server": server_teacher_problem,
 }
 
 
@@ -241,6 +273,25 @@ def self_teacher_problem(config: Config, plans: Sequence[RolloutPlan]) -> str | 
     return None
 
 
+def server_config_problem(config: Config, plans: Sequence[RolloutPlan]) -> str | None:
+    """`teacher.url` goes with `teacher.backend: server`, and a server cannot decode."""
+    for index, teacher in enumerate(config.teachers):
+        on_server = teacher.backend == "server"
+        if on_server and (not teacher.url or teacher.is_self):
+            return f"teachers.{index}: {SERVER_TEACHER_NEEDS_URL}"
+        if teacher.url is not None and not on_server:
+            return (
+                f"teachers.{index}.url is read only with teacher.backend=server (it is "
+                f"{teacher.backend!r}); set teachers.{index}.backend=server or drop the url"
+            )
+        if on_server and not teacher.url.startswith(("http://", "https://")):
+            return f"teachers.{index}.url must start with http:// or https://, got {teacher.url!r}"
+    decoding = any(p.needs_teacher_in_decoding or p.source == "teacher" for p in plans)
+    if config.teacher.backend == "server" and decoding:
+        return SERVER_TEACHER_CANNOT_DECODE
+    return None
+
+
 def lora_problem(config: Config) -> str | None:
     if config.student.lora.enabled and config.rollout.backend == "vllm":
         return vllm_lora_rank_problem(config.student.lora.r)
@@ -271,5 +322,8 @@ def config_problem(config: Config, plans: Sequence[RolloutPlan]) -> str | None:
             if reason:
                 return cannot_run("teacher", teacher.backend, reason)
     return (
-        weight_sync_problem(config) or self_teacher_problem(config, plans) or lora_problem(config)
+        weight_sync_problem(config)
+        or self_teacher_problem(config, plans)
+        or lora_problem(config)
+        or server_config_problem(config, plans)
     )

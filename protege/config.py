@@ -77,7 +77,7 @@ class TeacherConfig(Section):
 
     name: str = "teacher"  # unique among `teachers`; metrics and payloads carry it
     model: str = "builtin:tiny/teacher"  # local HF model directory, builtin:..., or "self"
-    backend: Literal["hf", "vllm"] = "hf"  # who computes its log-probs
+    backend: Literal["hf", "vllm", "server"] = "hf"  # who computes its log-probs
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # weights' dtype when loaded
     num_workers: int = Field(1, ge=1)  # scorer replicas; rollout shards are dealt over them
     micro_batch_size: int = Field(64, ge=1)  # rows per teacher forward
@@ -95,6 +95,13 @@ class TeacherConfig(Section):
     prompt_template: str | None = None  # the teacher's prompt from the row's text fields
     live: bool = False  # model self: the student's current weights (LoRA on), not its base
 
+    # backend=server: an OpenAI-compatible server (`vllm serve`) scores, and `model` is the
+    # name it serves the model under (its /v1/models lists it).
+    url: str | None = None  # backend=server: the server's address, e.g. http://127.0.0.1:8000
+    concurrency: int = Field(4, ge=1)  # backend=server: scoring requests in flight at once
+    timeout_s: float = Field(60.0, gt=0)  # backend=server: seconds one request may take
+    retries: int = Field(3, ge=0)  # backend=server: retries, with exponential backoff
+
     @model_validator(mode="after")
     def _privileged_view(self) -> TeacherConfig:
         from protege.prompt_views import spec_problem
@@ -108,6 +115,11 @@ class TeacherConfig(Section):
     def is_self(self) -> bool:
         """The student's base model is the teacher (LoRA self-distillation)."""
         return self.model == SELF_TEACHER
+
+    @property
+    def on_server(self) -> bool:
+        """Scored by a server elsewhere: no local model directory, tokenizer or config."""
+        return self.backend == "server"
 
 
 class RolloutConfig(Section):

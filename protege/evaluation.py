@@ -113,7 +113,8 @@ class Evaluator:
             system_prompt=config.data.system_prompt,
             samples=config.trainer.eval_samples,
             teacher_kl=config.trainer.eval_teacher_kl,
-            forward_kl=not config.teacher.is_self,  # the self-teacher cannot write responses
+            # the self-teacher and a teacher on a server cannot write responses
+            forward_kl=not (config.teacher.is_self or config.teacher.on_server),
             max_prompt_tokens=config.data.max_prompt_tokens,
             overlong=config.data.overlong,
         )

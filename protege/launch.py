@@ -219,6 +219,7 @@ def _spawn_samplers(config: Any, launcher: Launcher) -> list[Any]:
     n, rollout = config.rollout.num_workers, config.rollout
     lora = config.student.lora if config.student.lora.enabled else None
     teacher = config.teacher.model  # the teacher that steers decoding (mixing, rewrite)
+    teacher = None if config.teacher.on_server else teacher  # a server's model is not here
     args = [
         (
             config.student.model,
@@ -244,6 +245,10 @@ def _spawn_teacher(spec: Any, launcher: Launcher, config: Any) -> list[Any]:
 
         cls = KVTeacherScorer
         args = (*args, config.student.model, spec.prefix, kv_cache_dir(spec, config))
+    if spec.on_server:  # the model runs elsewhere: where it is and how to ask it
+        from protege.teacher_server import limits_for
+
+        args = (*args, spec.url, limits_for(spec), spec.name)
     resources = [Resources(spec.num_cpus, spec.num_gpus)] * spec.num_workers
     restarts, replicas = config.trainer.worker_restarts, [args] * spec.num_workers
     return launcher.spawn(f"teacher-{spec.name}", cls, resources, replicas, restarts)

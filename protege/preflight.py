@@ -19,12 +19,12 @@ if TYPE_CHECKING:
 
 def model_keys(config: Config) -> list[tuple[str, str]]:
     """(config key, model path) of every model the run loads: the student, each teacher
-    that is not the student itself, each reward model."""
+    that is not the student itself or on a server, each reward model."""
     keys = [("student.model", config.student.model)]
     keys += [
         (f"teachers.{i}.model", teacher.model)
         for i, teacher in enumerate(config.teachers)
-        if not teacher.is_self
+        if not teacher.is_self and not teacher.on_server
     ]
     keys += [(f"reward.models.{i}.path", spec.path) for i, spec in enumerate(config.reward.models)]
     return keys
@@ -52,7 +52,9 @@ def check_positions(config: Config, longest_prompt: int) -> None:
     """The longest prompt plus a full response fits in every model's positions (a longer
     sequence would index past the position table, or silently degrade with rotary models)."""
     longest = longest_prompt + config.rollout.max_new_tokens
-    for key, name in model_keys(config)[: 1 + len(config.teachers)]:  # not the reward models
+    for key, name in model_keys(config):
+        if key.startswith("reward."):
+            continue
         limit = max_positions(load_model_config(name))
         if limit is not None and longest > limit:
             raise SetupError(

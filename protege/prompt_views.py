@@ -55,6 +55,11 @@ def spec_problem(spec: Any) -> str | None:
         return "live: true is the student's current weights: set model: self"
     if spec.live and spec.backend != "hf":
         return "live: true is scored by the learner's own forward: set backend: hf"
+    if is_privileged(spec) and spec.backend == "server":
+        return (
+            "a server teacher scores the student's own prompt only (its start-up checks do "
+            "not cover a prompt of its own): use backend hf or vllm for a privileged teacher"
+        )
     if spec.live and not is_privileged(spec):
         return (
             "live: true without prompt_field or prompt_template is the student itself, whose "

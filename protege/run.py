@@ -30,6 +30,7 @@ from protege.preflight import check_paths, check_positions
 from protege.privileged import check_view_positions, setup_problem, view_texts
 from protege.resume import prepare_output_dir
 from protege.rewards import check_rules
+from protege.teacher_server import check_teacher_servers
 
 
 def build_controller(config: Config) -> Controller:
@@ -53,6 +54,7 @@ def build_controller(config: Config) -> Controller:
     )
     check_positions(config, prompts.longest_prompt)
     check_view_positions(config, prompts.longest_teacher_prompts)
+    check_teacher_servers(config, algorithm, tokenizer, prompts.longest_prompt)
     for line in data_summary(config, prompts):
         print(f"[protege] {line}", file=sys.stderr, flush=True)
     evaluator = None
@@ -73,7 +75,7 @@ def check_teacher_tokenizers(config: Config, algorithm: Algorithm, tokenizer, ch
     if algorithm.plan(0).teacher_need == "kv":
         return
     for teacher in config.teachers:
-        if teacher.is_self:
+        if teacher.is_self or teacher.on_server:  # a server's tokenizer: check_teacher_servers
             continue
         theirs = load_tokenizer(teacher.model)
         check_same_vocabulary(tokenizer, theirs, teacher.name)

@@ -28,6 +28,10 @@ REFUSING_CALLS = {
     "vllm_sampler_problem": lambda: cap.vllm_sampler_problem(RolloutPlan(mix_alpha=0.5)),
     "hf_teacher_problem": None,  # the HF teacher refuses nothing
     "vllm_teacher_problem": lambda: cap.vllm_teacher_problem(RolloutPlan(teacher_need="full")),
+    "server_teacher_problem": lambda: cap.server_teacher_problem(RolloutPlan(teacher_need="full")),
+    "server_config_problem": lambda: cap.server_config_problem(
+        load_config("gkd", ["teacher.backend=server"]), [RolloutPlan()]
+    ),
     "sampler_problem": lambda: cap.sampler_problem("vllm", RolloutPlan(source="teacher")),
     "teacher_problem": lambda: cap.teacher_problem("tgi", RolloutPlan()),
     "weight_sync_problem": lambda: cap.weight_sync_problem(
@@ -66,6 +70,12 @@ REFUSED_PLANS = {
         RolloutPlan(rewrite=RewriteSpec(threshold=1.0, top_p=0.0)),
     ],
     "vllm_teacher_problem": [
+        RolloutPlan(teacher_need="full"),
+        RolloutPlan(teacher_need="hidden"),
+        RolloutPlan(teacher_need="topk", topk=8, temperature=2.0),
+        RolloutPlan(teacher_need="topk", topk=0),
+    ],
+    "server_teacher_problem": [
         RolloutPlan(teacher_need="full"),
         RolloutPlan(teacher_need="hidden"),
         RolloutPlan(teacher_need="topk", topk=8, temperature=2.0),
@@ -117,7 +127,7 @@ def test_every_refusal_names_the_key_and_the_fix(name, text):
 
 
 def test_backend_refusals_name_the_other_backend():
-    for name in ("vllm_sampler_problem", "vllm_teacher_problem"):
+    for name in ("vllm_sampler_problem", "vllm_teacher_problem", "server_teacher_problem"):
         for plan in REFUSED_PLANS[name]:
             reason = getattr(cap, name)(plan)
             if "must be" not in reason and "needs plan" not in reason:
@@ -135,7 +145,9 @@ def test_what_each_backend_runs():
     assert cap.teacher_problem("hf", RolloutPlan(teacher_need="full")) is None
     assert cap.teacher_problem("vllm", RolloutPlan(teacher_need="topk", topk=8)) is None
     assert cap.teacher_problem("vllm", RolloutPlan(teacher_need="none", topk=0)) is None
-    assert set(cap.SAMPLER_PROBLEMS) == set(cap.TEACHER_PROBLEMS) == set(cap.BACKENDS)
+    assert cap.teacher_problem("server", RolloutPlan(teacher_need="topk", topk=8)) is None
+    assert set(cap.SAMPLER_PROBLEMS) == set(cap.BACKENDS)
+    assert set(cap.TEACHER_PROBLEMS) == set(cap.TEACHER_BACKENDS)
 
 
 def test_vllm_lora_rank_slots():
@@ -204,6 +216,8 @@ FRAGMENTS = {
     "HIDDEN_NEEDS_PLAIN_HEAD": "rebuilds the logits as head(hidden)",
     "HIDDEN_NOT_FROM_SELF_TEACHER": "saves the bytes of shipping logits",
     "HF_HINT": "use the HF backend",
+    "SERVER_TEACHER_NEEDS_URL": "scores with a running OpenAI-compatible server",
+    "SERVER_TEACHER_CANNOT_DECODE": "but teachers.0 is on a server",
     "stale_update": "stale weight update",
     "cannot_run": "cannot run this plan",
     "vllm_cpu_head_size_problem": "CPU attention cannot run",

@@ -118,6 +118,10 @@ def test_template_fields_are_plain_names_only():
         (["live=true"], "set model: self"),
         (["model=self", "live=true"], "without prompt_field or prompt_template"),
         (["model=self", "live=true", "prompt_field=hint", "backend=vllm"], "backend: hf"),
+        (
+            ["backend=server", "url=http://127.0.0.1:1", "prompt_field=hint"],
+            "server teacher scores the student's own prompt only",
+        ),
     ],
 )
 def test_bad_privileged_keys_are_one_config_error(keys, message):

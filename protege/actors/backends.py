@@ -30,4 +30,8 @@ def teacher_class(backend: str) -> type:
         from protege.actors.vllm_teacher import VLLMTeacherScorer
 
         return VLLMTeacherScorer
+    if backend == "server":
+        from protege.actors.server_teacher import ServerTeacherScorer
+
+        return ServerTeacherScorer
     raise ValueError(unknown_backend("teacher", backend))

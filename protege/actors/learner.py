@@ -364,7 +364,8 @@ class StudentWithModules(torch.nn.Module):
 def _algorithm_modules(algorithm, config: Config, student_config) -> dict[str, torch.nn.Module]:
     """The algorithm's trainable modules, built the same on every rank (seeded)."""
     teachers = tuple(
-        None if spec.is_self else load_model_config(spec.model) for spec in config.teachers
+        None if spec.is_self or spec.on_server else load_model_config(spec.model)
+        for spec in config.teachers
     )
     context = ModuleContext(
         student_config,
