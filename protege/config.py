@@ -26,6 +26,7 @@ from pydantic import (
 )
 
 from protege.errors import AlgorithmConfigError, ProtegeError
+from protege.fusion_config import FusionConfig
 from protege.tasks.builtin import OwnTaskError, apply_task_defaults
 
 if TYPE_CHECKING:  # the algorithms import torch; `--help` reads this module without it
@@ -88,6 +89,7 @@ class TeacherConfig(Section):
     prefix: str = ""
     kv_cache: bool = False  # keep scored K-V rows on disk and reuse them (kv_distill)
     kv_cache_dir: str | None = None  # default: <output_dir>/teacher_kv/<name>
+    weight: float = Field(1.0, ge=0)  # several teachers: its share of the fused target (fusion)
 
     @property
     def is_self(self) -> bool:
@@ -227,6 +229,7 @@ class Config(Section):
     trainer: TrainerConfig = TrainerConfig()
     logging: LoggingConfig = LoggingConfig()
     output_dir: str = "runs/protege"  # metrics.jsonl, checkpoints/ and final/ go here
+    fusion: FusionConfig = FusionConfig()  # several token-level teachers -> one target
 
     @model_validator(mode="before")
     @classmethod

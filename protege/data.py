@@ -34,6 +34,8 @@ class Row:
     completion: str | None = None
     answer: str | None = None
     where: str = field(default="", compare=False)  # "file:line" it was read from
+    # the row's other fields, as read (e.g. the teacher a row is routed to: protege.fusion)
+    extra: dict = field(default_factory=dict, compare=False, repr=False)
 
 
 def read_jsonl(name: str) -> list[Row]:
@@ -62,7 +64,8 @@ def _parse_row(line: str, where: str) -> Row:
     for key in OPTIONAL_TEXT_FIELDS:
         if key in record and not isinstance(record[key], str):
             raise DataError(f"{where}: {key!r} must be a string, got {record[key]!r}")
-    return Row(prompt, record.get("completion"), record.get("answer"), where)
+    extra = {k: v for k, v in record.items() if k not in ("prompt", *OPTIONAL_TEXT_FIELDS)}
+    return Row(prompt, record.get("completion"), record.get("answer"), where, extra)
 
 
 def read_text_lines(name: str) -> list[str]:
@@ -196,6 +199,7 @@ class PromptSource:
             max_prompt_tokens,
         )
         self.pretrain, self.system_prompt = pretrain, system_prompt
+        self.routes: list[int] | None = None  # per kept row, its teacher's index (fusion route)
         self.position = 0  # rows served so far, over all epochs
         self._order: tuple[int, list[int]] = (-1, [])  # (epoch, its shuffled row indices)
         self.rows, prompt_ids = self._fit_prompts(rows, overlong)
@@ -266,6 +270,9 @@ class PromptSource:
             pretrain_ids=pretrain_ids,
             pretrain_mask=pretrain_mask,
             step=step,
+            teacher_route=None if self.routes is None else torch.tensor(
+                [self.routes[i] for i in indices], dtype=torch.long
+            ),
         )
 
     def _next_indices(self) -> list[int]:

@@ -17,6 +17,13 @@ from torch import Tensor
 
 from protege.kv.cache import KV_PREFIX, LayerKV, concat_kv, flatten_kv, unflatten_kv
 from protege.memory import PEAK_SUFFIX
+from protege.teacher_payload import (
+    NAMED_PREFIX,
+    Named,
+    concat_named,
+    flatten_named,
+    unflatten_named,
+)
 
 TeacherNeed = Literal["none", "sampled", "topk", "full", "hidden", "kv"]
 Source = Literal["student", "dataset", "teacher"]
@@ -55,6 +62,9 @@ class RolloutPlan:
     pretrain_weight: float = 0.0  # weight of the LM loss on pre-training text (0 = off)
     # teacher_need "kv": how a teacher reading other tokens (prefix, tokenizer) is aligned
     kv_time_align: Literal["resample", "segment", "char"] = "segment"
+    # several teachers: the teacher whose scorer this plan goes to files its outputs under
+    # this name (`RolloutBatch.named_teachers`) instead of the standard fields
+    store_as: str | None = None
 
     @property
     def needs_teacher_in_decoding(self) -> bool:
@@ -75,6 +85,7 @@ class PromptBatch:
     pretrain_ids: Tensor | None = None  # [N,L] long, pre-training text for MiniLLM's LM loss
     pretrain_mask: Tensor | None = None  # [N,L] bool
     step: int = 0
+    teacher_route: Tensor | None = None  # [B] long, index of the teacher each row names
 
     @property
     def size(self) -> int:
@@ -128,6 +139,10 @@ class RolloutBatch:
     step: int = 0  # training step this batch belongs to (schedules read it)
     weights_version: int = 0  # learner version whose weights sampled this batch
     extras: dict[str, float] = field(default_factory=dict)  # scalar rollout metrics
+    # several teachers: each one's outputs under its name, in config order; the learner
+    # fuses them into the standard teacher_* fields before the loss (protege.fusion)
+    named_teachers: Named = field(default_factory=dict)
+    teacher_route: Tensor | None = None  # [B] long, index of the teacher each row names
 
     def __reduce__(self):
         """Pickled (Ray, checkpoints) with all tensors in one byte buffer: see `pack_tensors`."""
@@ -137,6 +152,8 @@ class RolloutBatch:
             (tensors if isinstance(value, Tensor) else rest)[f.name] = value
         if rest.pop("teacher_kv") is not None:
             tensors.update(flatten_kv(self.teacher_kv))
+        rest["named_teachers"], named = flatten_named(rest.pop("named_teachers"))
+        tensors.update(named)
         return _unpack_batch, (pack_tensors(tensors), rest)
 
     def replace(self, **changes) -> RolloutBatch:
@@ -177,6 +194,10 @@ class RolloutBatch:
             changes["answers"] = tuple(self.answers[i] for i in index.tolist())
         if self.teacher_kv is not None:
             changes["teacher_kv"] = tuple(kv.select(take) for kv in self.teacher_kv)
+        if self.named_teachers:
+            changes["named_teachers"] = {
+                name: payload.map(lambda t: t[take]) for name, payload in self.named_teachers.items()
+            }
         return dataclasses.replace(self, **changes)
 
     def shards(self, parts: int, keep_empty: bool = False) -> list[RolloutBatch]:
@@ -248,6 +269,7 @@ _PER_ROW_TENSORS = frozenset(
         "advantages",
         "importance_weights",
         "group_ids",
+        "teacher_route",
     }
 )
 
@@ -280,6 +302,9 @@ def concat(batches: list[RolloutBatch]) -> RolloutBatch:
             raise ValueError("cannot concatenate batches where only some have 'teacher_kv'")
         prompts = [int(b.prompt_ids.shape[1]) for b in batches]
         changes["teacher_kv"] = concat_kv([b.teacher_kv for b in batches], prompts)
+    if any(b.named_teachers for b in batches):
+        pad = lambda values: _pad_to_common(values, left=False)  # noqa: E731
+        changes["named_teachers"] = concat_named([b.named_teachers for b in batches], pad)
     changes["answers"] = tuple(a for b in batches for a in b.answers)
     changes["token_count"] = None
     changes["pretrain_token_count"] = None
@@ -375,4 +400,6 @@ def _unpack_weights(version: int, packed: tuple, lora_only: bool) -> WeightUpdat
 def _unpack_batch(packed: tuple, rest: dict) -> RolloutBatch:
     tensors = unpack_tensors(*packed)
     kv = {name: tensors.pop(name) for name in list(tensors) if name.startswith(KV_PREFIX)}
+    named = {name: tensors.pop(name) for name in list(tensors) if name.startswith(NAMED_PREFIX)}
+    rest["named_teachers"] = unflatten_named(rest["named_teachers"], named)
     return RolloutBatch(**tensors, **rest, teacher_kv=unflatten_kv(kv))

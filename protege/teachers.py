@@ -11,6 +11,7 @@ No other module asks whether a teacher is the student itself.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -55,3 +56,11 @@ class TeacherClient:
             return self.handles[index % len(self.handles)].score_as_teacher.remote(shard, plan)
         refs = [rank.score_as_teacher.remote(shard, plan) for rank in self.handles]
         return refs[0]  # every rank joins the collective; rank 0 answers
+
+
+def scoring_plan(plan: RolloutPlan, teachers: list[TeacherClient], teacher: TeacherClient):
+    """The plan `teacher` scores with: with several token-level teachers it files its outputs
+    under its name (the learner fuses them, `protege.fusion`); K-V teachers append theirs."""
+    if len(teachers) == 1 or plan.teacher_need in ("none", "kv"):
+        return plan
+    return dataclasses.replace(plan, store_as=teacher.name)

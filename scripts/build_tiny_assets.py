@@ -5,6 +5,7 @@
     python scripts/build_tiny_assets.py --only teacher_b   # the second KV teacher, ~2 min
     python scripts/build_tiny_assets.py --only student_h32  # vLLM-on-CPU student, seconds
     python scripts/build_tiny_assets.py --only osd_draft  # OSD's shifted draft + traffic, ~1 min
+    python scripts/build_tiny_assets.py --only multi_teacher  # two specialist teachers, ~3 min
 
 Deterministic (seeded). Steps and measured times on 2 CPU cores:
 * teacher (4 x 128): 3,000 steps of batch 64 at lr 2e-3 on fresh gold problems (never a
@@ -25,6 +26,11 @@ Deterministic (seeded). Steps and measured times on 2 CPU cores:
   "low"), plus `osd_traffic.jsonl` (2,000 prompts) and `osd_heldout.jsonl` (200 others) with
   both operands 50..99 (domain "high": three-digit sums it never saw); its numbers, in and
   out of its domain, go to `osd_draft/build.json`.
+* multi_teacher/ (issue 14): two specialists of teacher_b's shape, `low` trained only on
+  problems whose sum is below 100 and `high` only on sums of 100 or more (1,500 steps of
+  batch 64 at lr 2e-3 each), plus `train.jsonl`: the shipped training rows, each with a
+  `teacher` field naming the specialist of its half (per-sample routing). Their accuracy on
+  each half and on the mixed test set goes to `multi_teacher/build.json`.
 Results are written to `protege/assets/tiny/manifest.json`.
 """
 
@@ -64,6 +70,8 @@ STUDENT_H32_SHAPE = (2, 64, 2, 2, 128)
 OSD_LOW, OSD_HIGH = (0, 49), (50, 99)  # operand ranges of the draft's domain and the traffic's
 OSD_DRAFT_STEPS, OSD_DRAFT_SEEDS, OSD_TRAFFIC_SEED = 1500, (51, 52), 53
 NUM_OSD_TRAFFIC, NUM_OSD_HELDOUT = 2000, 200
+MULTI_STEPS, MULTI_SEEDS = 1500, {"low": (61, 62), "high": (63, 64)}
+MULTI_SPLIT = 100  # teacher "low" knows sums below it, "high" the others
 BATCH_SIZE = 64
 
 Rows = list[dict[str, str]]
@@ -187,6 +195,48 @@ def build_osd_draft(tokenizer) -> None:
     build_extra(model, tokenizer, stream, OSD_DRAFT_STEPS, 2e-3, "osd_draft", low_test, extra)
 
 
+def sum_half(row: dict[str, str]) -> str:
+    """The specialist that knows `row`: "low" for sums below MULTI_SPLIT, else "high"."""
+    return "low" if int(row["answer"]) < MULTI_SPLIT else "high"
+
+
+def half_stream(exclude: frozenset[str], seed: int, half: str) -> Callable[[int], Rows]:
+    """Fresh gold problems of one half only (twice the batch drawn, the other half dropped)."""
+
+    def rows(step: int) -> Rows:
+        drawn = make_rows(4 * BATCH_SIZE, seed * 1_000_003 + step, exclude=exclude)
+        return [row for row in drawn if sum_half(row) == half][:BATCH_SIZE]
+
+    return rows
+
+
+def build_multi_teacher(tokenizer, test_rows: Rows) -> None:
+    """Two specialist teachers and a routed training file (see the module docstring)."""
+    out = TINY_DIR / "multi_teacher"
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "train.jsonl", "w", encoding="utf-8") as f:
+        for row in load_rows(train_path()):
+            f.write(json.dumps({**row, "teacher": sum_half(row)}) + "\n")
+    test_prompts = frozenset(r["prompt"] for r in test_rows)
+    halves = {half: [r for r in test_rows if sum_half(r) == half] for half in MULTI_SEEDS}
+    summary: dict[str, dict[str, float]] = {}
+    for half, (model_seed, stream_seed) in MULTI_SEEDS.items():
+        model = build_tiny_model(tiny_config(*TEACHER_B_SHAPE), model_seed)
+        stream = half_stream(test_prompts, stream_seed, half)
+        seconds = train(model, tokenizer, stream, MULTI_STEPS, 2e-3, f"multi_teacher/{half}")
+        save(model, tokenizer, f"multi_teacher/{half}")
+        summary[half] = {
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "steps": MULTI_STEPS,
+            "train_seconds": round(seconds, 1),
+            "test_accuracy": greedy_accuracy(model, tokenizer, test_rows),
+            **{f"{h}_half_accuracy": greedy_accuracy(model, tokenizer, r) for h, r in halves.items()},
+        }
+        print(f"multi_teacher/{half}: {summary[half]}", flush=True)
+    with open(out / "build.json", "w", encoding="utf-8") as f:
+        json.dump(summary, f, indent=2)
+
+
 def build_extra(
     model,
     tokenizer,
@@ -222,7 +272,7 @@ def main() -> None:
     parser.add_argument("--skip-headroom-check", action="store_true")
     parser.add_argument(
         "--only",
-        choices=["teacher_b", "student_h32", "osd_draft"],
+        choices=["teacher_b", "student_h32", "osd_draft", "multi_teacher"],
         default=None,
         help="build only this asset from the shipped test set",
     )
@@ -231,6 +281,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if args.only == "teacher_b":
         build_teacher_b(build_char_tokenizer(), make_rows(NUM_TEST, TEST_SEED))
+        return
+    if args.only == "multi_teacher":
+        build_multi_teacher(build_char_tokenizer(), make_rows(NUM_TEST, TEST_SEED))
         return
     if args.only == "osd_draft":
         build_osd_draft(build_char_tokenizer())
@@ -278,6 +331,7 @@ def main() -> None:
     build_teacher_b(tokenizer, test_rows)
     build_student_h32(tokenizer, test_rows, train_rows[:NUM_LABELLED])
     build_osd_draft(tokenizer)
+    build_multi_teacher(tokenizer, test_rows)
 
 
 if __name__ == "__main__":

@@ -41,6 +41,7 @@ from protege.capabilities import (
 from protege.config import SELF_TEACHER, LoraConfig, RolloutConfig
 from protege.modeling import load_tokenizer, resolve_path
 from protege.records import PromptBatch, RolloutBatch, RolloutPlan, WeightUpdate
+from protege.teacher_payload import attach_outputs
 
 
 class VLLMSampler:
@@ -191,7 +192,7 @@ class VLLMSampler:
         if plan.teacher_need == "none":
             return batch
         scores = score_sequences(self.llm, batch, plan.topk if plan.teacher_need == "topk" else 0)
-        return batch.replace(**outputs_from_scores(scores, batch, plan))
+        return attach_outputs(batch, outputs_from_scores(scores, batch, plan), plan.store_as)
 
     # -- weights -------------------------------------------------------------------------
     def load_weights(self, update: WeightUpdate) -> None:
