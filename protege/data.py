@@ -270,9 +270,9 @@ class PromptSource:
             pretrain_ids=pretrain_ids,
             pretrain_mask=pretrain_mask,
             step=step,
-            teacher_route=None if self.routes is None else torch.tensor(
-                [self.routes[i] for i in indices], dtype=torch.long
-            ),
+            teacher_route=None
+            if self.routes is None
+            else torch.tensor([self.routes[i] for i in indices], dtype=torch.long),
         )
 
     def _next_indices(self) -> list[int]:

@@ -209,9 +209,7 @@ def _mixed_fields(
             mix,
             vocab,
         )
-        fields.update(
-            teacher_topk_ids=ids, teacher_topk_logprobs=logps, teacher_tail_logprobs=tail
-        )
+        fields.update(teacher_topk_ids=ids, teacher_topk_logprobs=logps, teacher_tail_logprobs=tail)
     return fields
 
 

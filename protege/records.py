@@ -196,7 +196,8 @@ class RolloutBatch:
             changes["teacher_kv"] = tuple(kv.select(take) for kv in self.teacher_kv)
         if self.named_teachers:
             changes["named_teachers"] = {
-                name: payload.map(lambda t: t[take]) for name, payload in self.named_teachers.items()
+                name: payload.map(lambda t: t[take])
+                for name, payload in self.named_teachers.items()
             }
         return dataclasses.replace(self, **changes)
 
@@ -303,7 +304,7 @@ def concat(batches: list[RolloutBatch]) -> RolloutBatch:
         prompts = [int(b.prompt_ids.shape[1]) for b in batches]
         changes["teacher_kv"] = concat_kv([b.teacher_kv for b in batches], prompts)
     if any(b.named_teachers for b in batches):
-        pad = lambda values: _pad_to_common(values, left=False)  # noqa: E731
+        pad = lambda values: _pad_to_common(values, left=False)
         changes["named_teachers"] = concat_named([b.named_teachers for b in batches], pad)
     changes["answers"] = tuple(a for b in batches for a in b.answers)
     changes["token_count"] = None

@@ -5,7 +5,7 @@
     python scripts/build_tiny_assets.py --only teacher_b   # the second KV teacher, ~2 min
     python scripts/build_tiny_assets.py --only student_h32  # vLLM-on-CPU student, seconds
     python scripts/build_tiny_assets.py --only osd_draft  # OSD's shifted draft + traffic, ~1 min
-    python scripts/build_tiny_assets.py --only multi_teacher  # two specialist teachers, ~3 min
+    python scripts/build_tiny_assets.py --only multi_teacher  # two specialist teachers, ~2 min
 
 Deterministic (seeded). Steps and measured times on 2 CPU cores:
 * teacher (4 x 128): 3,000 steps of batch 64 at lr 2e-3 on fresh gold problems (never a
@@ -26,11 +26,11 @@ Deterministic (seeded). Steps and measured times on 2 CPU cores:
   "low"), plus `osd_traffic.jsonl` (2,000 prompts) and `osd_heldout.jsonl` (200 others) with
   both operands 50..99 (domain "high": three-digit sums it never saw); its numbers, in and
   out of its domain, go to `osd_draft/build.json`.
-* multi_teacher/ (issue 14): two specialists of teacher_b's shape, `low` trained only on
-  problems whose sum is below 100 and `high` only on sums of 100 or more (1,500 steps of
-  batch 64 at lr 2e-3 each), plus `train.jsonl`: the shipped training rows, each with a
+* multi_teacher/ (issue 14): two specialists of student_h32's shape, `low` trained only on
+  problems whose sum is below 100 and `high` only on sums of 100 or more (1,200 steps of
+  batch 64 at lr 3e-3 each), plus `train.jsonl`: the shipped training rows, each with a
   `teacher` field naming the specialist of its half (per-sample routing). Their accuracy on
-  each half and on the mixed test set goes to `multi_teacher/build.json`.
+  the mixed test set and on each half goes to `multi_teacher/<half>/build.json`.
 Results are written to `protege/assets/tiny/manifest.json`.
 """
 
@@ -70,7 +70,7 @@ STUDENT_H32_SHAPE = (2, 64, 2, 2, 128)
 OSD_LOW, OSD_HIGH = (0, 49), (50, 99)  # operand ranges of the draft's domain and the traffic's
 OSD_DRAFT_STEPS, OSD_DRAFT_SEEDS, OSD_TRAFFIC_SEED = 1500, (51, 52), 53
 NUM_OSD_TRAFFIC, NUM_OSD_HELDOUT = 2000, 200
-MULTI_STEPS, MULTI_SEEDS = 1500, {"low": (61, 62), "high": (63, 64)}
+MULTI_STEPS, MULTI_LR, MULTI_SEEDS = 1200, 3e-3, {"low": (61, 62), "high": (63, 64)}
 MULTI_SPLIT = 100  # teacher "low" knows sums below it, "high" the others
 BATCH_SIZE = 64
 
@@ -210,31 +210,24 @@ def half_stream(exclude: frozenset[str], seed: int, half: str) -> Callable[[int]
     return rows
 
 
-def build_multi_teacher(tokenizer, test_rows: Rows) -> None:
+def build_multi_teacher(tokenizer, test_rows: Rows, halves=tuple(MULTI_SEEDS)) -> None:
     """Two specialist teachers and a routed training file (see the module docstring)."""
     out = TINY_DIR / "multi_teacher"
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "train.jsonl", "w", encoding="utf-8") as f:
-        for row in load_rows(train_path()):
-            f.write(json.dumps({**row, "teacher": sum_half(row)}) + "\n")
+        f.writelines(
+            json.dumps({**row, "teacher": sum_half(row)}) + "\n" for row in load_rows(train_path())
+        )
     test_prompts = frozenset(r["prompt"] for r in test_rows)
-    halves = {half: [r for r in test_rows if sum_half(r) == half] for half in MULTI_SEEDS}
-    summary: dict[str, dict[str, float]] = {}
-    for half, (model_seed, stream_seed) in MULTI_SEEDS.items():
-        model = build_tiny_model(tiny_config(*TEACHER_B_SHAPE), model_seed)
+    by_half = {
+        f"{h}_half_accuracy": [r for r in test_rows if sum_half(r) == h] for h in MULTI_SEEDS
+    }
+    for half in halves:
+        model_seed, stream_seed = MULTI_SEEDS[half]
+        model = build_tiny_model(tiny_config(*STUDENT_H32_SHAPE), model_seed)
         stream = half_stream(test_prompts, stream_seed, half)
-        seconds = train(model, tokenizer, stream, MULTI_STEPS, 2e-3, f"multi_teacher/{half}")
-        save(model, tokenizer, f"multi_teacher/{half}")
-        summary[half] = {
-            "parameters": sum(p.numel() for p in model.parameters()),
-            "steps": MULTI_STEPS,
-            "train_seconds": round(seconds, 1),
-            "test_accuracy": greedy_accuracy(model, tokenizer, test_rows),
-            **{f"{h}_half_accuracy": greedy_accuracy(model, tokenizer, r) for h, r in halves.items()},
-        }
-        print(f"multi_teacher/{half}: {summary[half]}", flush=True)
-    with open(out / "build.json", "w", encoding="utf-8") as f:
-        json.dump(summary, f, indent=2)
+        name = f"multi_teacher/{half}"
+        build_extra(model, tokenizer, stream, MULTI_STEPS, MULTI_LR, name, test_rows, by_half)
 
 
 def build_extra(

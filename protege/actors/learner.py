@@ -29,9 +29,9 @@ from protege.capabilities import (
     SELF_TEACHER_NEEDS_LORA,
 )
 from protege.config import Config
+from protege.fusion import fuse_batch, teacher_metrics
 from protege.lora import wrap_with_lora as _with_lora
 from protege.memory import peak_metrics
-from protege.fusion import fuse_batch, teacher_metrics
 from protege.modeling import load_model, load_model_config, load_tokenizer, vocab_size
 from protege.records import RolloutBatch, RolloutPlan, WeightUpdate, lm_targets
 from protege.student import StudentForward
