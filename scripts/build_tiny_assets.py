@@ -201,7 +201,7 @@ def sum_half(row: dict[str, str]) -> str:
 
 
 def half_stream(exclude: frozenset[str], seed: int, half: str) -> Callable[[int], Rows]:
-    """Fresh gold problems of one half only (twice the batch drawn, the other half dropped)."""
+    """Fresh gold problems of one half only (four batches drawn, the other half dropped)."""
 
     def rows(step: int) -> Rows:
         drawn = make_rows(4 * BATCH_SIZE, seed * 1_000_003 + step, exclude=exclude)

@@ -368,3 +368,18 @@ def test_named_payloads_survive_the_wire_selection_and_concatenation():
     assert torch.equal(
         joined.named_teachers["low"].tail_logprobs, batch.named_teachers["low"].tail_logprobs
     )
+
+
+def test_pending_rollouts_of_several_teachers_survive_a_checkpoint(tmp_path):
+    from protege.records import PromptBatch
+    from protege.rollout_files import load_rollouts, save_rollouts
+    from protege.rollouts import Submitted
+
+    batch = _batch(named_teachers=_named(_logits(17), 4), teacher_route=torch.tensor([1, 0, 0]))
+    prompts = PromptBatch(prompt_ids=batch.prompt_ids, prompt_mask=batch.prompt_mask)
+    save_rollouts(tmp_path, {3: Submitted(prompts, [batch])})
+    (loaded,) = load_rollouts(tmp_path)[3].shards
+    assert list(loaded.named_teachers) == ["low", "high"]
+    for name, payload in batch.named_teachers.items():
+        for field, value in payload.tensors().items():
+            assert torch.equal(getattr(loaded.named_teachers[name], field), value)
