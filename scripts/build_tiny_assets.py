@@ -5,7 +5,7 @@
     python scripts/build_tiny_assets.py --only teacher_b   # the second KV teacher, ~2 min
     python scripts/build_tiny_assets.py --only student_h32  # vLLM-on-CPU student, seconds
     python scripts/build_tiny_assets.py --only osd_draft  # OSD's shifted draft + traffic, ~1 min
-    python scripts/build_tiny_assets.py --only multi_teacher  # two specialist teachers, ~2 min
+    python scripts/build_tiny_assets.py --only multi_teacher  # two specialist teachers, ~3 min
 
 Deterministic (seeded). Steps and measured times on 2 CPU cores:
 * teacher (4 x 128): 3,000 steps of batch 64 at lr 2e-3 on fresh gold problems (never a
@@ -27,8 +27,8 @@ Deterministic (seeded). Steps and measured times on 2 CPU cores:
   both operands 50..99 (domain "high": three-digit sums it never saw); its numbers, in and
   out of its domain, go to `osd_draft/build.json`.
 * multi_teacher/ (issue 14): two specialists of student_h32's shape, `low` trained only on
-  problems whose sum is below 100 and `high` only on sums of 100 or more (1,200 steps of
-  batch 64 at lr 3e-3 each), plus `train.jsonl`: the shipped training rows, each with a
+  problems whose sum is below 100 and `high` only on sums of 100 or more (1,200 and 2,400
+  steps of batch 64 at lr 3e-3), plus `train.jsonl`: the shipped training rows, each with a
   `teacher` field naming the specialist of its half (per-sample routing). Their accuracy on
   the mixed test set and on each half goes to `multi_teacher/<half>/build.json`.
 Results are written to `protege/assets/tiny/manifest.json`.
@@ -70,7 +70,9 @@ STUDENT_H32_SHAPE = (2, 64, 2, 2, 128)
 OSD_LOW, OSD_HIGH = (0, 49), (50, 99)  # operand ranges of the draft's domain and the traffic's
 OSD_DRAFT_STEPS, OSD_DRAFT_SEEDS, OSD_TRAFFIC_SEED = 1500, (51, 52), 53
 NUM_OSD_TRAFFIC, NUM_OSD_HELDOUT = 2000, 200
-MULTI_STEPS, MULTI_LR, MULTI_SEEDS = 1200, 3e-3, {"low": (61, 62), "high": (63, 64)}
+# three-digit sums take the same shape longer: at 1,200 steps `high` was still at 16% on its half
+MULTI_STEPS, MULTI_LR = {"low": 1200, "high": 2400}, 3e-3
+MULTI_SEEDS = {"low": (61, 62), "high": (63, 64)}
 MULTI_SPLIT = 100  # teacher "low" knows sums below it, "high" the others
 BATCH_SIZE = 64
 
@@ -227,7 +229,8 @@ def build_multi_teacher(tokenizer, test_rows: Rows, halves=tuple(MULTI_SEEDS)) -
         model = build_tiny_model(tiny_config(*STUDENT_H32_SHAPE), model_seed)
         stream = half_stream(test_prompts, stream_seed, half)
         name = f"multi_teacher/{half}"
-        build_extra(model, tokenizer, stream, MULTI_STEPS, MULTI_LR, name, test_rows, by_half)
+        steps = MULTI_STEPS[half]
+        build_extra(model, tokenizer, stream, steps, MULTI_LR, name, test_rows, by_half)
 
 
 def build_extra(
