@@ -12,7 +12,8 @@ Accuracy is greedy exact match on the 200 shipped test sums (mixed halves), and 
 
     python benchmarks/multi_teacher.py               # 4 arms, seed 0, 2 arms at a time
     python benchmarks/multi_teacher.py --smoke       # CI: 2 steps per arm, 16 test rows
-Writes benchmarks/results/multi_teacher.md and .json.
+    python benchmarks/multi_teacher.py --seed 1      # another seed of every arm
+Writes benchmarks/results/multi_teacher_seed<seed>.md and .json.
 """
 
 from __future__ import annotations
@@ -156,8 +157,8 @@ def main() -> None:
     if args.smoke:
         return
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "multi_teacher.md").write_text(text)
-    (RESULTS / "multi_teacher.json").write_text(
+    (RESULTS / f"multi_teacher_seed{args.seed}.md").write_text(text)
+    (RESULTS / f"multi_teacher_seed{args.seed}.json").write_text(
         json.dumps({"steps": steps, "runs": runs}, indent=2) + "\n"
     )
 
