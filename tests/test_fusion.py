@@ -383,3 +383,26 @@ def test_pending_rollouts_of_several_teachers_survive_a_checkpoint(tmp_path):
     for name, payload in batch.named_teachers.items():
         for field, value in payload.tensors().items():
             assert torch.equal(getattr(loaded.named_teachers[name], field), value)
+
+
+def test_hidden_state_teachers_are_decoded_each_with_its_own_head_before_fusion():
+    heads = {"low": torch.randn(V, 5), "high": torch.randn(V, 5)}
+    hidden = torch.randn(2, B, T, 5, generator=torch.Generator().manual_seed(18))
+    named = {
+        name: TeacherPayload(logprobs=torch.zeros(B, T), hidden=hidden[i])
+        for i, name in enumerate(heads)
+    }
+    seen = []
+
+    def decode(name, states, mask):
+        seen.append(name)
+        return states @ heads[name].t()
+
+    batch = _batch(named_teachers=named)
+    fused, mix, _ = fuse_batch(batch, FusionConfig(), {"low": 1.0, "high": 1.0}, 1.0, V, decode)
+    assert seen == ["low", "high"] and fused.teacher_hidden is None
+    logits = torch.stack([hidden[i] @ heads[n].t() for i, n in enumerate(heads)])
+    truth = _brute_mixture(logits, mix, 1.0)
+    torch.testing.assert_close(
+        torch.softmax(fused.teacher_logits.double(), -1), truth, atol=1e-6, rtol=0
+    )
