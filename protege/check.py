@@ -85,9 +85,12 @@ def teacher_repeat(pipeline, batch: RolloutBatch, plan) -> Finding:
     if plan.teacher_need in ("none", "kv"):
         return Finding("teacher determinism", True, f"skipped (teacher_need={plan.teacher_need})")
     teacher = pipeline.teachers[0]
-    again = pipeline.launcher.get(teacher.score([batch], plan))[0]
+    named = batch.named_teachers.get(teacher.name)  # several teachers: each under its name
+    first = batch.teacher_logprobs if named is None else named.logprobs
+    unscored = batch.replace(named_teachers={})
+    again = pipeline.launcher.get(teacher.score([unscored], plan))[0]
     mask = batch.response_mask
-    diff = float((again.teacher_logprobs - batch.teacher_logprobs)[mask].abs().max())
+    diff = float((again.teacher_logprobs - first)[mask].abs().max())
     ok = diff <= TEACHER_REPEAT_TOL
     fix = (
         ""
@@ -125,7 +128,9 @@ def self_distillation(learner, algo, batch: RolloutBatch, plan) -> Finding:
         why = "rewards enter the loss" if batch.rewards is not None else plan.teacher_need
         return Finding("self-distillation loss", True, f"skipped ({why})")
     # Without MiniLLM's pre-training rows: their LM loss does not vanish at teacher = student.
-    own = learner("self_scored", batch.replace(pretrain_ids=None, pretrain_mask=None), plan)
+    # Several teachers' named outputs dropped: the student alone is the teacher here.
+    alone = batch.replace(pretrain_ids=None, pretrain_mask=None, named_teachers={})
+    own = learner("self_scored", alone, plan)
     own = algo.advantages(own)
     loss = learner("loss_value", own, algo.loss_for(0))
     ok = abs(loss) <= SELF_LOSS_TOL

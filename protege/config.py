@@ -26,6 +26,7 @@ from pydantic import (
 )
 
 from protege.errors import AlgorithmConfigError, ProtegeError
+from protege.fusion_config import FusionConfig
 from protege.tasks.builtin import OwnTaskError, apply_task_defaults
 
 if TYPE_CHECKING:  # the algorithms import torch; `--help` reads this module without it
@@ -101,6 +102,8 @@ class TeacherConfig(Section):
     concurrency: int = Field(4, ge=1)  # backend=server: scoring requests in flight at once
     timeout_s: float = Field(60.0, gt=0)  # backend=server: seconds one request may take
     retries: int = Field(3, ge=0)  # backend=server: retries, with exponential backoff
+
+    weight: float = Field(1.0, ge=0)  # several teachers: its share of the fused target (fusion)
 
     @model_validator(mode="after")
     def _privileged_view(self) -> TeacherConfig:
@@ -254,6 +257,7 @@ class Config(Section):
     trainer: TrainerConfig = TrainerConfig()
     logging: LoggingConfig = LoggingConfig()
     output_dir: str = "runs/protege"  # metrics.jsonl, checkpoints/ and final/ go here
+    fusion: FusionConfig = FusionConfig()  # several token-level teachers -> one target
 
     @model_validator(mode="before")
     @classmethod

@@ -21,6 +21,7 @@ from protege.config import Config
 from protege.data import PromptSource
 from protege.errors import ProtegeError
 from protege.evaluation import Evaluator
+from protege.fusion import driver_logprobs
 from protege.launch import WorkerDied
 from protege.metrics_log import MetricsLog, phase_accounting
 from protege.pipeline import Pipeline
@@ -28,6 +29,7 @@ from protege.records import PromptBatch
 from protege.resume import config_hash, saved_config
 from protege.rollout_files import load_rollouts, save_rollouts
 from protege.rollouts import RolloutQueue
+from protege.teachers import scoring_plan
 
 
 class TrainingStopped(ProtegeError):
@@ -72,6 +74,7 @@ class Controller:
     def step(self, k: int) -> dict[str, float]:
         submitted = self.rollouts.take(k)  # submitted ahead when pipelining
         batch = self.pipeline.gather(submitted.shards, submitted.prompts)
+        batch = driver_logprobs(batch, self.config, self.algo.plan(k).temperature)  # teachers
         batch = self.algo.advantages(batch)  # pass-through for pure-loss algorithms
         training = self.pipeline.train(batch, self.algo.loss_for(k))
         self.rollouts.submit_ahead(k)  # with trainer.max_staleness > 0 they overlap this update
@@ -85,8 +88,9 @@ class Controller:
         future per shard without waiting."""
         plan = self.algo.plan(k)
         shards = self.pipeline.generate(prompts, plan)
-        for teacher in self.pipeline.teachers:
-            shards = teacher.score(shards, plan)
+        teachers = self.pipeline.teachers
+        for teacher in teachers:
+            shards = teacher.score(shards, scoring_plan(plan, teachers, teacher))
         return self.pipeline.reward(shards)
 
     def run(self, on_step: Callable[[int, dict[str, float]], None] | None = None) -> dict:

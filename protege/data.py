@@ -37,6 +37,8 @@ class Row:
     where: str = field(default="", compare=False)  # "file:line" it was read from
     # every text field of the JSON object (privileged teachers' prompts are made from them)
     fields: dict[str, str] = field(default_factory=dict, compare=False)
+    # the row's other fields, as read (e.g. the teacher a row is routed to: protege.fusion)
+    extra: dict = field(default_factory=dict, compare=False, repr=False)
 
 
 def read_jsonl(name: str) -> list[Row]:
@@ -66,7 +68,8 @@ def _parse_row(line: str, where: str) -> Row:
         if key in record and not isinstance(record[key], str):
             raise DataError(f"{where}: {key!r} must be a string, got {record[key]!r}")
     texts = {key: value for key, value in record.items() if isinstance(value, str)}
-    return Row(prompt, record.get("completion"), record.get("answer"), where, texts)
+    extra = {k: v for k, v in record.items() if k not in ("prompt", *OPTIONAL_TEXT_FIELDS)}
+    return Row(prompt, record.get("completion"), record.get("answer"), where, texts, extra)
 
 
 def read_text_lines(name: str) -> list[str]:
@@ -201,6 +204,7 @@ class PromptSource:
             max_prompt_tokens,
         )
         self.pretrain, self.system_prompt = pretrain, system_prompt
+        self.routes: list[int] | None = None  # per kept row, its teacher's index (fusion route)
         self.position = 0  # rows served so far, over all epochs
         self._order: tuple[int, list[int]] = (-1, [])  # (epoch, its shuffled row indices)
         self.rows, prompt_ids = self._fit_prompts(rows, overlong)
@@ -290,6 +294,9 @@ class PromptSource:
             pretrain_mask=pretrain_mask,
             step=step,
             teacher_prompts=self._teacher_prompts(indices),
+            teacher_route=None
+            if self.routes is None
+            else torch.tensor([self.routes[i] for i in indices], dtype=torch.long),
         )
 
     def _teacher_prompts(self, indices: list[int]) -> TeacherPrompts | None:

@@ -57,6 +57,9 @@ def resolve_path(name: str) -> str:
         "tiny/osd_traffic": tiny.osd_traffic_path,
         "tiny/osd_heldout": tiny.osd_heldout_path,
         "tiny/student_hint": tiny.student_hint_path,
+        "tiny/multi_teacher/low": lambda: tiny.multi_teacher_path("low"),
+        "tiny/multi_teacher/high": lambda: tiny.multi_teacher_path("high"),
+        "tiny/multi_teacher/train": lambda: tiny.multi_teacher_path("train.jsonl"),
     }
     key = name[len(BUILTIN_PREFIX) :]
     if key not in builtin:

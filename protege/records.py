@@ -17,6 +17,13 @@ from torch import Tensor
 
 from protege.kv.cache import KV_PREFIX, LayerKV, concat_kv, flatten_kv, unflatten_kv
 from protege.memory import PEAK_SUFFIX
+from protege.teacher_payload import (
+    NAMED_PREFIX,
+    Named,
+    concat_named,
+    flatten_named,
+    unflatten_named,
+)
 from protege.teacher_prompts import TeacherPrompts, concat_prompts, from_flat
 
 TeacherNeed = Literal["none", "sampled", "topk", "full", "hidden", "kv"]
@@ -59,6 +66,9 @@ class RolloutPlan:
     # the teacher scoring this call reads its own prompt, batch.teacher_prompts[name] (set
     # per teacher client, never by an algorithm; protege.privileged)
     teacher_prompt: str | None = None
+    # several teachers: the teacher whose scorer this plan goes to files its outputs under
+    # this name (`RolloutBatch.named_teachers`) instead of the standard fields
+    store_as: str | None = None
 
     @property
     def needs_teacher_in_decoding(self) -> bool:
@@ -80,6 +90,7 @@ class PromptBatch:
     pretrain_mask: Tensor | None = None  # [N,L] bool
     step: int = 0
     teacher_prompts: TeacherPrompts | None = None  # privileged teachers' prompts, per row
+    teacher_route: Tensor | None = None  # [B] long, index of the teacher each row names
 
     @property
     def size(self) -> int:
@@ -135,6 +146,10 @@ class RolloutBatch:
     extras: dict[str, float] = field(default_factory=dict)  # scalar rollout metrics
     # privileged teachers' own prompts, name -> [B,P_n] (protege.privileged)
     teacher_prompts: TeacherPrompts | None = None
+    # several teachers: each one's outputs under its name, in config order; the learner
+    # fuses them into the standard teacher_* fields before the loss (protege.fusion)
+    named_teachers: Named = field(default_factory=dict)
+    teacher_route: Tensor | None = None  # [B] long, index of the teacher each row names
 
     def __reduce__(self):
         """Pickled (Ray, checkpoints) with all tensors in one byte buffer: see `pack_tensors`."""
@@ -146,6 +161,8 @@ class RolloutBatch:
             tensors.update(flatten_kv(self.teacher_kv))
         if rest.pop("teacher_prompts") is not None:
             tensors.update(self.teacher_prompts.flat())
+        rest["named_teachers"], named = flatten_named(rest.pop("named_teachers"))
+        tensors.update(named)
         return _unpack_batch, (pack_tensors(tensors), rest)
 
     def replace(self, **changes) -> RolloutBatch:
@@ -188,6 +205,11 @@ class RolloutBatch:
             changes["teacher_kv"] = tuple(kv.select(take) for kv in self.teacher_kv)
         if self.teacher_prompts is not None:
             changes["teacher_prompts"] = self.teacher_prompts.select(take)
+        if self.named_teachers:
+            changes["named_teachers"] = {
+                name: payload.map(lambda t: t[take])
+                for name, payload in self.named_teachers.items()
+            }
         return dataclasses.replace(self, **changes)
 
     def shards(self, parts: int, keep_empty: bool = False) -> list[RolloutBatch]:
@@ -259,6 +281,7 @@ _PER_ROW_TENSORS = frozenset(
         "advantages",
         "importance_weights",
         "group_ids",
+        "teacher_route",
     }
 )
 
@@ -291,6 +314,9 @@ def concat(batches: list[RolloutBatch]) -> RolloutBatch:
             raise ValueError("cannot concatenate batches where only some have 'teacher_kv'")
         prompts = [int(b.prompt_ids.shape[1]) for b in batches]
         changes["teacher_kv"] = concat_kv([b.teacher_kv for b in batches], prompts)
+    if any(b.named_teachers for b in batches):
+        pad = lambda values: _pad_to_common(values, left=False)
+        changes["named_teachers"] = concat_named([b.named_teachers for b in batches], pad)
     changes["answers"] = tuple(a for b in batches for a in b.answers)
     changes["teacher_prompts"] = concat_prompts([b.teacher_prompts for b in batches])
     changes["token_count"] = None
@@ -388,4 +414,6 @@ def _unpack_batch(packed: tuple, rest: dict) -> RolloutBatch:
     tensors = unpack_tensors(*packed)
     prompts = from_flat(tensors)
     kv = {name: tensors.pop(name) for name in list(tensors) if name.startswith(KV_PREFIX)}
+    named = {name: tensors.pop(name) for name in list(tensors) if name.startswith(NAMED_PREFIX)}
+    rest["named_teachers"] = unflatten_named(rest["named_teachers"], named)
     return RolloutBatch(**tensors, **rest, teacher_kv=unflatten_kv(kv), teacher_prompts=prompts)

@@ -14,6 +14,7 @@ from torch import Tensor
 
 from protege.records import PromptBatch, RolloutBatch
 from protege.rollouts import Submitted
+from protege.teacher_payload import flatten_named, unflatten_named
 from protege.teacher_prompts import TeacherPrompts, from_flat
 
 TENSORS_FILE = "pending_rollouts.safetensors"
@@ -59,6 +60,11 @@ def _split(record: Any, prefix: str, tensors: dict[str, Tensor]) -> dict[str, An
             key = f"{prefix}/{field.name}"
             tensors[key] = value.detach().cpu().contiguous().clone()
             fields[field.name] = {"tensor": key}
+        elif field.name == "named_teachers":  # several teachers' payloads: tensors by name
+            names, flat = flatten_named(value)
+            for key, tensor in flat.items():
+                tensors[f"{prefix}/{key}"] = tensor.detach().cpu().contiguous().clone()
+            fields[field.name] = {"named": names, "keys": [f"{prefix}/{key}" for key in flat]}
         elif isinstance(value, tuple):
             fields[field.name] = {"tuple": list(value)}
         elif isinstance(value, TeacherPrompts):
@@ -81,6 +87,9 @@ def _join(record_type: type, fields: dict[str, Any], tensors: dict[str, Tensor])
     for name, saved in fields.items():
         if "tensor" in saved:
             values[name] = tensors[saved["tensor"]]
+        elif "named" in saved:
+            flat = {key.rsplit("/", 1)[1]: tensors[key] for key in saved["keys"]}
+            values[name] = unflatten_named(saved["named"], flat)
         elif "tuple" in saved:
             values[name] = tuple(saved["tuple"])
         elif "teacher_prompts" in saved:

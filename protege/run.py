@@ -22,6 +22,8 @@ from protege.data import (
 )
 from protege.errors import ProtegeError, SetupError
 from protege.evaluation import Evaluator
+from protege.fusion_config import fusion_problem
+from protege.fusion_data import row_routes
 from protege.launch import LocalLauncher
 from protege.metrics_log import MetricsLog
 from protege.modeling import check_same_chat_template, check_same_vocabulary, load_tokenizer
@@ -52,6 +54,7 @@ def build_controller(config: Config) -> Controller:
         system_prompt=config.data.system_prompt,
         teacher_views=view_texts(config),
     )
+    prompts.routes = teacher_routes(config, algorithm, prompts)
     check_positions(config, prompts.longest_prompt)
     check_view_positions(config, prompts.longest_teacher_prompts)
     check_teacher_servers(config, algorithm, tokenizer, prompts.longest_prompt)
@@ -67,6 +70,15 @@ def build_controller(config: Config) -> Controller:
     pipeline = Pipeline(config, make_launcher(config), master_port=free_port())
     log = MetricsLog(config)
     return Controller(config, pipeline, prompts, algorithm, evaluator, log, resume_from)
+
+
+def teacher_routes(config: Config, algorithm: Algorithm, prompts: PromptSource):
+    """Each training row's teacher index when several token-level teachers are routed by a
+    data field (fusion.mode=route), else None; a row naming no known teacher fails here."""
+    routed = config.fusion.mode == "route" and len(config.teachers) > 1
+    if not routed or algorithm.plan(0).teacher_need == "kv":
+        return None
+    return row_routes(prompts.rows, [t.name for t in config.teachers], config.fusion)
 
 
 def check_teacher_tokenizers(config: Config, algorithm: Algorithm, tokenizer, chat: bool) -> None:
@@ -159,13 +171,11 @@ def check_teachers(config: Config, algorithm: Algorithm) -> None:
     reason = setup_problem(config, plans, config.trainer.eval_teacher_kl)
     if reason:
         raise ValueError(reason)
-    most = getattr(algorithm, "reads_teachers", 1)
-    if len(config.teachers) > most:
-        names = [t.name for t in config.teachers]
-        raise ValueError(
-            f"teachers: {len(names)} teachers {names}, but algorithm {algorithm.name!r} reads "
-            f"{most}; keep one teacher (teachers.0) or use an algorithm that fuses several"
-        )
+    if len(config.teachers) > 1 and not kv:  # token-level: fused in the learner
+        names, weights = [t.name for t in config.teachers], [t.weight for t in config.teachers]
+        reason = fusion_problem(config.fusion, names, weights, plans)
+        if reason:
+            raise ValueError(reason)
 
 
 def check_weight_sync(config: Config) -> None:

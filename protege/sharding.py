@@ -31,7 +31,21 @@ def merge_shards(shards: list[RolloutBatch], prompts: PromptBatch) -> RolloutBat
     """One batch from a step's shards, in order, with the step's pre-training text attached
     (the one place it joins the batch) and group ids made distinct across shards."""
     batch = concat(_distinct_groups(shards))
-    return batch.replace(pretrain_ids=prompts.pretrain_ids, pretrain_mask=prompts.pretrain_mask)
+    return batch.replace(
+        pretrain_ids=prompts.pretrain_ids,
+        pretrain_mask=prompts.pretrain_mask,
+        teacher_route=_row_routes(prompts, batch.size),
+    )
+
+
+def _row_routes(prompts: PromptBatch, rows: int):
+    """Each response row's teacher index (fusion.mode=route): its prompt's, the samples of a
+    prompt being consecutive rows."""
+    if prompts.teacher_route is None or prompts.size == 0:
+        return None
+    if rows % prompts.size:
+        raise ValueError(f"{rows} response rows for {prompts.size} prompts")
+    return prompts.teacher_route.repeat_interleave(rows // prompts.size)
 
 
 def _distinct_groups(shards: list[RolloutBatch]) -> list[RolloutBatch]:

@@ -67,3 +67,11 @@ class TeacherClient:
         else:
             refs = [rank.score_as_teacher.remote(shard, plan) for rank in self.handles]
         return refs[0]  # every rank joins the collective; rank 0 answers
+
+
+def scoring_plan(plan: RolloutPlan, teachers: list[TeacherClient], teacher: TeacherClient):
+    """The plan `teacher` scores with: with several token-level teachers it files its outputs
+    under its name (the learner fuses them, `protege.fusion`); K-V teachers append theirs."""
+    if len(teachers) == 1 or plan.teacher_need in ("none", "kv"):
+        return plan
+    return replace(plan, store_as=teacher.name)

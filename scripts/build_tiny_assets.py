@@ -6,6 +6,7 @@
     python scripts/build_tiny_assets.py --only student_h32  # vLLM-on-CPU student, seconds
     python scripts/build_tiny_assets.py --only osd_draft  # OSD's shifted draft + traffic, ~1 min
     python scripts/build_tiny_assets.py --only student_hint  # privileged-context student, ~1 min
+    python scripts/build_tiny_assets.py --only multi_teacher  # two specialist teachers, ~3 min
 
 Deterministic (seeded). Steps and measured times on 2 CPU cores:
 * teacher (4 x 128): 3,000 steps of batch 64 at lr 2e-3 on fresh gold problems (never a
@@ -31,6 +32,11 @@ Deterministic (seeded). Steps and measured times on 2 CPU cores:
   problems shown with their answer first (`HINT`, e.g. "57;12+45=" -> "57"): it learns to
   read a hint, not to add, so it stays weak on plain prompts and is strong on hinted ones;
   its numbers (plain and hinted accuracy) go to `student_hint/build.json`.
+* multi_teacher/ (issue 14): two specialists of student_h32's shape, `low` trained only on
+  problems whose sum is below 100 and `high` only on sums of 100 or more (1,200 and 2,400
+  steps of batch 64 at lr 3e-3), plus `train.jsonl`: the shipped training rows, each with a
+  `teacher` field naming the specialist of its half (per-sample routing). Their accuracy on
+  the mixed test set and on each half goes to `multi_teacher/<half>/build.json`.
 Results are written to `protege/assets/tiny/manifest.json`.
 """
 
@@ -72,6 +78,10 @@ OSD_DRAFT_STEPS, OSD_DRAFT_SEEDS, OSD_TRAFFIC_SEED = 1500, (51, 52), 53
 NUM_OSD_TRAFFIC, NUM_OSD_HELDOUT = 2000, 200
 STUDENT_HINT_STEPS, STUDENT_HINT_SEEDS = 300, (62, 63)
 HINT = "{answer};{prompt}"  # the hinted prompt student_hint learns to read
+# three-digit sums take the same shape longer: at 1,200 steps `high` was still at 16% on its half
+MULTI_STEPS, MULTI_LR = {"low": 1200, "high": 2400}, 3e-3
+MULTI_SEEDS = {"low": (61, 62), "high": (63, 64)}
+MULTI_SPLIT = 100  # teacher "low" knows sums below it, "high" the others
 BATCH_SIZE = 64
 
 Rows = list[dict[str, str]]
@@ -219,6 +229,42 @@ def build_student_hint(tokenizer, test_rows: Rows, labelled: Rows) -> None:
     build_extra(model, tokenizer, stream, steps, lr, "student_hint", test_rows, extra)
 
 
+def sum_half(row: dict[str, str]) -> str:
+    """The specialist that knows `row`: "low" for sums below MULTI_SPLIT, else "high"."""
+    return "low" if int(row["answer"]) < MULTI_SPLIT else "high"
+
+
+def half_stream(exclude: frozenset[str], seed: int, half: str) -> Callable[[int], Rows]:
+    """Fresh gold problems of one half only (four batches drawn, the other half dropped)."""
+
+    def rows(step: int) -> Rows:
+        drawn = make_rows(4 * BATCH_SIZE, seed * 1_000_003 + step, exclude=exclude)
+        return [row for row in drawn if sum_half(row) == half][:BATCH_SIZE]
+
+    return rows
+
+
+def build_multi_teacher(tokenizer, test_rows: Rows, halves=tuple(MULTI_SEEDS)) -> None:
+    """Two specialist teachers and a routed training file (see the module docstring)."""
+    out = TINY_DIR / "multi_teacher"
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "train.jsonl", "w", encoding="utf-8") as f:
+        f.writelines(
+            json.dumps({**row, "teacher": sum_half(row)}) + "\n" for row in load_rows(train_path())
+        )
+    test_prompts = frozenset(r["prompt"] for r in test_rows)
+    by_half = {
+        f"{h}_half_accuracy": [r for r in test_rows if sum_half(r) == h] for h in MULTI_SEEDS
+    }
+    for half in halves:
+        model_seed, stream_seed = MULTI_SEEDS[half]
+        model = build_tiny_model(tiny_config(*STUDENT_H32_SHAPE), model_seed)
+        stream = half_stream(test_prompts, stream_seed, half)
+        name = f"multi_teacher/{half}"
+        steps = MULTI_STEPS[half]
+        build_extra(model, tokenizer, stream, steps, MULTI_LR, name, test_rows, by_half)
+
+
 def build_extra(
     model,
     tokenizer,
@@ -254,7 +300,7 @@ def main() -> None:
     parser.add_argument("--skip-headroom-check", action="store_true")
     parser.add_argument(
         "--only",
-        choices=["teacher_b", "student_h32", "osd_draft", "student_hint"],
+        choices=["teacher_b", "student_h32", "osd_draft", "student_hint", "multi_teacher"],
         default=None,
         help="build only this asset from the shipped test set",
     )
@@ -263,6 +309,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if args.only == "teacher_b":
         build_teacher_b(build_char_tokenizer(), make_rows(NUM_TEST, TEST_SEED))
+        return
+    if args.only == "multi_teacher":
+        build_multi_teacher(build_char_tokenizer(), make_rows(NUM_TEST, TEST_SEED))
         return
     if args.only == "osd_draft":
         build_osd_draft(build_char_tokenizer())
@@ -315,6 +364,7 @@ def main() -> None:
     build_student_h32(tokenizer, test_rows, train_rows[:NUM_LABELLED])
     build_osd_draft(tokenizer)
     build_student_hint(tokenizer, test_rows, train_rows[:NUM_LABELLED])
+    build_multi_teacher(tokenizer, test_rows)
 
 
 if __name__ == "__main__":

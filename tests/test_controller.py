@@ -128,19 +128,24 @@ def test_every_teacher_scores_each_shard_in_order(tmp_path):
         for t in pipeline.teachers
     ]
     both = pipeline.gather(controller.rollout(0, prompts), prompts)
-    # The token-level fields are the last teacher's: teachers score one after another.
-    assert torch.equal(both.teacher_logprobs, scored[1].teacher_logprobs)
+    # Teachers score one after another, each filing its outputs under its name (the learner
+    # fuses them: protege.fusion); the standard fields stay empty until then.
+    assert list(both.named_teachers) == ["teacher", "second"]
+    assert torch.equal(both.named_teachers["teacher"].logprobs, scored[0].teacher_logprobs)
+    assert torch.equal(both.named_teachers["second"].logprobs, scored[1].teacher_logprobs)
+    assert both.teacher_logprobs is None
     assert not torch.equal(scored[0].teacher_logprobs, scored[1].teacher_logprobs)
 
 
-def test_several_teachers_are_refused_for_a_one_teacher_algorithm(tmp_path):
+def test_several_teachers_are_refused_for_teacher_steered_decoding(tmp_path):
     config = local(
         tmp_path,
-        "algorithm.name=gkd",
+        "algorithm.name=minillm",
+        "algorithm.mix_alpha=0.2",
         "teachers.1.name=b",
         "teachers.1.model=builtin:tiny/teacher_b",
     )
-    with pytest.raises(ValueError, match="2 teachers .* reads 1"):
+    with pytest.raises(ValueError, match="teacher-steered decoding"):
         build_controller(config)
 
 

@@ -29,6 +29,7 @@ def labelled_batch(
         "teacher_logits": (response_len, V),
         "rewards": (),
         "group_ids": (),
+        "teacher_route": (),
     }
     fields = {}
     for name in ROW_FIELDS:
@@ -79,6 +80,7 @@ def test_every_row_field_is_sliced_by_select():
             "extras",
             "teacher_kv",  # per-row LayerKVs, selected on their own (tests/test_kv_distill.py)
             "teacher_prompts",  # per-teacher prompts, selected on their own (test_privileged.py)
+            "named_teachers",  # per-teacher payloads, selected on their own (tests/test_fusion.py)
         )
     }
 

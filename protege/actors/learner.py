@@ -21,7 +21,7 @@ from torch import Tensor
 from transformers import PreTrainedModel
 
 from protege.actors.step_result import StepResult
-from protege.actors.teacher import rows_within_budget, teacher_outputs
+from protege.actors.teacher import emitted_ids, rows_within_budget, teacher_outputs
 from protege.algorithms.registry import ModuleContext, StepLoss
 from protege.capabilities import (
     HIDDEN_NOT_FROM_SELF_TEACHER,
@@ -29,9 +29,10 @@ from protege.capabilities import (
     SELF_TEACHER_NEEDS_LORA,
 )
 from protege.config import Config
+from protege.fusion import fuse_batch, teacher_metrics
 from protege.lora import wrap_with_lora as _with_lora
 from protege.memory import peak_metrics
-from protege.modeling import load_model, load_model_config, load_tokenizer
+from protege.modeling import load_model, load_model_config, load_tokenizer, vocab_size
 from protege.privileged import scored_on_view
 from protege.records import RolloutBatch, RolloutPlan, WeightUpdate, lm_targets
 from protege.student import StudentForward
@@ -79,6 +80,8 @@ class Learner:
         self._engine.module.train()
         self._version = 0
         self._teacher_head: TeacherHead | None = None  # loaded for the first hidden states
+        self._heads: dict[str, TeacherHead] = {}  # several teachers' heads, by name
+        self._vocab: int | None = None  # ids the student's tokenizer emits (top-k fusion)
 
     @property
     def version(self) -> int:
@@ -155,12 +158,40 @@ class Learner:
 
     def _loss_pass(self, micro: RolloutBatch, step_loss: StepLoss) -> tuple[Tensor, dict]:
         micro = _on_device(micro, self._device())  # the loss reads teacher outputs, masks, ...
+        fused = None
+        if micro.named_teachers:  # several teachers: one fused target, per micro-batch
+            micro, fused = self._fused(micro)
         if micro.teacher_hidden is not None:  # teacher_need "hidden": exact logits, per micro
             micro = self.teacher_head.decode(micro)
         student = StudentForward(
             self._engine.module, micro, self._trained.extras, config=self._model.config
         )
-        return step_loss.loss(student, micro)
+        loss, metrics = step_loss.loss(student, micro)
+        if fused is not None:
+            metrics = {**metrics, **teacher_metrics(student.logits, micro, *fused)}
+        return loss, metrics
+
+    def _fused(self, micro: RolloutBatch) -> tuple[RolloutBatch, tuple]:
+        """`micro` with its teachers' outputs fused into the standard fields (protege.fusion),
+        and what the per-teacher metrics read."""
+        temperature = self.algorithm.plan(micro.step).temperature
+        if self._vocab is None:
+            self._vocab = emitted_ids(self.config.student.model, vocab_size(self._model))
+        weights = {spec.name: spec.weight for spec in self.config.teachers}
+        fused, mix, payloads = fuse_batch(
+            micro, self.config.fusion, weights, temperature, self._vocab, self._decode_hidden
+        )
+        return fused, (list(micro.named_teachers), payloads, mix, temperature)
+
+    def _decode_hidden(self, name: str, hidden: Tensor, mask: Tensor) -> Tensor:
+        """One named teacher's hidden states -> its logits, with its own frozen head."""
+        if name not in self._heads:
+            spec = next(t for t in self.config.teachers if t.name == name)
+            if spec.is_self:
+                raise ValueError(HIDDEN_NOT_FROM_SELF_TEACHER)
+            self._heads[name] = TeacherHead.load(spec.model, spec.dtype, self._device())
+        with torch.no_grad():
+            return self._heads[name].logits(hidden, mask)
 
     @property
     def teacher_head(self) -> TeacherHead:
@@ -341,7 +372,11 @@ def _on_device(batch: RolloutBatch, device: torch.device) -> RolloutBatch:
         for f in dataclasses.fields(batch)
         if isinstance(getattr(batch, f.name), Tensor)
     }
-    return batch.replace(**tensors)
+    named = {
+        name: payload.map(lambda t: t.to(device, non_blocking=True))
+        for name, payload in batch.named_teachers.items()
+    }
+    return batch.replace(**tensors, named_teachers=named)
 
 
 def _local_lm_targets(batch: RolloutBatch) -> float:

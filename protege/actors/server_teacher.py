@@ -18,11 +18,12 @@ from typing import Any
 
 import torch
 
-from protege.actors.teacher import payload_bytes
+from protege.actors.teacher import named_extras, payload_bytes
 from protege.actors.vllm_engine import outputs_from_scores, real_tokens, tail_logprob
 from protege.capabilities import SERVER_TEACHER_NEEDS_URL, cannot_run, teacher_problem
 from protege.config import SELF_TEACHER
 from protege.records import RolloutBatch, RolloutPlan
+from protege.teacher_payload import attach_outputs
 from protege.teacher_server import (
     SERVER_NEG_INF,
     ServerClient,
@@ -76,13 +77,15 @@ class ServerTeacherScorer:
         ]
         parts = list(self.pool.map(lambda rows: self._score_rows(rows, plan, k, vocab), chunks))
         fields = {name: torch.cat([part[name] for part in parts]) for name in parts[0]}
-        scored = batch.replace(**fields)
+        scored = attach_outputs(batch, fields, plan.store_as)  # under its name: several teachers
         extras = {
             "teacher/seconds": time.perf_counter() - started,
             "teacher/tokens": batch.num_response_tokens,
             "teacher/payload_bytes": float(payload_bytes(scored)),
             "teacher/server_retries": float(self.client.retried - retried),
         }
+        if plan.store_as is not None:  # several teachers, scored one after the other
+            extras.update(named_extras(batch.extras, extras, plan.store_as))
         return scored.replace(extras={**scored.extras, **extras})
 
     def _width(self, topk: int) -> tuple[int, int | None]:

@@ -27,6 +27,7 @@ from protege.modeling import (
 )
 from protege.privileged import scored_on_view
 from protege.records import RolloutBatch, RolloutPlan
+from protege.teacher_payload import attach_outputs
 
 
 def teacher_outputs(
@@ -68,7 +69,7 @@ def teacher_outputs(
             rows = batch.select(slice(start, start + step))
             parts.append(_score_rows(model, rows, plan, vocab))
     fields = {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
-    return batch.replace(**fields)
+    return attach_outputs(batch, fields, plan.store_as)
 
 
 LOGITS_BUDGET = 2**26  # float32 logits per forward (256 MiB); log-softmax copies scale with it
@@ -188,12 +189,15 @@ class TeacherScorer:
         )
         if scored is batch:  # teacher_need "none": nothing scored
             return batch
+        seconds = time.perf_counter() - started
         extras = {
-            "teacher/seconds": time.perf_counter() - started,
+            "teacher/seconds": seconds,
             "teacher/tokens": batch.num_response_tokens,
             "teacher/payload_bytes": float(payload_bytes(scored)),
             **peak_metrics("teacher"),
         }
+        if plan.store_as is not None:  # several teachers, scored one after the other
+            extras.update(named_extras(batch.extras, extras, plan.store_as))
         return scored.replace(extras={**scored.extras, **extras})
 
 
@@ -210,4 +214,14 @@ TEACHER_FIELDS = (
 def payload_bytes(batch: RolloutBatch) -> int:
     """Bytes of teacher outputs a batch carries (what scoring adds to the wire)."""
     tensors = (getattr(batch, name) for name in TEACHER_FIELDS)
-    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+    named = sum(payload.nbytes for payload in batch.named_teachers.values())
+    return named + sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+def named_extras(before: dict[str, float], mine: dict[str, float], name: str) -> dict[str, float]:
+    """One of several teachers' extras: its seconds also as `teacher/<name>/seconds`, and the
+    totals over the teachers that scored this shard before it (they run one after another)."""
+    out = {"teacher/seconds": before.get("teacher/seconds", 0.0) + mine["teacher/seconds"]}
+    out["teacher/tokens"] = before.get("teacher/tokens", 0.0) + mine["teacher/tokens"]
+    out[f"teacher/{name}/seconds"] = mine["teacher/seconds"]
+    return out

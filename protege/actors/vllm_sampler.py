@@ -42,6 +42,7 @@ from protege.config import SELF_TEACHER, LoraConfig, RolloutConfig
 from protege.modeling import load_tokenizer, resolve_path
 from protege.privileged import scored_on_view
 from protege.records import PromptBatch, RolloutBatch, RolloutPlan, WeightUpdate
+from protege.teacher_payload import attach_outputs
 
 
 class VLLMSampler:
@@ -194,9 +195,8 @@ class VLLMSampler:
         topk = plan.topk if plan.teacher_need == "topk" else 0
 
         def score(view: RolloutBatch) -> RolloutBatch:  # a privileged prompt, or the student's
-            return view.replace(
-                **outputs_from_scores(score_sequences(self.llm, view, topk), view, plan)
-            )
+            fields = outputs_from_scores(score_sequences(self.llm, view, topk), view, plan)
+            return attach_outputs(view, fields, plan.store_as)
 
         return scored_on_view(batch, plan, score)
 

@@ -20,6 +20,7 @@ from protege.capabilities import (
 from protege.config import SELF_TEACHER
 from protege.privileged import scored_on_view
 from protege.records import RolloutBatch, RolloutPlan
+from protege.teacher_payload import attach_outputs
 
 
 class VLLMTeacherScorer:
@@ -60,4 +61,4 @@ class VLLMTeacherScorer:
             rows = batch.select(slice(start, start + self.micro_batch_size))
             parts.append(outputs_from_scores(score_sequences(self.llm, rows, topk), rows, plan))
         fields = {name: torch.cat([part[name] for part in parts]) for name in parts[0]}
-        return batch.replace(**fields)
+        return attach_outputs(batch, fields, plan.store_as)

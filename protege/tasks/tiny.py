@@ -98,6 +98,12 @@ def osd_heldout_path() -> str:
     return str(TINY_DIR / "osd_heldout.jsonl")
 
 
+def multi_teacher_path(name: str) -> str:
+    """Issue 14's specialists and data: `low` (trained on sums below 100 only), `high` (sums
+    of 100 or more only), `train.jsonl` (the training rows, each naming its specialist)."""
+    return str(TINY_DIR / "multi_teacher" / name)
+
+
 def student_path() -> str:
     return str(TINY_DIR / "student")
 
