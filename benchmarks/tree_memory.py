@@ -25,6 +25,7 @@ class TreeMeter:
         self.peak_rss = 0
         self.peak_pss = 0
         self.peak_processes = 0
+        self.at_peak: dict[str, float] = {}  # process -> RSS GiB when the RSS sum peaked
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, daemon=True)
 
@@ -47,13 +48,18 @@ class TreeMeter:
         except psutil.NoSuchProcess:
             return
         rss = pss = 0
+        each: dict[str, float] = {}
         for process in processes:
             try:
                 info = process.memory_full_info()
+                name = " ".join(process.cmdline())[:60] or process.name()
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 continue  # exited between the listing and the read
             rss += info.rss
             pss += getattr(info, "pss", info.rss)
+            each[f"{process.pid} {name}"] = round(info.rss / GIB, 3)
+        if rss > self.peak_rss:
+            self.at_peak = each
         self.peak_rss = max(self.peak_rss, rss)
         self.peak_pss = max(self.peak_pss, pss)
         self.peak_processes = max(self.peak_processes, len(processes))
@@ -63,6 +69,7 @@ class TreeMeter:
             "tree_peak_rss_gib": self.peak_rss / GIB,
             "tree_peak_pss_gib": self.peak_pss / GIB,
             "tree_processes": self.peak_processes,
+            "tree_at_peak_gib": self.at_peak,
         }
 
 

@@ -66,3 +66,21 @@ def test_real_model_flops_count_every_matmul_weight(model):
     built = load_model(str(path))
     linear = sum(m.weight.numel() for m in built.modules() if isinstance(m, torch.nn.Linear))
     assert matmul_parameters(path) == linear
+
+
+def test_tree_memory_meter_sums_a_process_and_the_processes_it_starts():
+    """benchmarks/tree_memory.py: a parent holding 100 MB whose child holds 200 MB peaks at
+    >= 300 MB summed over both (ru_maxrss of the parent alone would say ~100 MB)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from tree_memory import run_metered
+
+    child = "import time; x = bytearray(200_000_000); time.sleep(3)"
+    parent = (
+        "import subprocess, sys; x = bytearray(100_000_000); "
+        f"subprocess.run([sys.executable, '-c', {child!r}], check=True)"
+    )
+    code, _, _, peaks = run_metered([sys.executable, "-c", parent], interval=0.2)
+    assert code == 0
+    assert peaks["tree_processes"] >= 2
+    assert peaks["tree_peak_rss_gib"] * 2**30 >= 300_000_000
+    assert sum(peaks["tree_at_peak_gib"].values()) * 2**30 >= 300_000_000
