@@ -55,6 +55,9 @@ class RolloutPlan:
     pretrain_weight: float = 0.0  # weight of the LM loss on pre-training text (0 = off)
     # teacher_need "kv": how a teacher reading other tokens (prefix, tokenizer) is aligned
     kv_time_align: Literal["resample", "segment", "char"] = "segment"
+    # a teacher with another tokenizer re-reads the text and ships span-aligned outputs in the
+    # student's layout (protege.xtok): GOLD's paired ids + tail, or ULD's sorted log-probs
+    cross_tokenizer: Literal["off", "gold", "uld"] = "off"
 
     @property
     def needs_teacher_in_decoding(self) -> bool:
@@ -128,6 +131,12 @@ class RolloutBatch:
     step: int = 0  # training step this batch belongs to (schedules read it)
     weights_version: int = 0  # learner version whose weights sampled this batch
     extras: dict[str, float] = field(default_factory=dict)  # scalar rollout metrics
+    # A teacher with another tokenizer (plan.cross_tokenizer, protege.xtok): at the first
+    # student token of each aligned span, the student tokens the span holds (0 elsewhere),
+    # log p_T of the span's text, and whether it is one same-string token on both sides
+    teacher_span_tokens: Tensor | None = None  # [B,T] long
+    teacher_span_logprobs: Tensor | None = None  # [B,T] float
+    teacher_span_exact: Tensor | None = None  # [B,T] bool
 
     def __reduce__(self):
         """Pickled (Ray, checkpoints) with all tensors in one byte buffer: see `pack_tensors`."""
@@ -248,6 +257,9 @@ _PER_ROW_TENSORS = frozenset(
         "advantages",
         "importance_weights",
         "group_ids",
+        "teacher_span_tokens",
+        "teacher_span_logprobs",
+        "teacher_span_exact",
     }
 )
 

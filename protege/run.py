@@ -66,13 +66,31 @@ def check_teacher_tokenizers(config: Config, algorithm: Algorithm, tokenizer, ch
     its rendering); K-V teachers realign other tokenizers themselves."""
     if algorithm.plan(0).teacher_need == "kv":
         return
+    if algorithm.plan(0).cross_tokenizer != "off":  # protege.xtok: re-read, not compared
+        report_cross_tokenizer(config, tokenizer)
+        return
     for teacher in config.teachers:
         if teacher.is_self:
             continue
         theirs = load_tokenizer(teacher.model)
-        check_same_vocabulary(tokenizer, theirs, teacher.name)
+        try:
+            check_same_vocabulary(tokenizer, theirs, teacher.name)
+        except SetupError as error:
+            raise SetupError(f"{error}, or distil across tokenizers: {CROSS_HINT}") from None
         if chat:
             check_same_chat_template(tokenizer, theirs, teacher.name, config.data.system_prompt)
+
+
+CROSS_HINT = "algorithm.name=gkd algorithm.cross_tokenizer=gold (or uld)"
+
+
+def report_cross_tokenizer(config: Config, tokenizer) -> None:
+    from protege.xtok.checks import cross_tokenizer_report
+
+    rows = read_jsonl(config.data.train)
+    for teacher in config.teachers:
+        line = cross_tokenizer_report(tokenizer, teacher.name, teacher.model, rows)
+        print(f"[protege] {line}", file=sys.stderr, flush=True)
 
 
 def data_summary(config: Config, prompts: PromptSource) -> list[str]:
@@ -123,6 +141,11 @@ def _check_setup(config: Config, algorithm: Algorithm) -> None:
     if reason:
         raise ValueError(reason)
     check_teachers(config, algorithm)
+    method = algorithm.plan(0).cross_tokenizer
+    if method != "off":
+        from protege.xtok.checks import check_cross_tokenizer
+
+        check_cross_tokenizer(config, method)
     check_paths(config)  # local model directories (read below), a writable output_dir
     models = vllm_models_on_cpu(config, torch.cuda.is_available())
     if models:  # reads each model's config.json only; vLLM itself is not imported

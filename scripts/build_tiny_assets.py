@@ -5,6 +5,7 @@
     python scripts/build_tiny_assets.py --only teacher_b   # the second KV teacher, ~2 min
     python scripts/build_tiny_assets.py --only student_h32  # vLLM-on-CPU student, seconds
     python scripts/build_tiny_assets.py --only osd_draft  # OSD's shifted draft + traffic, ~1 min
+    python scripts/build_tiny_assets.py --only teacher_bpe  # teacher with a BPE tokenizer, ~3 min
 
 Deterministic (seeded). Steps and measured times on 2 CPU cores:
 * teacher (4 x 128): 3,000 steps of batch 64 at lr 2e-3 on fresh gold problems (never a
@@ -25,6 +26,11 @@ Deterministic (seeded). Steps and measured times on 2 CPU cores:
   "low"), plus `osd_traffic.jsonl` (2,000 prompts) and `osd_heldout.jsonl` (200 others) with
   both operands 50..99 (domain "high": three-digit sums it never saw); its numbers, in and
   out of its domain, go to `osd_draft/build.json`.
+* teacher_bpe (the teacher's 4 x 128 shape as a Llama model, 64-token BPE vocabulary trained on the task's
+  prompts and answers, so "18" and "+1" are single tokens, EOS "</s>"): the teacher of
+  cross-tokenizer distillation (`protege.xtok`); 3,000 steps of batch 64 at lr 2e-3 on fresh
+  gold problems, prompt and completion tokenised apart (as the cross-tokenizer scorer reads
+  them), saved in bfloat16 (< 2 MB); its numbers go to `teacher_bpe/build.json`.
 Results are written to `protege/assets/tiny/manifest.json`.
 """
 
@@ -39,6 +45,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from transformers import AutoModelForCausalLM
 
 from protege.tasks.tiny import (
     TINY_DIR,
@@ -64,6 +71,7 @@ STUDENT_H32_SHAPE = (2, 64, 2, 2, 128)
 OSD_LOW, OSD_HIGH = (0, 49), (50, 99)  # operand ranges of the draft's domain and the traffic's
 OSD_DRAFT_STEPS, OSD_DRAFT_SEEDS, OSD_TRAFFIC_SEED = 1500, (51, 52), 53
 NUM_OSD_TRAFFIC, NUM_OSD_HELDOUT = 2000, 200
+TEACHER_BPE_SEEDS = (61, 62, 63)
 BATCH_SIZE = 64
 
 Rows = list[dict[str, str]]
@@ -97,7 +105,13 @@ def sft_batch(tokenizer, rows: Rows) -> tuple[torch.Tensor, torch.Tensor, torch.
 
 
 def train(
-    model, tokenizer, next_rows: Callable[[int], Rows], steps: int, lr: float, name: str
+    model,
+    tokenizer,
+    next_rows: Callable[[int], Rows],
+    steps: int,
+    lr: float,
+    name: str,
+    make_batch: Callable = sft_batch,
 ) -> float:
     """Completion-only cross-entropy with AdamW, 50 warm-up steps and linear decay.
     Returns the wall time in seconds."""
@@ -108,7 +122,7 @@ def train(
     model.train()
     start = time.time()
     for step in range(steps):
-        input_ids, attention_mask, loss_mask = sft_batch(tokenizer, next_rows(step))
+        input_ids, attention_mask, loss_mask = make_batch(tokenizer, next_rows(step))
         logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
         token_loss = F.cross_entropy(logits.transpose(1, 2), input_ids[:, 1:], reduction="none")
         target_mask = loss_mask[:, 1:].float()
@@ -187,6 +201,55 @@ def build_osd_draft(tokenizer) -> None:
     build_extra(model, tokenizer, stream, OSD_DRAFT_STEPS, 2e-3, "osd_draft", low_test, extra)
 
 
+def bpe_batch(tokenizer, rows: Rows) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`sft_batch` for a tokenizer whose merges cross the prompt/answer boundary: prompt and
+    answer + EOS are tokenised apart and concatenated, as the cross-tokenizer scorer does."""
+    pieces = [
+        (
+            tokenizer(r["prompt"], add_special_tokens=False)["input_ids"],
+            tokenizer(r["answer"], add_special_tokens=False)["input_ids"]
+            + [tokenizer.eos_token_id],
+        )
+        for r in rows
+    ]
+    width = max(len(p) + len(c) for p, c in pieces)
+    input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros(len(rows), width, dtype=torch.long)
+    loss_mask = torch.zeros(len(rows), width, dtype=torch.bool)
+    for b, (prompt, completion) in enumerate(pieces):
+        n = len(prompt) + len(completion)
+        input_ids[b, :n] = torch.tensor(prompt + completion)
+        attention_mask[b, :n] = 1
+        loss_mask[b, len(prompt) : n] = True
+    return input_ids, attention_mask, loss_mask
+
+
+def build_teacher_bpe(test_rows: Rows) -> None:
+    """The cross-tokenizer teacher (see the module docstring); writes teacher_bpe/."""
+    from protege.tasks.tiny_bpe import build_bpe_teacher, train_bpe_tokenizer
+
+    test_prompts = frozenset(r["prompt"] for r in test_rows)
+    corpus = make_rows(5000, TEACHER_BPE_SEEDS[2], exclude=test_prompts)
+    tokenizer = train_bpe_tokenizer(t for r in corpus for t in (r["prompt"], r["answer"]))
+    model = build_bpe_teacher(tokenizer, TEACHER_BPE_SEEDS[0])
+    stream = gold_stream(test_prompts, TEACHER_BPE_SEEDS[1])
+    seconds = train(model, tokenizer, stream, 3000, 2e-3, "teacher_bpe", bpe_batch)
+    save(model.to(torch.bfloat16), tokenizer, "teacher_bpe")
+    reloaded = AutoModelForCausalLM.from_pretrained(TINY_DIR / "teacher_bpe", dtype=torch.float32)
+    accuracy = greedy_accuracy(reloaded, tokenizer, test_rows)
+    print(f"teacher_bpe: test accuracy {accuracy:.3f} after {seconds:.0f} s", flush=True)
+    summary = {
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "vocab_size": len(tokenizer),
+        "steps": 3000,
+        "lr": 2e-3,
+        "train_seconds": round(seconds, 1),
+        "test_accuracy": accuracy,
+    }
+    with open(TINY_DIR / "teacher_bpe" / "build.json", "w", encoding="utf-8") as f:
+        json.dump(summary, f, indent=2)
+
+
 def build_extra(
     model,
     tokenizer,
@@ -222,7 +285,7 @@ def main() -> None:
     parser.add_argument("--skip-headroom-check", action="store_true")
     parser.add_argument(
         "--only",
-        choices=["teacher_b", "student_h32", "osd_draft"],
+        choices=["teacher_b", "student_h32", "osd_draft", "teacher_bpe"],
         default=None,
         help="build only this asset from the shipped test set",
     )
@@ -231,6 +294,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if args.only == "teacher_b":
         build_teacher_b(build_char_tokenizer(), make_rows(NUM_TEST, TEST_SEED))
+        return
+    if args.only == "teacher_bpe":
+        build_teacher_bpe(make_rows(NUM_TEST, TEST_SEED))
         return
     if args.only == "osd_draft":
         build_osd_draft(build_char_tokenizer())

@@ -160,7 +160,13 @@ def emitted_ids(model: str, width: int) -> int:
 class TeacherScorer:
     """A frozen teacher that scores rollout batches (wrapped as a Ray actor elsewhere)."""
 
-    def __init__(self, model: str, dtype: str = "float32", micro_batch_size: int = 64) -> None:
+    def __init__(
+        self,
+        model: str,
+        dtype: str = "float32",
+        micro_batch_size: int = 64,
+        student_tokenizer: str | None = None,
+    ) -> None:
         if model == SELF_TEACHER:
             raise ValueError(SELF_TEACHER_HAS_NO_SCORER)
         if micro_batch_size < 1:
@@ -168,6 +174,8 @@ class TeacherScorer:
         self.model = load_frozen_model(model, dtype)
         self.micro_batch_size = micro_batch_size
         self.tokens = emitted_ids(model, vocab_size(self.model))
+        # a teacher that re-reads the student's text with its own tokenizer (protege.xtok)
+        self.cross = cross_scorer(self.model, model, student_tokenizer, self.tokens)
 
     @property
     def vocab_size(self) -> int:
@@ -178,7 +186,17 @@ class TeacherScorer:
         """Teacher outputs for `batch`, with the worker's seconds, scored tokens and the bytes
         of teacher outputs it ships added to `extras`."""
         started = time.perf_counter()
-        scored = teacher_outputs(self.model, batch, plan, self.micro_batch_size, self.tokens)
+        if plan.cross_tokenizer != "off" and plan.teacher_need != "none":
+            scored = self._cross(plan).score(batch, plan, self.micro_batch_size)
+        elif self.cross is not None and not self.cross.same_vocabulary and plan.teacher_need != "none":
+            raise ValueError(
+                f"this teacher's tokenizer is not the student's: it scores only through "
+                f"cross-tokenizer distillation, not teacher_need={plan.teacher_need!r} on the "
+                "student's ids (trainer.eval_teacher_kl and answer-less test rows need a "
+                "teacher with the student's tokenizer)"
+            )
+        else:
+            scored = teacher_outputs(self.model, batch, plan, self.micro_batch_size, self.tokens)
         if scored is batch:  # teacher_need "none": nothing scored
             return batch
         extras = {
@@ -190,6 +208,26 @@ class TeacherScorer:
         return scored.replace(extras={**scored.extras, **extras})
 
 
+    def _cross(self, plan: RolloutPlan):
+        if self.cross is None:
+            raise ValueError(
+                f"plan.cross_tokenizer={plan.cross_tokenizer!r} needs the student's tokenizer: "
+                "construct the teacher scorer with student_tokenizer"
+            )
+        return self.cross
+
+
+def cross_scorer(model: torch.nn.Module, name: str, student_tokenizer: str | None, vocab: int):
+    """The cross-tokenizer scorer of teacher `name`, or None without a student tokenizer."""
+    if student_tokenizer is None:
+        return None
+    from protege.xtok.scorer import CrossTokenizerScorer
+
+    return CrossTokenizerScorer(
+        model, load_tokenizer(name), load_tokenizer(student_tokenizer), vocab
+    )
+
+
 TEACHER_FIELDS = (
     "teacher_logprobs",
     "teacher_topk_ids",
@@ -197,6 +235,9 @@ TEACHER_FIELDS = (
     "teacher_tail_logprobs",
     "teacher_logits",
     "teacher_hidden",
+    "teacher_span_tokens",
+    "teacher_span_logprobs",
+    "teacher_span_exact",
 )
 
 

@@ -71,6 +71,12 @@ def teacher_b_path() -> str:
     return str(TINY_DIR / "teacher_b")
 
 
+def teacher_bpe_path() -> str:
+    """The teacher's shape with its own tokenizer (64 BPE tokens: "18", "+1", EOS "</s>"),
+    for cross-tokenizer distillation (`protege.xtok`)."""
+    return str(TINY_DIR / "teacher_bpe")
+
+
 def student_h32_path() -> str:
     """The student's recipe with 32-wide heads, which vLLM's CPU attention accepts."""
     return str(TINY_DIR / "student_h32")
