@@ -26,9 +26,9 @@ Deterministic (seeded). Steps and measured times on 2 CPU cores:
   "low"), plus `osd_traffic.jsonl` (2,000 prompts) and `osd_heldout.jsonl` (200 others) with
   both operands 50..99 (domain "high": three-digit sums it never saw); its numbers, in and
   out of its domain, go to `osd_draft/build.json`.
-* teacher_bpe (the teacher's 4 x 128 shape as a Llama model, 64-token BPE vocabulary trained on the task's
+* teacher_bpe (3 x 96 Llama, ~0.3 M parameters, 64-token BPE vocabulary trained on the task's
   prompts and answers, so "18" and "+1" are single tokens, EOS "</s>"): the teacher of
-  cross-tokenizer distillation (`protege.xtok`); 3,000 steps of batch 64 at lr 2e-3 on fresh
+  cross-tokenizer distillation (`protege.xtok`); 2,000 steps of batch 64 at lr 2e-3 on fresh
   gold problems, prompt and completion tokenised apart (as the cross-tokenizer scorer reads
   them), saved in bfloat16 (< 2 MB); its numbers go to `teacher_bpe/build.json`.
 Results are written to `protege/assets/tiny/manifest.json`.
@@ -71,7 +71,7 @@ STUDENT_H32_SHAPE = (2, 64, 2, 2, 128)
 OSD_LOW, OSD_HIGH = (0, 49), (50, 99)  # operand ranges of the draft's domain and the traffic's
 OSD_DRAFT_STEPS, OSD_DRAFT_SEEDS, OSD_TRAFFIC_SEED = 1500, (51, 52), 53
 NUM_OSD_TRAFFIC, NUM_OSD_HELDOUT = 2000, 200
-TEACHER_BPE_SEEDS = (61, 62, 63)
+TEACHER_BPE_SHAPE, TEACHER_BPE_STEPS, TEACHER_BPE_SEEDS = (3, 96, 4, 2, 288), 2000, (61, 62, 63)
 BATCH_SIZE = 64
 
 Rows = list[dict[str, str]]
@@ -231,9 +231,9 @@ def build_teacher_bpe(test_rows: Rows) -> None:
     test_prompts = frozenset(r["prompt"] for r in test_rows)
     corpus = make_rows(5000, TEACHER_BPE_SEEDS[2], exclude=test_prompts)
     tokenizer = train_bpe_tokenizer(t for r in corpus for t in (r["prompt"], r["answer"]))
-    model = build_bpe_teacher(tokenizer, TEACHER_BPE_SEEDS[0])
+    model = build_bpe_teacher(tokenizer, TEACHER_BPE_SEEDS[0], TEACHER_BPE_SHAPE)
     stream = gold_stream(test_prompts, TEACHER_BPE_SEEDS[1])
-    seconds = train(model, tokenizer, stream, 3000, 2e-3, "teacher_bpe", bpe_batch)
+    seconds = train(model, tokenizer, stream, TEACHER_BPE_STEPS, 2e-3, "teacher_bpe", bpe_batch)
     save(model.to(torch.bfloat16), tokenizer, "teacher_bpe")
     reloaded = AutoModelForCausalLM.from_pretrained(TINY_DIR / "teacher_bpe", dtype=torch.float32)
     accuracy = greedy_accuracy(reloaded, tokenizer, test_rows)
@@ -241,7 +241,7 @@ def build_teacher_bpe(test_rows: Rows) -> None:
     summary = {
         "parameters": sum(p.numel() for p in model.parameters()),
         "vocab_size": len(tokenizer),
-        "steps": 3000,
+        "steps": TEACHER_BPE_STEPS,
         "lr": 2e-3,
         "train_seconds": round(seconds, 1),
         "test_accuracy": accuracy,

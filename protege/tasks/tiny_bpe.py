@@ -60,9 +60,11 @@ def bpe_teacher_config(tokenizer, shape: tuple[int, ...] = TEACHER_SHAPE) -> Lla
     )
 
 
-def build_bpe_teacher(tokenizer, seed: int) -> LlamaForCausalLM:
+def build_bpe_teacher(
+    tokenizer, seed: int, shape: tuple[int, ...] = TEACHER_SHAPE
+) -> LlamaForCausalLM:
     """An untrained Llama teacher over `tokenizer`, its weights depending only on `seed`."""
-    config = bpe_teacher_config(tokenizer)
+    config = bpe_teacher_config(tokenizer, shape)
     state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)

@@ -36,17 +36,18 @@ def check_cross_tokenizer(config, method: str) -> None:
 
 def cross_tokenizer_report(student_tok, teacher_name: str, teacher_model: str, rows) -> str:
     """One line: the vocabularies' overlap, and on the first training completions the share
-    of response characters in aligned spans and in exact one-token spans."""
+    of response characters in aligned spans and in exact one-token spans. `rows` are
+    `protege.data.Row`s (prompt, completion)."""
     teacher_tok = load_tokenizer(teacher_model)
     pairs = vocabulary_map(student_tok, teacher_tok)
     line = f"teacher {teacher_name!r} ({teacher_model}) is read across tokenizers: {pairs.summary()}"
-    texts = [r for r in rows if isinstance(r.get("completion"), str)][:REPORT_ROWS]
+    texts = [r for r in rows if isinstance(r.completion, str)][:REPORT_ROWS]
     if not texts:
         return line + "; no data.train completions to measure the span alignment on"
     total = aligned = exact = 0
     for row in texts:
-        prompt = student_tok(row["prompt"], add_special_tokens=False)["input_ids"]
-        response = student_tok(row["completion"], add_special_tokens=False)["input_ids"]
+        prompt = student_tok(row.prompt, add_special_tokens=False)["input_ids"]
+        response = student_tok(row.completion, add_special_tokens=False)["input_ids"]
         view = teacher_view(student_tok, teacher_tok, prompt, response)
         total += view.characters
         aligned += aligned_characters(view.spans)
