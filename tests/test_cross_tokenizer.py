@@ -19,16 +19,23 @@ from protege.student import StudentForward
 from protege.xtok.align import Span, aligned_spans, piece_offsets
 from protege.xtok.vocab import vocabulary_map
 
-ROWS = [("7+11=", "18<eos>"), ("47+38=", "85<eos>"), ("50+50=", "100<eos>"), ("3+4=", "7<eos>"),
-        ("12+1=", "13"), ("9+9=", "<eos>")]  # a truncated response, an EOS-only response
+ROWS = [
+    ("7+11=", "18<eos>"),
+    ("47+38=", "85<eos>"),
+    ("50+50=", "100<eos>"),
+    ("3+4=", "7<eos>"),
+    ("12+1=", "13"),
+    ("9+9=", "<eos>"),
+]  # a truncated response, an EOS-only response
 
 
 @pytest.fixture(scope="module")
 def bpe_teacher(tmp_path_factory, tiny_dirs) -> str:
     """A random tiny teacher with a BPE tokenizer learnt on the task's text."""
+    from transformers import LlamaForCausalLM
+
     from protege.tasks.tiny import make_rows
     from protege.tasks.tiny_bpe import bpe_teacher_config, train_bpe_tokenizer
-    from transformers import LlamaForCausalLM
 
     rows = make_rows(5000, 5)
     tokenizer = train_bpe_tokenizer(t for r in rows for t in (r["prompt"], r["answer"]))
@@ -44,8 +51,14 @@ def student_batch(tokenizer, rows=ROWS) -> RolloutBatch:
     prompts = [tokenizer(p, add_special_tokens=False)["input_ids"] for p, _ in rows]
     responses = [tokenizer(c, add_special_tokens=False)["input_ids"] for _, c in rows]
     wp, wr = max(map(len, prompts)), max(map(len, responses))
-    pid, pmask = torch.zeros(len(rows), wp, dtype=torch.long), torch.zeros(len(rows), wp, dtype=torch.bool)
-    rid, rmask = torch.zeros(len(rows), wr, dtype=torch.long), torch.zeros(len(rows), wr, dtype=torch.bool)
+    pid, pmask = (
+        torch.zeros(len(rows), wp, dtype=torch.long),
+        torch.zeros(len(rows), wp, dtype=torch.bool),
+    )
+    rid, rmask = (
+        torch.zeros(len(rows), wr, dtype=torch.long),
+        torch.zeros(len(rows), wr, dtype=torch.bool),
+    )
     for b, (p, r) in enumerate(zip(prompts, responses)):
         pid[b, wp - len(p) :], pmask[b, wp - len(p) :] = torch.tensor(p), True
         rid[b, : len(r)], rmask[b, : len(r)] = torch.tensor(r), True
@@ -97,20 +110,28 @@ def _overlap_components(student, teacher) -> list[tuple[list[int], list[int]]]:
     return groups
 
 
+def _cuts(length: int, rng: torch.Generator) -> list[int]:
+    """Random token ends of a text of `length` characters (the last one always)."""
+    ends = torch.randint(1, length + 1, (length,), generator=rng).tolist()
+    return sorted(set(ends) | {length})
+
+
 def test_spans_are_the_char_iou_components():
     """On random segmentations of one text, the spans are exactly the groups that
     protege.kv's char-IoU matrix links."""
     rng = torch.Generator().manual_seed(0)
     for _ in range(50):
         length = int(torch.randint(1, 12, (1,), generator=rng))
-        cuts = lambda: sorted(set(torch.randint(1, length + 1, (length,), generator=rng).tolist()) | {length})
-        s_cuts, t_cuts = cuts(), cuts()
+        s_cuts, t_cuts = _cuts(length, rng), _cuts(length, rng)
         student = list(zip([0, *s_cuts[:-1]], s_cuts))
         teacher = list(zip([0, *t_cuts[:-1]], t_cuts))
         spans = aligned_spans(student, teacher)
         expected = _overlap_components(student, teacher)
         got = [
-            (list(range(s.student, s.student + s.student_len)), list(range(s.teacher, s.teacher + s.teacher_len)))
+            (
+                list(range(s.student, s.student + s.student_len)),
+                list(range(s.teacher, s.teacher + s.teacher_len)),
+            )
             for s in spans
         ]
         assert got == expected, (student, teacher)
@@ -150,9 +171,10 @@ def _brute_force(student_tok, teacher_tok, teacher_model, batch, student_logits,
     pairs = {(student_tok.eos_token_id, teacher_tok.eos_token_id)}
     for s in range(len(student_tok)):
         for t in range(len(teacher_tok)):
-            if student_tok.decode([s]) == teacher_tok.decode([t]) and s != student_tok.eos_token_id:
-                if t != teacher_tok.eos_token_id and all(s != a and t != b for a, b in pairs):
-                    pairs.add((s, t))
+            same = student_tok.decode([s]) == teacher_tok.decode([t])
+            specials = s == student_tok.eos_token_id or t == teacher_tok.eos_token_id
+            if same and not specials and all(s != a and t != b for a, b in pairs):
+                pairs.add((s, t))
     total = 0.0
     q_all = torch.log_softmax(student_logits.double(), -1).exp()
     for b in range(batch.size):
@@ -161,7 +183,10 @@ def _brute_force(student_tok, teacher_tok, teacher_model, batch, student_logits,
         body = ids[:-1] if ends else ids
         pieces = [student_tok.decode([i]) for i in body]
         text = "".join(pieces)
-        prompt = teacher_tok(student_tok.decode(batch.prompt_ids[b][batch.prompt_mask[b]].tolist()), add_special_tokens=False)
+        prompt = teacher_tok(
+            student_tok.decode(batch.prompt_ids[b][batch.prompt_mask[b]].tolist()),
+            add_special_tokens=False,
+        )
         answer = teacher_tok(text, add_special_tokens=False, return_offsets_mapping=True)
         t_ids, t_off = list(answer["input_ids"]), [tuple(o) for o in answer["offset_mapping"]]
         s_off = piece_offsets(pieces)
@@ -204,11 +229,18 @@ def test_losses_against_brute_force(tiny_dirs, bpe_teacher, method):
     batch = student_batch(student_tok)
     plan = RolloutPlan(teacher_need="topk", topk=64, cross_tokenizer=method)
     scored = scorer.score(batch, plan)
-    logits = torch.randn(batch.size, batch.response_ids.shape[1], len(student_tok), generator=torch.Generator().manual_seed(1))
-    loss, metrics = cross_tokenizer_loss(logits, scored, method, beta=0.0, temperature=1.0)
+    logits = torch.randn(
+        batch.size,
+        batch.response_ids.shape[1],
+        len(student_tok),
+        generator=torch.Generator().manual_seed(1),
+    )
+    loss, _ = cross_tokenizer_loss(logits, scored, method, beta=0.0, temperature=1.0)
     expected = _brute_force(student_tok, teacher_tok, scorer.model, batch, logits, method)
     assert loss.item() == pytest.approx(expected, rel=1e-5, abs=1e-6)
-    assert 0 < scored.extras["xtok/exact_char_share"] < 1 == scored.extras["xtok/aligned_char_share"]
+    assert (
+        0 < scored.extras["xtok/exact_char_share"] < 1 == scored.extras["xtok/aligned_char_share"]
+    )
 
 
 def test_sorted_distance_against_brute_force():
@@ -245,8 +277,12 @@ def test_cross_losses_backpropagate_finite_gradients_only_at_span_starts(tiny_di
     scorer = TeacherScorer(bpe_teacher, student_tokenizer=tiny_dirs["student"])
     batch = student_batch(student_tok)
     for method in ("gold", "uld"):
-        scored = scorer.score(batch, RolloutPlan(teacher_need="topk", topk=64, cross_tokenizer=method))
-        logits = torch.randn(batch.size, batch.response_ids.shape[1], len(student_tok), requires_grad=True)
+        scored = scorer.score(
+            batch, RolloutPlan(teacher_need="topk", topk=64, cross_tokenizer=method)
+        )
+        logits = torch.randn(
+            batch.size, batch.response_ids.shape[1], len(student_tok), requires_grad=True
+        )
         loss, _ = cross_tokenizer_loss(logits, scored, method, beta=0.5, temperature=1.5)
         loss.backward()
         assert torch.isfinite(logits.grad).all()
@@ -275,7 +311,9 @@ def test_a_teacher_of_another_tokenizer_is_refused_without_cross_tokenizer(tiny_
     from protege.run import check_teacher_tokenizers
 
     tokenizer = load_tokenizer(tiny_dirs["student"])
-    config = load_config("minillm", [f"teacher.model={bpe_teacher}", "data.train=builtin:tiny/train"])
+    config = load_config(
+        "minillm", [f"teacher.model={bpe_teacher}", "data.train=builtin:tiny/train"]
+    )
     with pytest.raises(SetupError, match="cross_tokenizer=gold"):
         check_teacher_tokenizers(config, config.build_algorithm(), tokenizer, False)
 
@@ -296,21 +334,24 @@ def test_cross_tokenizer_refuses_eval_teacher_kl_and_other_backends(tmp_path):
         ("trainer.eval_teacher_kl=true", "eval_teacher_kl"),
         ("teacher.backend=vllm", "backend"),
     ):
-        config = load_config("cross_tokenizer", [override, "trainer.eval_samples=1", f"output_dir={tmp_path}"])
+        config = load_config(
+            "cross_tokenizer", [override, "trainer.eval_samples=1", f"output_dir={tmp_path}"]
+        )
         with pytest.raises(SetupError, match=match):
             check_setup(config, config.build_algorithm())
 
 
-
 def test_start_up_report_measures_overlap_and_aligned_characters(tiny_dirs, bpe_teacher):
-    from protege.xtok.checks import cross_tokenizer_report
-
     from protege.data import Row
+    from protege.xtok.checks import cross_tokenizer_report
 
     rows = [Row(prompt=p, completion=c) for p, c in ROWS]
     line = cross_tokenizer_report(load_tokenizer(tiny_dirs["student"]), "t", bpe_teacher, rows)
     assert "tokens with the same string in both vocabularies" in line
-    assert f"on {len(ROWS)} data.train completions 100% of response characters lie in aligned spans" in line
+    assert (
+        f"on {len(ROWS)} data.train completions 100% of response characters lie in aligned spans"
+        in line
+    )
     # exact spans: 7, 13 (one token each side) and the EOS of 5 rows; not 18, 85, 100
     assert "% in exact one-token spans" in line
 

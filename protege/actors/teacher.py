@@ -188,14 +188,8 @@ class TeacherScorer:
         started = time.perf_counter()
         if plan.cross_tokenizer != "off" and plan.teacher_need != "none":
             scored = self._cross(plan).score(batch, plan, self.micro_batch_size)
-        elif self.cross is not None and not self.cross.same_vocabulary and plan.teacher_need != "none":
-            raise ValueError(
-                f"this teacher's tokenizer is not the student's: it scores only through "
-                f"cross-tokenizer distillation, not teacher_need={plan.teacher_need!r} on the "
-                "student's ids (trainer.eval_teacher_kl and answer-less test rows need a "
-                "teacher with the student's tokenizer)"
-            )
         else:
+            self._check_plain(plan)
             scored = teacher_outputs(self.model, batch, plan, self.micro_batch_size, self.tokens)
         if scored is batch:  # teacher_need "none": nothing scored
             return batch
@@ -207,6 +201,16 @@ class TeacherScorer:
         }
         return scored.replace(extras={**scored.extras, **extras})
 
+    def _check_plain(self, plan: RolloutPlan) -> None:
+        """A teacher of another tokenizer cannot score the student's ids as its own."""
+        if self.cross is None or self.cross.same_vocabulary or plan.teacher_need == "none":
+            return
+        raise ValueError(
+            "this teacher's tokenizer is not the student's: it scores only through "
+            f"cross-tokenizer distillation, not teacher_need={plan.teacher_need!r} on the "
+            "student's ids (trainer.eval_teacher_kl and answer-less test rows need a teacher "
+            "with the student's tokenizer)"
+        )
 
     def _cross(self, plan: RolloutPlan):
         if self.cross is None:

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from tokenizers import Tokenizer, decoders, models, trainers
 import torch
+from tokenizers import Tokenizer, decoders, models, trainers
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from protege.tasks.tiny_models import MAX_POSITIONS, TEACHER_SHAPE

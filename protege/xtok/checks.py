@@ -40,7 +40,9 @@ def cross_tokenizer_report(student_tok, teacher_name: str, teacher_model: str, r
     `protege.data.Row`s (prompt, completion)."""
     teacher_tok = load_tokenizer(teacher_model)
     pairs = vocabulary_map(student_tok, teacher_tok)
-    line = f"teacher {teacher_name!r} ({teacher_model}) is read across tokenizers: {pairs.summary()}"
+    line = (
+        f"teacher {teacher_name!r} ({teacher_model}) is read across tokenizers: {pairs.summary()}"
+    )
     texts = [r for r in rows if isinstance(r.completion, str)][:REPORT_ROWS]
     if not texts:
         return line + "; no data.train completions to measure the span alignment on"

@@ -61,7 +61,10 @@ def teacher_view(
     prompt_text = student_tok.decode(prompt_ids)
     prompt = teacher_tok(prompt_text, add_special_tokens=False)["input_ids"]
     encoded = teacher_tok(text, add_special_tokens=False, return_offsets_mapping=True)
-    theirs, their_offsets = list(encoded["input_ids"]), [tuple(o) for o in encoded["offset_mapping"]]
+    theirs, their_offsets = (
+        list(encoded["input_ids"]),
+        [tuple(o) for o in encoded["offset_mapping"]],
+    )
     our_offsets = piece_offsets(pieces)
     if ends:
         eos_span = (len(text), len(text) + 1)
@@ -86,7 +89,10 @@ def teacher_batch(views: list[TeacherView], pad_id: int) -> RolloutBatch:
     for b, view in enumerate(views):
         p, r = len(view.prompt_ids), len(view.response_ids)
         if p:
-            prompt[b, width_p - p :], prompt_mask[b, width_p - p :] = torch.tensor(view.prompt_ids), True
+            prompt[b, width_p - p :], prompt_mask[b, width_p - p :] = (
+                torch.tensor(view.prompt_ids),
+                True,
+            )
         if r:
             response[b, :r], response_mask[b, :r] = torch.tensor(view.response_ids), True
     return RolloutBatch(prompt, prompt_mask, response, response_mask)
@@ -154,11 +160,15 @@ class CrossTokenizerScorer:
         at = (torch.tensor(rows_at, dtype=torch.long), torch.tensor(ours, dtype=torch.long))
         first = logp[at[0], torch.tensor(theirs, dtype=torch.long)]  # [N,V_t]
         shipped = self._distribution(first, plan)
-        out = {k: torch.zeros((size, width, *v.shape[1:]), dtype=v.dtype) for k, v in shipped.items()}
+        out = {
+            k: torch.zeros((size, width, *v.shape[1:]), dtype=v.dtype) for k, v in shipped.items()
+        }
         _fill_idle(out, self.pairs)
         for name, value in shipped.items():
             out[name][at] = value
-        span_logp = _span_sums(sampled, torch.tensor(rows_at), torch.tensor(theirs), torch.tensor(lengths))
+        span_logp = _span_sums(
+            sampled, torch.tensor(rows_at), torch.tensor(theirs), torch.tensor(lengths)
+        )
         out["teacher_span_tokens"] = torch.zeros(size, width, dtype=torch.long)
         out["teacher_span_tokens"][at] = torch.tensor(counts, dtype=torch.long)
         out["teacher_span_logprobs"] = torch.zeros(size, width)
