@@ -57,7 +57,7 @@ class RolloutPlan:
     kv_time_align: Literal["resample", "segment", "char"] = "segment"
     # a teacher with another tokenizer re-reads the text and ships span-aligned outputs in the
     # student's layout (protege.xtok): GOLD's paired ids + tail, or ULD's sorted log-probs
-    cross_tokenizer: Literal["off", "gold", "uld"] = "off"
+    cross_tokenizer: Literal["none", "gold", "uld"] = "none"
 
     @property
     def needs_teacher_in_decoding(self) -> bool:

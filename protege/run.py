@@ -66,7 +66,7 @@ def check_teacher_tokenizers(config: Config, algorithm: Algorithm, tokenizer, ch
     its rendering); K-V teachers realign other tokenizers themselves."""
     if algorithm.plan(0).teacher_need == "kv":
         return
-    if algorithm.plan(0).cross_tokenizer != "off":  # protege.xtok: re-read, not compared
+    if algorithm.plan(0).cross_tokenizer != "none":  # protege.xtok: re-read, not compared
         report_cross_tokenizer(config, tokenizer)
         return
     for teacher in config.teachers:
@@ -142,7 +142,7 @@ def _check_setup(config: Config, algorithm: Algorithm) -> None:
         raise ValueError(reason)
     check_teachers(config, algorithm)
     method = algorithm.plan(0).cross_tokenizer
-    if method != "off":
+    if method != "none":
         from protege.xtok.checks import check_cross_tokenizer
 
         check_cross_tokenizer(config, method)

@@ -186,7 +186,7 @@ class TeacherScorer:
         """Teacher outputs for `batch`, with the worker's seconds, scored tokens and the bytes
         of teacher outputs it ships added to `extras`."""
         started = time.perf_counter()
-        if plan.cross_tokenizer != "off" and plan.teacher_need != "none":
+        if plan.cross_tokenizer != "none" and plan.teacher_need != "none":
             scored = self._cross(plan).score(batch, plan, self.micro_batch_size)
         else:
             self._check_plain(plan)

@@ -37,7 +37,7 @@ from protege.algorithms.divergences import (
 from protege.algorithms.teacher_view import require
 from protege.records import RolloutBatch
 
-CrossTokenizer = Literal["off", "gold", "uld"]
+CrossTokenizer = Literal["none", "gold", "uld"]
 SPAN_CERTAINTY = -1e-6  # log-probs of a span are capped here: "anything else" keeps mass
 
 

@@ -40,14 +40,14 @@ class GKD(AlgorithmDefaults):
     seed: int = 0  # seeds each step's on/off-policy draw
     # a teacher with another tokenizer (protege.xtok): "gold" JSD(β) over exact-string
     # vocabulary pairs + a tail bucket, "uld" sorted-probability Wasserstein; on aligned spans
-    cross_tokenizer: CrossTokenizer = "off"
+    cross_tokenizer: CrossTokenizer = "none"
 
     def __post_init__(self) -> None:
         check(0.0 <= self.lmbda <= 1.0, "lmbda", f"must be in [0, 1], got {self.lmbda}")
         check(0.0 <= self.beta <= 1.0, "beta", f"must be in [0, 1], got {self.beta}")
         check(self.temperature > 0, "temperature", f"must be > 0, got {self.temperature}")
         check(self.topk >= 1, "topk", f"must be >= 1, got {self.topk}")
-        if self.cross_tokenizer != "off":
+        if self.cross_tokenizer != "none":
             check(
                 not self.seq_kd,
                 "seq_kd",
@@ -74,7 +74,7 @@ class GKD(AlgorithmDefaults):
 
     def loss(self, student: StudentForward, batch: RolloutBatch) -> tuple[Tensor, dict[str, float]]:
         student_logits = student.logits
-        if self.cross_tokenizer != "off":
+        if self.cross_tokenizer != "none":
             return cross_tokenizer_loss(
                 student_logits, batch, self.cross_tokenizer, self.beta, self.temperature
             )

@@ -18,7 +18,7 @@ def check_cross_tokenizer(config, method: str) -> None:
             raise SetupError(
                 f"algorithm.cross_tokenizer={method} needs a teacher model with its own "
                 "tokenizer; the self-teacher ('self') shares the student's: set "
-                "algorithm.cross_tokenizer=off"
+                "algorithm.cross_tokenizer=none"
             )
         if spec.backend != "hf":
             raise SetupError(
