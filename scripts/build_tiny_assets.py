@@ -5,7 +5,7 @@
     python scripts/build_tiny_assets.py --only teacher_b   # the second KV teacher, ~2 min
     python scripts/build_tiny_assets.py --only student_h32  # vLLM-on-CPU student, seconds
     python scripts/build_tiny_assets.py --only osd_draft  # OSD's shifted draft + traffic, ~1 min
-    python scripts/build_tiny_assets.py --only teacher_bpe  # teacher with a BPE tokenizer, ~3 min
+    python scripts/build_tiny_assets.py --only teacher_bpe --threads 1  # BPE teacher, ~5 min
 
 Deterministic (seeded). Steps and measured times on 2 CPU cores:
 * teacher (4 x 128): 3,000 steps of batch 64 at lr 2e-3 on fresh gold problems (never a
@@ -26,11 +26,13 @@ Deterministic (seeded). Steps and measured times on 2 CPU cores:
   "low"), plus `osd_traffic.jsonl` (2,000 prompts) and `osd_heldout.jsonl` (200 others) with
   both operands 50..99 (domain "high": three-digit sums it never saw); its numbers, in and
   out of its domain, go to `osd_draft/build.json`.
-* teacher_bpe (3 x 96 Llama, ~0.3 M parameters, 64-token BPE vocabulary trained on the task's
-  prompts and answers, so "18" and "+1" are single tokens, EOS "</s>"): the teacher of
-  cross-tokenizer distillation (`protege.xtok`); 2,000 steps of batch 64 at lr 2e-3 on fresh
-  gold problems, prompt and completion tokenised apart (as the cross-tokenizer scorer reads
-  them), saved in bfloat16 (< 2 MB); its numbers go to `teacher_bpe/build.json`.
+* teacher_bpe (the teacher's 4 x 128 shape as a Llama model, ~0.8 M parameters, a 64-token
+  BPE vocabulary trained on the task's prompts and answers, so "18" and "+1" are single
+  tokens, EOS "</s>"): the teacher of cross-tokenizer distillation (`protege.xtok`); 3,000
+  steps of batch 64 at lr 2e-3 on fresh gold problems, prompt and completion tokenised apart
+  (as the cross-tokenizer scorer reads them), saved in bfloat16 (1.6 MB); its numbers go to
+  `teacher_bpe/build.json`. (With --threads 2 on a loaded machine its two OpenMP threads
+  thrashed: 11 steps a minute.)
 Results are written to `protege/assets/tiny/manifest.json`.
 """
 
