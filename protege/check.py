@@ -127,6 +127,9 @@ def self_distillation(learner, algo, batch: RolloutBatch, plan) -> Finding:
     if plan.teacher_need in ("none", "kv") or batch.rewards is not None:
         why = "rewards enter the loss" if batch.rewards is not None else plan.teacher_need
         return Finding("self-distillation loss", True, f"skipped ({why})")
+    if plan.cross_tokenizer != "none":  # the learner scores its student on the student's ids
+        why = f"cross_tokenizer={plan.cross_tokenizer}: spans come from the teacher's tokenizer"
+        return Finding("self-distillation loss", True, f"skipped ({why})")
     # Without MiniLLM's pre-training rows: their LM loss does not vanish at teacher = student.
     # Several teachers' named outputs dropped: the student alone is the teacher here.
     alone = batch.replace(pretrain_ids=None, pretrain_mask=None, named_teachers={})

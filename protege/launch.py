@@ -240,6 +240,8 @@ def _spawn_teacher(spec: Any, launcher: Launcher, config: Any) -> list[Any]:
     from protege.actors.backends import teacher_class
 
     cls, args = teacher_class(spec.backend), (spec.model, spec.dtype, spec.micro_batch_size)
+    if config.build_algorithm().plan(0).cross_tokenizer != "none":  # protege.xtok
+        args = (*args, config.student.model)
     if config.build_algorithm().plan(0).teacher_need == "kv":  # K-V outputs (kv_distill)
         from protege.actors.kv_teacher import KVTeacherScorer, kv_cache_dir
 

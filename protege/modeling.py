@@ -48,6 +48,7 @@ def resolve_path(name: str) -> str:
         "tiny/student": tiny.student_path,
         "tiny/teacher": tiny.teacher_path,
         "tiny/teacher_b": tiny.teacher_b_path,
+        "tiny/teacher_bpe": tiny.teacher_bpe_path,
         "tiny/student_h32": tiny.student_h32_path,
         "tiny/tokenizer": tiny.tokenizer_path,
         "tiny/train": tiny.train_path,

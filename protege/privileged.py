@@ -71,6 +71,11 @@ def setup_problem(config: Config, plans: list[RolloutPlan], eval_teacher_kl: boo
         )
     if any(p.teacher_need == "kv" for p in plans):
         return f"{where}; K-V teachers read other text through teachers.N.prefix instead"
+    if any(p.cross_tokenizer != "none" for p in plans):
+        return (
+            f"{where}, but algorithm.cross_tokenizer re-reads the student's own text with the "
+            "teacher's tokenizer; drop the privileged prompt or set cross_tokenizer=none"
+        )
     if eval_teacher_kl and is_privileged(config.teacher):
         return (
             f"{where}; evaluation's KL to the teacher (trainer.eval_teacher_kl, or data.test "

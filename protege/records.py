@@ -69,6 +69,9 @@ class RolloutPlan:
     # several teachers: the teacher whose scorer this plan goes to files its outputs under
     # this name (`RolloutBatch.named_teachers`) instead of the standard fields
     store_as: str | None = None
+    # a teacher with another tokenizer re-reads the text and ships span-aligned outputs in the
+    # student's layout (protege.xtok): GOLD's paired ids + tail, or ULD's sorted log-probs
+    cross_tokenizer: Literal["none", "gold", "uld"] = "none"
 
     @property
     def needs_teacher_in_decoding(self) -> bool:
@@ -150,6 +153,12 @@ class RolloutBatch:
     # fuses them into the standard teacher_* fields before the loss (protege.fusion)
     named_teachers: Named = field(default_factory=dict)
     teacher_route: Tensor | None = None  # [B] long, index of the teacher each row names
+    # A teacher with another tokenizer (plan.cross_tokenizer, protege.xtok): at the first
+    # student token of each aligned span, the student tokens the span holds (0 elsewhere),
+    # log p_T of the span's text, and whether it is one same-string token on both sides
+    teacher_span_tokens: Tensor | None = None  # [B,T] long
+    teacher_span_logprobs: Tensor | None = None  # [B,T] float
+    teacher_span_exact: Tensor | None = None  # [B,T] bool
 
     def __reduce__(self):
         """Pickled (Ray, checkpoints) with all tensors in one byte buffer: see `pack_tensors`."""
@@ -282,6 +291,9 @@ _PER_ROW_TENSORS = frozenset(
         "importance_weights",
         "group_ids",
         "teacher_route",
+        "teacher_span_tokens",
+        "teacher_span_logprobs",
+        "teacher_span_exact",
     }
 )
 

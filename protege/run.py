@@ -86,13 +86,31 @@ def check_teacher_tokenizers(config: Config, algorithm: Algorithm, tokenizer, ch
     its rendering); K-V teachers realign other tokenizers themselves."""
     if algorithm.plan(0).teacher_need == "kv":
         return
+    if algorithm.plan(0).cross_tokenizer != "none":  # protege.xtok: re-read, not compared
+        report_cross_tokenizer(config, tokenizer)
+        return
     for teacher in config.teachers:
         if teacher.is_self or teacher.on_server:  # a server's tokenizer: check_teacher_servers
             continue
         theirs = load_tokenizer(teacher.model)
-        check_same_vocabulary(tokenizer, theirs, teacher.name)
+        try:
+            check_same_vocabulary(tokenizer, theirs, teacher.name)
+        except SetupError as error:
+            raise SetupError(f"{error}, or distil across tokenizers: {CROSS_HINT}") from None
         if chat:
             check_same_chat_template(tokenizer, theirs, teacher.name, config.data.system_prompt)
+
+
+CROSS_HINT = "algorithm.name=gkd algorithm.cross_tokenizer=gold (or uld)"
+
+
+def report_cross_tokenizer(config: Config, tokenizer) -> None:
+    from protege.xtok.checks import cross_tokenizer_report
+
+    rows = read_jsonl(config.data.train)
+    for teacher in config.teachers:
+        line = cross_tokenizer_report(tokenizer, teacher.name, teacher.model, rows)
+        print(f"[protege] {line}", file=sys.stderr, flush=True)
 
 
 def data_summary(config: Config, prompts: PromptSource) -> list[str]:
@@ -143,6 +161,11 @@ def _check_setup(config: Config, algorithm: Algorithm) -> None:
     if reason:
         raise ValueError(reason)
     check_teachers(config, algorithm)
+    method = algorithm.plan(0).cross_tokenizer
+    if method != "none":
+        from protege.xtok.checks import check_cross_tokenizer
+
+        check_cross_tokenizer(config, method)
     check_paths(config)  # local model directories (read below), a writable output_dir
     models = vllm_models_on_cpu(config, torch.cuda.is_available())
     if models:  # reads each model's config.json only; vLLM itself is not imported
@@ -154,8 +177,9 @@ def _check_setup(config: Config, algorithm: Algorithm) -> None:
 
 
 def check_teachers(config: Config, algorithm: Algorithm) -> None:
-    """Token-level losses read one teacher's outputs; several teachers need an algorithm
-    that reads each of them (its `reads_teachers` says how many)."""
+    """What the teachers' settings and the algorithm's plans cannot do together: K-V-only
+    keys, privileged prompts (protege.privileged), cross-tokenizer with several teachers,
+    and the fusion of several token-level teachers (protege.fusion)."""
     kv = any(algorithm.plan(k).teacher_need == "kv" for k in range(max(config.trainer.steps, 1)))
     for spec in config.teachers:
         if spec.prefix and not kv:
@@ -171,6 +195,11 @@ def check_teachers(config: Config, algorithm: Algorithm) -> None:
     reason = setup_problem(config, plans, config.trainer.eval_teacher_kl)
     if reason:
         raise ValueError(reason)
+    if len(config.teachers) > 1 and any(p.cross_tokenizer != "none" for p in plans):
+        raise ValueError(
+            f"algorithm.cross_tokenizer reads one teacher, but {len(config.teachers)} are set; "
+            "keep one teacher (teachers.0) for cross-tokenizer distillation"
+        )
     if len(config.teachers) > 1 and not kv:  # token-level: fused in the learner
         names, weights = [t.name for t in config.teachers], [t.weight for t in config.teachers]
         reason = fusion_problem(config.fusion, names, weights, plans)

@@ -7,6 +7,7 @@
     python scripts/build_tiny_assets.py --only osd_draft  # OSD's shifted draft + traffic, ~1 min
     python scripts/build_tiny_assets.py --only student_hint  # privileged-context student, ~1 min
     python scripts/build_tiny_assets.py --only multi_teacher  # two specialist teachers, ~3 min
+    python scripts/build_tiny_assets.py --only teacher_bpe --threads 1  # BPE teacher, ~5 min
 
 Deterministic (seeded). Steps and measured times on 2 CPU cores:
 * teacher (4 x 128): 3,000 steps of batch 64 at lr 2e-3 on fresh gold problems (never a
@@ -37,6 +38,13 @@ Deterministic (seeded). Steps and measured times on 2 CPU cores:
   steps of batch 64 at lr 3e-3), plus `train.jsonl`: the shipped training rows, each with a
   `teacher` field naming the specialist of its half (per-sample routing). Their accuracy on
   the mixed test set and on each half goes to `multi_teacher/<half>/build.json`.
+* teacher_bpe (the teacher's 4 x 128 shape as a Llama model, ~0.8 M parameters, a 64-token
+  BPE vocabulary trained on the task's prompts and answers, so "18" and "+1" are single
+  tokens, EOS "</s>"): the teacher of cross-tokenizer distillation (`protege.xtok`); 3,000
+  steps of batch 64 at lr 2e-3 on fresh gold problems, prompt and completion tokenised apart
+  (as the cross-tokenizer scorer reads them), saved in bfloat16 (1.6 MB); its numbers go to
+  `teacher_bpe/build.json`. (With --threads 2 on a loaded machine its two OpenMP threads
+  thrashed: 11 steps a minute.)
 Results are written to `protege/assets/tiny/manifest.json`.
 """
 
@@ -51,6 +59,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from transformers import AutoModelForCausalLM
 
 from protege.tasks.tiny import (
     TINY_DIR,
@@ -82,6 +91,7 @@ HINT = "{answer};{prompt}"  # the hinted prompt student_hint learns to read
 MULTI_STEPS, MULTI_LR = {"low": 1200, "high": 2400}, 3e-3
 MULTI_SEEDS = {"low": (61, 62), "high": (63, 64)}
 MULTI_SPLIT = 100  # teacher "low" knows sums below it, "high" the others
+TEACHER_BPE_SHAPE, TEACHER_BPE_STEPS, TEACHER_BPE_SEEDS = (4, 128, 4, 2, 384), 3000, (61, 62, 63)
 BATCH_SIZE = 64
 
 Rows = list[dict[str, str]]
@@ -115,7 +125,13 @@ def sft_batch(tokenizer, rows: Rows) -> tuple[torch.Tensor, torch.Tensor, torch.
 
 
 def train(
-    model, tokenizer, next_rows: Callable[[int], Rows], steps: int, lr: float, name: str
+    model,
+    tokenizer,
+    next_rows: Callable[[int], Rows],
+    steps: int,
+    lr: float,
+    name: str,
+    make_batch: Callable = sft_batch,
 ) -> float:
     """Completion-only cross-entropy with AdamW, 50 warm-up steps and linear decay.
     Returns the wall time in seconds."""
@@ -126,7 +142,7 @@ def train(
     model.train()
     start = time.time()
     for step in range(steps):
-        input_ids, attention_mask, loss_mask = sft_batch(tokenizer, next_rows(step))
+        input_ids, attention_mask, loss_mask = make_batch(tokenizer, next_rows(step))
         logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
         token_loss = F.cross_entropy(logits.transpose(1, 2), input_ids[:, 1:], reduction="none")
         target_mask = loss_mask[:, 1:].float()
@@ -265,6 +281,55 @@ def build_multi_teacher(tokenizer, test_rows: Rows, halves=tuple(MULTI_SEEDS)) -
         build_extra(model, tokenizer, stream, steps, MULTI_LR, name, test_rows, by_half)
 
 
+def bpe_batch(tokenizer, rows: Rows) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`sft_batch` for a tokenizer whose merges cross the prompt/answer boundary: prompt and
+    answer + EOS are tokenised apart and concatenated, as the cross-tokenizer scorer does."""
+    pieces = [
+        (
+            tokenizer(r["prompt"], add_special_tokens=False)["input_ids"],
+            tokenizer(r["answer"], add_special_tokens=False)["input_ids"]
+            + [tokenizer.eos_token_id],
+        )
+        for r in rows
+    ]
+    width = max(len(p) + len(c) for p, c in pieces)
+    input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros(len(rows), width, dtype=torch.long)
+    loss_mask = torch.zeros(len(rows), width, dtype=torch.bool)
+    for b, (prompt, completion) in enumerate(pieces):
+        n = len(prompt) + len(completion)
+        input_ids[b, :n] = torch.tensor(prompt + completion)
+        attention_mask[b, :n] = 1
+        loss_mask[b, len(prompt) : n] = True
+    return input_ids, attention_mask, loss_mask
+
+
+def build_teacher_bpe(test_rows: Rows) -> None:
+    """The cross-tokenizer teacher (see the module docstring); writes teacher_bpe/."""
+    from protege.tasks.tiny_bpe import build_bpe_teacher, train_bpe_tokenizer
+
+    test_prompts = frozenset(r["prompt"] for r in test_rows)
+    corpus = make_rows(5000, TEACHER_BPE_SEEDS[2], exclude=test_prompts)
+    tokenizer = train_bpe_tokenizer(t for r in corpus for t in (r["prompt"], r["answer"]))
+    model = build_bpe_teacher(tokenizer, TEACHER_BPE_SEEDS[0], TEACHER_BPE_SHAPE)
+    stream = gold_stream(test_prompts, TEACHER_BPE_SEEDS[1])
+    seconds = train(model, tokenizer, stream, TEACHER_BPE_STEPS, 2e-3, "teacher_bpe", bpe_batch)
+    save(model.to(torch.bfloat16), tokenizer, "teacher_bpe")
+    reloaded = AutoModelForCausalLM.from_pretrained(TINY_DIR / "teacher_bpe", dtype=torch.float32)
+    accuracy = greedy_accuracy(reloaded, tokenizer, test_rows)
+    print(f"teacher_bpe: test accuracy {accuracy:.3f} after {seconds:.0f} s", flush=True)
+    summary = {
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "vocab_size": len(tokenizer),
+        "steps": TEACHER_BPE_STEPS,
+        "lr": 2e-3,
+        "train_seconds": round(seconds, 1),
+        "test_accuracy": accuracy,
+    }
+    with open(TINY_DIR / "teacher_bpe" / "build.json", "w", encoding="utf-8") as f:
+        json.dump(summary, f, indent=2)
+
+
 def build_extra(
     model,
     tokenizer,
@@ -300,7 +365,14 @@ def main() -> None:
     parser.add_argument("--skip-headroom-check", action="store_true")
     parser.add_argument(
         "--only",
-        choices=["teacher_b", "student_h32", "osd_draft", "student_hint", "multi_teacher"],
+        choices=[
+            "teacher_b",
+            "student_h32",
+            "osd_draft",
+            "student_hint",
+            "multi_teacher",
+            "teacher_bpe",
+        ],
         default=None,
         help="build only this asset from the shipped test set",
     )
@@ -312,6 +384,8 @@ def main() -> None:
         return
     if args.only == "multi_teacher":
         build_multi_teacher(build_char_tokenizer(), make_rows(NUM_TEST, TEST_SEED))
+    if args.only == "teacher_bpe":
+        build_teacher_bpe(make_rows(NUM_TEST, TEST_SEED))
         return
     if args.only == "osd_draft":
         build_osd_draft(build_char_tokenizer())
@@ -365,6 +439,7 @@ def main() -> None:
     build_osd_draft(tokenizer)
     build_student_hint(tokenizer, test_rows, train_rows[:NUM_LABELLED])
     build_multi_teacher(tokenizer, test_rows)
+    build_teacher_bpe(test_rows)
 
 
 if __name__ == "__main__":

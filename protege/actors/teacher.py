@@ -162,7 +162,13 @@ def emitted_ids(model: str, width: int) -> int:
 class TeacherScorer:
     """A frozen teacher that scores rollout batches (wrapped as a Ray actor elsewhere)."""
 
-    def __init__(self, model: str, dtype: str = "float32", micro_batch_size: int = 64) -> None:
+    def __init__(
+        self,
+        model: str,
+        dtype: str = "float32",
+        micro_batch_size: int = 64,
+        student_tokenizer: str | None = None,
+    ) -> None:
         if model == SELF_TEACHER:
             raise ValueError(SELF_TEACHER_HAS_NO_SCORER)
         if micro_batch_size < 1:
@@ -170,6 +176,8 @@ class TeacherScorer:
         self.model = load_frozen_model(model, dtype)
         self.micro_batch_size = micro_batch_size
         self.tokens = emitted_ids(model, vocab_size(self.model))
+        # a teacher that re-reads the student's text with its own tokenizer (protege.xtok)
+        self.cross = cross_scorer(self.model, model, student_tokenizer, self.tokens)
 
     @property
     def vocab_size(self) -> int:
@@ -180,13 +188,17 @@ class TeacherScorer:
         """Teacher outputs for `batch`, with the worker's seconds, scored tokens and the bytes
         of teacher outputs it ships added to `extras`."""
         started = time.perf_counter()
-        scored = scored_on_view(
-            batch,
-            plan,
-            lambda view: teacher_outputs(
-                self.model, view, plan, self.micro_batch_size, self.tokens
-            ),
-        )
+        if plan.cross_tokenizer != "none" and plan.teacher_need != "none":
+            scored = self._cross(plan).score(batch, plan, self.micro_batch_size)
+        else:
+            self._check_plain(plan)
+            scored = scored_on_view(
+                batch,
+                plan,
+                lambda view: teacher_outputs(
+                    self.model, view, plan, self.micro_batch_size, self.tokens
+                ),
+            )
         if scored is batch:  # teacher_need "none": nothing scored
             return batch
         seconds = time.perf_counter() - started
@@ -200,6 +212,36 @@ class TeacherScorer:
             extras.update(named_extras(batch.extras, extras, plan.store_as))
         return scored.replace(extras={**scored.extras, **extras})
 
+    def _check_plain(self, plan: RolloutPlan) -> None:
+        """A teacher of another tokenizer cannot score the student's ids as its own."""
+        if self.cross is None or self.cross.same_vocabulary or plan.teacher_need == "none":
+            return
+        raise ValueError(
+            "this teacher's tokenizer is not the student's: it scores only through "
+            f"cross-tokenizer distillation, not teacher_need={plan.teacher_need!r} on the "
+            "student's ids (trainer.eval_teacher_kl and answer-less test rows need a teacher "
+            "with the student's tokenizer)"
+        )
+
+    def _cross(self, plan: RolloutPlan):
+        if self.cross is None:
+            raise ValueError(
+                f"plan.cross_tokenizer={plan.cross_tokenizer!r} needs the student's tokenizer: "
+                "construct the teacher scorer with student_tokenizer"
+            )
+        return self.cross
+
+
+def cross_scorer(model: torch.nn.Module, name: str, student_tokenizer: str | None, vocab: int):
+    """The cross-tokenizer scorer of teacher `name`, or None without a student tokenizer."""
+    if student_tokenizer is None:
+        return None
+    from protege.xtok.scorer import CrossTokenizerScorer
+
+    return CrossTokenizerScorer(
+        model, load_tokenizer(name), load_tokenizer(student_tokenizer), vocab
+    )
+
 
 TEACHER_FIELDS = (
     "teacher_logprobs",
@@ -208,6 +250,9 @@ TEACHER_FIELDS = (
     "teacher_tail_logprobs",
     "teacher_logits",
     "teacher_hidden",
+    "teacher_span_tokens",
+    "teacher_span_logprobs",
+    "teacher_span_exact",
 )
 
 

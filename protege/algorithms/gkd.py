@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 from torch import Tensor
 
+from protege.algorithms.cross_tokenizer import CrossTokenizer, cross_tokenizer_loss
 from protege.algorithms.divergences import jsd_from_logprobs, masked_mean
 from protege.algorithms.policy_gradient import token_logprobs
 from protege.algorithms.registry import AlgorithmDefaults, check, register
@@ -37,12 +38,28 @@ class GKD(AlgorithmDefaults):
     teacher_output: TeacherOutput = "topk"
     topk: int = 64  # k of the top-k teacher payload
     seed: int = 0  # seeds each step's on/off-policy draw
+    # a teacher with another tokenizer (protege.xtok): "gold" JSD(β) over exact-string
+    # vocabulary pairs + a tail bucket, "uld" sorted-probability Wasserstein; on aligned spans
+    cross_tokenizer: CrossTokenizer = "none"
 
     def __post_init__(self) -> None:
         check(0.0 <= self.lmbda <= 1.0, "lmbda", f"must be in [0, 1], got {self.lmbda}")
         check(0.0 <= self.beta <= 1.0, "beta", f"must be in [0, 1], got {self.beta}")
         check(self.temperature > 0, "temperature", f"must be > 0, got {self.temperature}")
         check(self.topk >= 1, "topk", f"must be >= 1, got {self.topk}")
+        if self.cross_tokenizer != "none":
+            check(
+                not self.seq_kd,
+                "seq_kd",
+                "cannot be used with cross_tokenizer: the teacher would write in its own "
+                "tokens; set seq_kd=false (off-policy steps then use the dataset's responses)",
+            )
+            check(
+                self.teacher_output == "topk",
+                "teacher_output",
+                f"must be 'topk' with cross_tokenizer (the teacher ships its distribution at "
+                f"aligned spans, top-k + tail), got {self.teacher_output!r}",
+            )
 
     def plan(self, step: int) -> RolloutPlan:
         on_policy = random.Random(self.seed * 1_000_003 + step).random() < self.lmbda
@@ -52,10 +69,15 @@ class GKD(AlgorithmDefaults):
             teacher_need=self.teacher_output,
             topk=self.topk,
             temperature=self.temperature,
+            cross_tokenizer=self.cross_tokenizer,
         )
 
     def loss(self, student: StudentForward, batch: RolloutBatch) -> tuple[Tensor, dict[str, float]]:
         student_logits = student.logits
+        if self.cross_tokenizer != "none":
+            return cross_tokenizer_loss(
+                student_logits, batch, self.cross_tokenizer, self.beta, self.temperature
+            )
         student_logp, teacher_logp = paired_logprobs(student_logits, batch, self.temperature)
         per_token = jsd_from_logprobs(student_logp, teacher_logp, self.beta)
         loss = masked_mean(per_token, batch.response_mask, batch.normaliser())

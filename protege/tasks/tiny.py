@@ -77,6 +77,12 @@ def student_hint_path() -> str:
     return str(TINY_DIR / "student_hint")
 
 
+def teacher_bpe_path() -> str:
+    """The teacher's shape with its own tokenizer (64 BPE tokens: "18", "+1", EOS "</s>"),
+    for cross-tokenizer distillation (`protege.xtok`)."""
+    return str(TINY_DIR / "teacher_bpe")
+
+
 def student_h32_path() -> str:
     """The student's recipe with 32-wide heads, which vLLM's CPU attention accepts."""
     return str(TINY_DIR / "student_h32")
