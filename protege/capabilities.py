@@ -190,10 +190,15 @@ def vllm_teacher_problem(plan: RolloutPlan) -> str | None:
             f"states only from a separate pooling-mode engine); {HF_HINT}, or set "
             "algorithm.teacher_output=topk"
         )
+    return _logprob_topk_problem(plan, "vLLM")
+
+
+def _logprob_topk_problem(plan: RolloutPlan, who: str) -> str | None:
+    """What top-k from prompt log-probs (always at temperature 1) cannot give `plan`."""
     if plan.teacher_need == "topk" and plan.temperature != 1.0:
         return (
             f"top-k at temperature {plan.temperature} needs the whole tempered distribution, "
-            f"while vLLM returns log-probs at temperature 1; {HF_HINT}"
+            f"while {who} returns log-probs at temperature 1; {HF_HINT}"
         )
     if plan.teacher_need == "topk" and plan.topk < 1:
         return f"teacher_need='topk' needs plan.topk >= 1 (algorithm topk), got {plan.topk}"
@@ -209,14 +214,7 @@ def server_teacher_problem(plan: RolloutPlan) -> str | None:
             "which an OpenAI-compatible server does not return (it returns log-probs); set "
             f"algorithm.teacher_output=topk, or {HF_HINT}"
         )
-    if plan.teacher_need == "topk" and plan.temperature != 1.0:
-        return (
-            f"top-k at temperature {plan.temperature} needs the whole tempered distribution, "
-            f"while the server returns log-probs at temperature 1; {HF_HINT}"
-        )
-    if plan.teacher_need == "topk" and plan.topk < 1:
-        return f"teacher_need='topk' needs plan.topk >= 1 (algorithm topk), got {plan.topk}"
-    return None
+    return _logprob_topk_problem(plan, "the server")
 
 
 SAMPLER_PROBLEMS: dict[str, Callable[[RolloutPlan], str | None]] = {

@@ -11,11 +11,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-import torch
 from tokenizers import Tokenizer, decoders, models, trainers
-from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from protege.tasks.tiny_models import MAX_POSITIONS, TEACHER_SHAPE
+from protege.tasks.tiny_models import MAX_POSITIONS, TEACHER_SHAPE, build_tiny_model
 
 BPE_PAD, BPE_EOS, BPE_BOS, BPE_UNK = "<pad>", "</s>", "<s>", "<unk>"
 BPE_SPECIAL_TOKENS = (BPE_UNK, BPE_PAD, BPE_BOS, BPE_EOS)  # ids 0..3: not the student's order
@@ -64,16 +63,4 @@ def build_bpe_teacher(
     tokenizer, seed: int, shape: tuple[int, ...] = TEACHER_SHAPE
 ) -> LlamaForCausalLM:
     """An untrained Llama teacher over `tokenizer`, its weights depending only on `seed`."""
-    config = bpe_teacher_config(tokenizer, shape)
-    state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
-    torch.random.set_rng_state(state)  # do not disturb the caller's RNG stream
-    model.generation_config = GenerationConfig(
-        eos_token_id=config.eos_token_id,
-        pad_token_id=config.pad_token_id,
-        bos_token_id=config.bos_token_id,
-        do_sample=False,
-        max_new_tokens=8,
-    )
-    return model
+    return build_tiny_model(bpe_teacher_config(tokenizer, shape), seed)

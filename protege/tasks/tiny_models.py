@@ -8,7 +8,15 @@ from __future__ import annotations
 
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+from transformers import (
+    AutoModelForCausalLM,
+    GenerationConfig,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
 PAD, EOS, BOS, UNK = "<pad>", "<eos>", "<bos>", "<unk>"
 SPECIAL_TOKENS = (PAD, EOS, BOS, UNK)  # ids 0..3, in this order
@@ -64,11 +72,12 @@ def tiny_config(
     )
 
 
-def build_tiny_model(config: Qwen2Config, seed: int) -> Qwen2ForCausalLM:
-    """An untrained model whose initial weights depend only on `seed`."""
+def build_tiny_model(config: PretrainedConfig, seed: int) -> PreTrainedModel:
+    """An untrained model of `config`'s family (Qwen2 for the tiny task, Llama for the BPE
+    teacher) whose initial weights depend only on `seed`."""
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
-    model = Qwen2ForCausalLM(config)
+    model = AutoModelForCausalLM.from_config(config)
     torch.random.set_rng_state(generator_state)  # do not disturb the caller's RNG stream
     model.generation_config = GenerationConfig(
         eos_token_id=config.eos_token_id,
