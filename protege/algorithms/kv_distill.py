@@ -192,5 +192,5 @@ class KVDistill(AlgorithmDefaults):
     @staticmethod
     def _answer_ce(student: StudentForward, batch: RolloutBatch) -> Tensor:
         """NLL of the response tokens, summed and divided by the global token count."""
-        nll = -token_logprobs(student.logits, batch.response_ids)
+        nll = -student.per_token(token_logprobs, batch.response_ids)
         return masked_mean(nll, batch.response_mask, batch.normaliser())

@@ -52,10 +52,9 @@ class OPD(AlgorithmDefaults):
         return batch.replace(advantages=advantages.masked_fill(~batch.response_mask, 0.0))
 
     def loss(self, student: StudentForward, batch: RolloutBatch) -> tuple[Tensor, dict[str, float]]:
-        student_logits = student.logits
         require(batch, "advantages", "behaviour_logprobs", "student_logprobs", "teacher_logprobs")
         mask, count = batch.response_mask, batch.normaliser()
-        logq = token_logprobs(student_logits, batch.response_ids)
+        logq = student.per_token(token_logprobs, batch.response_ids)
         if self.clip_eps is None:
             per_token = importance_sampled_pg(logq, batch.behaviour_logprobs, batch.advantages)
         else:

@@ -8,12 +8,17 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from protege.algorithms.divergences import log_probs
+from protege.algorithms.divergences import log_probs, scaled_logits
 
 
 def token_logprobs(logits: Tensor, token_ids: Tensor, temperature: float = 1.0) -> Tensor:
-    """log q(y_t) of the given tokens. logits [B,T,V], token_ids [B,T] -> [B,T]."""
-    return log_probs(logits, temperature).gather(-1, token_ids.unsqueeze(-1)).squeeze(-1)
+    """log q(y_t) of the given tokens. logits [B,T,V], token_ids [B,T] -> [B,T].
+
+    z_y/τ − logsumexp(z/τ): the picked logit and the normaliser, without the [B,T,V]
+    log-softmax copy (equal to log_softmax(z/τ)[y] up to float rounding)."""
+    scaled = scaled_logits(logits, temperature)
+    picked = scaled.gather(-1, token_ids.unsqueeze(-1)).squeeze(-1)
+    return picked - torch.logsumexp(scaled, dim=-1)
 
 
 def clipped_surrogate(
