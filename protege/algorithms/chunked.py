@@ -16,7 +16,7 @@ fits in the budget, else a run of tokens within one row), always a view, never a
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -79,6 +79,14 @@ def per_token(
     shape: dict[str, bool] = {}  # the forward notes whether fn returns one tensor
     outputs = _Blockwise.apply(fn, cuts, shape, *inputs)
     return outputs[0] if shape["single"] else outputs
+
+
+def student_per_token(student: Any, fn: PerToken, *payload: Tensor | None) -> Any:
+    """`student.per_token(fn, *payload)` (protege.student), or one call
+    fn(student.logits, *payload) for a bare view that only has logits."""
+    if hasattr(student, "per_token"):
+        return student.per_token(fn, *payload)
+    return fn(student.logits, *payload)
 
 
 def _block(inputs: Sequence[Tensor | None], cut: Block) -> list[Tensor | None]:

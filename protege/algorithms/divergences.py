@@ -21,14 +21,6 @@ def log_probs(logits: Tensor, temperature: float = 1.0) -> Tensor:
     return torch.log_softmax(logits / temperature, dim=-1)
 
 
-def scaled_logits(logits: Tensor, temperature: float = 1.0) -> Tensor:
-    """Logits / temperature in float32 at least; τ = 1 adds no copy of float32 logits."""
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
-    return logits if temperature == 1.0 else logits / temperature
-
-
 def kl_from_logprobs(p_logp: Tensor, q_logp: Tensor) -> Tensor:
     """KL(p‖q) summed over the last dim. [...,V] log-probs -> [...].
 

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from protege.algorithms.cross_tokenizer import CrossTokenizer, cross_tokenizer_loss
 from protege.algorithms.divergences import jsd_from_logprobs, masked_mean
-from protege.algorithms.policy_gradient import token_logprobs
+from protege.algorithms.policy_gradient import sampled_logprobs
 from protege.algorithms.registry import AlgorithmDefaults, check, register
 from protege.algorithms.teacher_view import TeacherOutput, paired_per_token
 from protege.records import RolloutBatch, RolloutPlan
@@ -93,6 +93,6 @@ class SFT(AlgorithmDefaults):
         return RolloutPlan(source="dataset", teacher_need="none")
 
     def loss(self, student: StudentForward, batch: RolloutBatch) -> tuple[Tensor, dict[str, float]]:
-        nll = -student.per_token(token_logprobs, batch.response_ids)
+        nll = -sampled_logprobs(student, batch.response_ids)
         loss = masked_mean(nll, batch.response_mask, batch.normaliser())
         return loss, {"sft/nll": loss.item()}

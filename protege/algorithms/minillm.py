@@ -10,7 +10,7 @@ from torch import Tensor
 
 from protege.algorithms.advantages import future_returns, whiten
 from protege.algorithms.divergences import kl_from_logprobs, masked_mean
-from protege.algorithms.policy_gradient import clipped_surrogate, next_token_nll, token_logprobs
+from protege.algorithms.policy_gradient import clipped_surrogate, next_token_nll, sampled_logprobs
 from protege.algorithms.registry import AlgorithmDefaults, check, register
 from protege.algorithms.teacher_view import TeacherOutput, paired_per_token, require
 from protege.records import RolloutBatch, RolloutPlan
@@ -96,7 +96,7 @@ class MiniLLM(AlgorithmDefaults):
         per_token = torch.zeros_like(weights)
         metrics: dict[str, float] = {}
         if self.long_term:
-            logq = student.per_token(token_logprobs, batch.response_ids)
+            logq = sampled_logprobs(student, batch.response_ids)
             pg = clipped_surrogate(logq, batch.student_logprobs, batch.advantages, self.clip_eps)
             per_token = per_token + weights * pg
             metrics["minillm/pg_loss"] = masked_mean(weights * pg, mask, count).item()

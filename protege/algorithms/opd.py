@@ -12,7 +12,7 @@ from protege.algorithms.divergences import masked_mean, sampled_reverse_kl
 from protege.algorithms.policy_gradient import (
     clipped_surrogate,
     importance_sampled_pg,
-    token_logprobs,
+    sampled_logprobs,
 )
 from protege.algorithms.registry import AlgorithmDefaults, check, register
 from protege.algorithms.teacher_view import require
@@ -54,7 +54,7 @@ class OPD(AlgorithmDefaults):
     def loss(self, student: StudentForward, batch: RolloutBatch) -> tuple[Tensor, dict[str, float]]:
         require(batch, "advantages", "behaviour_logprobs", "student_logprobs", "teacher_logprobs")
         mask, count = batch.response_mask, batch.normaliser()
-        logq = student.per_token(token_logprobs, batch.response_ids)
+        logq = sampled_logprobs(student, batch.response_ids)
         if self.clip_eps is None:
             per_token = importance_sampled_pg(logq, batch.behaviour_logprobs, batch.advantages)
         else:

@@ -5,10 +5,14 @@ Shapes: B batch, T response tokens, V vocab.
 
 from __future__ import annotations
 
+import functools
+from typing import Any
+
 import torch
 from torch import Tensor
 
-from protege.algorithms.divergences import log_probs, scaled_logits
+from protege.algorithms.chunked import student_per_token
+from protege.algorithms.divergences import log_probs
 
 
 def token_logprobs(logits: Tensor, token_ids: Tensor, temperature: float = 1.0) -> Tensor:
@@ -19,6 +23,22 @@ def token_logprobs(logits: Tensor, token_ids: Tensor, temperature: float = 1.0) 
     scaled = scaled_logits(logits, temperature)
     picked = scaled.gather(-1, token_ids.unsqueeze(-1)).squeeze(-1)
     return picked - torch.logsumexp(scaled, dim=-1)
+
+
+def scaled_logits(logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """Logits / temperature in float32 at least (as `log_probs` reads them); τ = 1 adds no
+    copy of float32 logits."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+    return logits if temperature == 1.0 else logits / temperature
+
+
+def sampled_logprobs(student: Any, token_ids: Tensor, temperature: float = 1.0) -> Tensor:
+    """`token_logprobs` of the student's response logits, a block of positions at a time
+    (`protege.algorithms.chunked`). token_ids [B,T] -> [B,T]."""
+    scored = functools.partial(token_logprobs, temperature=temperature)
+    return student_per_token(student, scored, token_ids)
 
 
 def clipped_surrogate(

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from protege.algorithms.advantages import broadcast_to_tokens, group_normalised, leave_one_out
 from protege.algorithms.divergences import jsd_from_logprobs, masked_mean, sampled_reverse_kl
-from protege.algorithms.policy_gradient import clipped_surrogate, token_logprobs
+from protege.algorithms.policy_gradient import clipped_surrogate, sampled_logprobs
 from protege.algorithms.registry import AlgorithmDefaults, check, register
 from protege.algorithms.teacher_view import TeacherOutput, paired_per_token, require
 from protege.records import RolloutBatch, RolloutPlan
@@ -132,7 +132,7 @@ class RLDistill(AlgorithmDefaults):
     def loss(self, student: StudentForward, batch: RolloutBatch) -> tuple[Tensor, dict[str, float]]:
         require(batch, "advantages", "student_logprobs")
         mask, count = batch.response_mask, batch.normaliser()
-        logq = student.per_token(token_logprobs, batch.response_ids)
+        logq = sampled_logprobs(student, batch.response_ids)
         pg = clipped_surrogate(logq, batch.student_logprobs, batch.advantages, self.clip_eps)
         loss = masked_mean(pg, mask, count)
         # alpha weighted by this micro-batch's share of the tokens: summed over micro-batches

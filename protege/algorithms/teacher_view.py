@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 from torch import Tensor
 
+from protege.algorithms.chunked import student_per_token
 from protege.algorithms.divergences import log_probs, topk_buckets
 from protege.records import RolloutBatch
 
@@ -28,12 +29,13 @@ def paired_per_token(
     student: Any, batch: RolloutBatch, fn: Callable[..., Any], temperature: float = 1.0
 ) -> Any:
     """fn(student_logp, teacher_logp) -> [B,T] tensor(s) on the pair `paired_logprobs`
-    gives, evaluated a block of positions at a time by `student.per_token` (the [B,T,S]
+    gives, a block of positions at a time (`protege.algorithms.chunked`: the [B,T,S]
     log-probs of one block are alive at once, not the batch's)."""
     teacher = teacher_distribution(batch)
     if teacher[0] is not None:
         _same_positions(student.logits, teacher[0])
-    return student.per_token(
+    return student_per_token(
+        student,
         lambda logits, *payload: fn(*paired_from(logits, *payload, temperature=temperature)),
         *teacher,
     )
