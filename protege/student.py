@@ -39,7 +39,7 @@ class StudentForward:
         chunk_tokens: ChunkSetting = "auto",
     ):
         self._module, self._batch, self._config = module, batch, config
-        self._chunk_tokens = chunk_tokens  # positions per block of `per_token` (0: one block)
+        self.chunk_tokens = chunk_tokens  # positions per block of `per_token` (0: one block)
         self._modules = modules if modules is not None else nn.ModuleDict()
         self._wanted: set[str] = set()
         self._out: dict[str, Any] = {}
@@ -77,7 +77,7 @@ class StudentForward:
         """fn(self.logits, *payload) -> [B,T] tensor(s), evaluated a block of positions at
         a time (`protege.algorithms.chunked`): each payload is [B,T,...] over the response
         positions (teacher outputs, token ids), fn treats positions independently."""
-        return _per_token(fn, self.logits, payload, self._chunk_tokens)
+        return _per_token(fn, self.logits, payload, self.chunk_tokens)
 
     @property
     def sequence_mask(self) -> Tensor:

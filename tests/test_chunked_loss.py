@@ -289,3 +289,37 @@ def test_scorer_payload_roundtrip(tiny_dirs):
         algorithm.loss(StudentForward(student, batch, chunk_tokens=c), batch)[0] for c in (0, 2)
     ]
     assert torch.equal(losses[0], losses[1])
+
+
+def test_minillm_lm_loss_on_pretraining_text_is_chunked(tiny_dirs):
+    """MiniLLM's LM term reads [N,L,V] logits of pre-training text: chunked, its value and
+    parameter gradients equal the unchunked ones, and it equals a brute-force NLL."""
+    model = load_model(tiny_dirs["student"])
+    g = torch.Generator().manual_seed(3)
+    text = torch.randint(4, 30, (3, 9), generator=g)
+    text_mask = torch.arange(9) < torch.tensor([[9], [5], [2]])
+    batch = learner_batch(tiny_dirs, rows=3).replace(
+        pretrain_ids=text.masked_fill(~text_mask, 0), pretrain_mask=text_mask
+    )
+    results = []
+    for chunk in (0, 2):
+        model.zero_grad()
+        lm = MiniLLM.lm_loss(StudentForward(model, batch, chunk_tokens=chunk), batch)
+        lm.backward()
+        results.append((lm.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    with torch.no_grad():
+        logits = StudentForward(model, batch).forward_extra(batch.pretrain_ids, text_mask)
+        logp = log_probs(logits.double())
+    brute = (
+        sum(
+            -logp[row, i, batch.pretrain_ids[row, i + 1]]
+            for row in range(3)
+            for i in range(8)
+            if text_mask[row, i + 1]
+        )
+        / batch.pretrain_normaliser()
+    )
+    torch.testing.assert_close(results[0][0].double(), brute, rtol=1e-6, atol=1e-6)
+    assert torch.equal(results[0][0], results[1][0])
+    for name, grad in results[0][1].items():
+        torch.testing.assert_close(grad, results[1][1][name], rtol=1e-6, atol=1e-9, msg=name)

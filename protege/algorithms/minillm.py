@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from protege.algorithms.advantages import future_returns, whiten
+from protege.algorithms.chunked import chunk_tokens_for
 from protege.algorithms.divergences import kl_from_logprobs, masked_mean
 from protege.algorithms.policy_gradient import clipped_surrogate, next_token_nll, sampled_logprobs
 from protege.algorithms.registry import AlgorithmDefaults, check, register
@@ -118,5 +119,6 @@ class MiniLLM(AlgorithmDefaults):
         """This shard's share of the token-mean NLL of the step's pre-training text."""
         ids, mask = batch.pretrain_ids, batch.pretrain_mask
         logits = student.forward_extra(ids, mask)
-        nll = next_token_nll(logits, ids.to(logits.device), mask.to(logits.device))
+        chunk = chunk_tokens_for(student.chunk_tokens, logits.shape[-1])
+        nll = next_token_nll(logits, ids.to(logits.device), mask.to(logits.device), chunk)
         return nll / max(batch.pretrain_normaliser(), 1.0)

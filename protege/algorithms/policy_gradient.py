@@ -11,8 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from protege.algorithms.chunked import student_per_token
-from protege.algorithms.divergences import log_probs
+from protege.algorithms.chunked import per_token, student_per_token
 
 
 def token_logprobs(logits: Tensor, token_ids: Tensor, temperature: float = 1.0) -> Tensor:
@@ -60,10 +59,12 @@ def importance_sampled_pg(
     return -torch.exp(logprobs - behaviour_logprobs) * advantages
 
 
-def next_token_nll(logits: Tensor, token_ids: Tensor, mask: Tensor) -> Tensor:
+def next_token_nll(
+    logits: Tensor, token_ids: Tensor, mask: Tensor, chunk_tokens: int = 0
+) -> Tensor:
     """Summed next-token NLL of right-padded text: position i scores token i+1 where both are
-    text. logits [N,L,V], token_ids/mask [N,L] -> scalar."""
-    logp = log_probs(logits[:, :-1])
-    nll = -logp.gather(-1, token_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    text, `chunk_tokens` positions at a time (0: all). logits [N,L,V], token_ids/mask [N,L]
+    -> scalar."""
+    nll = -per_token(token_logprobs, (logits[:, :-1], token_ids[:, 1:]), chunk_tokens)
     targets = mask[:, 1:].bool() & mask[:, :-1].bool()
     return torch.where(targets, nll, torch.zeros_like(nll)).sum()
