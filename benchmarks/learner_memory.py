@@ -117,7 +117,7 @@ def run_one(args: argparse.Namespace) -> dict:
     from safetensors.torch import load_file
 
     from protege.actors.learner import Learner
-    from protege.algorithms.chunked import blocks, chunk_tokens_for
+    from protege.chunked import blocks, chunk_tokens_for
     from protege.config import load_config
     from protege.memory import peak_metrics
     from protege.records import RolloutBatch

@@ -5,6 +5,10 @@ sequences. Reading `student.logits` runs one forward; `student.hidden`, `student
 `student.queries` come from the same forward when asked for first (`student.want(...)`),
 else each triggers one more forward that also produces everything asked for before.
 `student.forward_extra(ids, mask)` runs the student on another batch (pre-training text).
+`student.per_token(fn, *payload)` evaluates a per-position function of the logits (a
+divergence, log q(y)) a block of positions at a time, recomputed in the backward
+(`protege.chunked`; `learner.loss_chunk_tokens`), so the loss keeps no
+vocabulary-wide intermediates for the backward.
 `student.modules` are the algorithm's trainable modules (projectors, routers), trained by
 the same engine as the student.
 
@@ -20,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from protege.algorithms.chunked import ChunkSetting, PerToken, chunk_tokens_for, per_token
+from protege.chunked import ChunkSetting, PerToken, chunk_tokens_for, per_token
 from protege.modeling import sequence_inputs
 from protege.records import RolloutBatch
 
@@ -75,7 +79,7 @@ class StudentForward:
 
     def per_token(self, fn: PerToken, *payload: Tensor | None) -> Any:
         """fn(self.logits, *payload) -> [B,T] tensor(s), evaluated a block of positions at
-        a time (`protege.algorithms.chunked`): each payload is [B,T,...] over the response
+        a time (`protege.chunked`): each payload is [B,T,...] over the response
         positions (teacher outputs, token ids), fn treats positions independently."""
         return _per_token(fn, self.logits, payload, self.chunk_tokens)
 

@@ -1,4 +1,4 @@
-"""Chunked per-token losses (protege.algorithms.chunked): every algorithm's loss, metrics
+"""Chunked per-token losses (protege.chunked): every algorithm's loss, metrics
 and gradients are those of the whole micro-batch, and far fewer bytes wait for the backward.
 
 Positions are independent in every divergence, so chunked values are compared bitwise
@@ -15,12 +15,12 @@ import torch
 
 from protege.actors.learner import Learner
 from protege.actors.teacher import teacher_outputs
-from protege.algorithms.chunked import LOSS_CHUNK_ELEMENTS, blocks, chunk_tokens_for, per_token
 from protege.algorithms.divergences import jsd_from_logprobs, log_probs
 from protege.algorithms.gkd import GKD, SFT
 from protege.algorithms.minillm import MiniLLM
 from protege.algorithms.policy_gradient import token_logprobs
 from protege.algorithms.teacher_view import paired_logprobs, paired_per_token
+from protege.chunked import LOSS_CHUNK_ELEMENTS, blocks, chunk_tokens_for, per_token
 from protege.modeling import load_model
 from protege.records import RolloutBatch, RolloutPlan
 from protege.student import StudentForward, StudentLogits

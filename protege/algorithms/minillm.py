@@ -9,11 +9,11 @@ import torch
 from torch import Tensor
 
 from protege.algorithms.advantages import future_returns, whiten
-from protege.algorithms.chunked import chunk_tokens_for
 from protege.algorithms.divergences import kl_from_logprobs, masked_mean
 from protege.algorithms.policy_gradient import clipped_surrogate, next_token_nll, sampled_logprobs
 from protege.algorithms.registry import AlgorithmDefaults, check, register
 from protege.algorithms.teacher_view import TeacherOutput, paired_per_token, require
+from protege.chunked import chunk_tokens_for
 from protege.records import RolloutBatch, RolloutPlan
 
 if TYPE_CHECKING:

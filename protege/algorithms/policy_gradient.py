@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from protege.algorithms.chunked import per_token, student_per_token
+from protege.chunked import per_token, student_per_token
 
 
 def token_logprobs(logits: Tensor, token_ids: Tensor, temperature: float = 1.0) -> Tensor:
@@ -35,7 +35,7 @@ def scaled_logits(logits: Tensor, temperature: float = 1.0) -> Tensor:
 
 def sampled_logprobs(student: Any, token_ids: Tensor, temperature: float = 1.0) -> Tensor:
     """`token_logprobs` of the student's response logits, a block of positions at a time
-    (`protege.algorithms.chunked`). token_ids [B,T] -> [B,T]."""
+    (`protege.chunked`). token_ids [B,T] -> [B,T]."""
     scored = functools.partial(token_logprobs, temperature=temperature)
     return student_per_token(student, scored, token_ids)
 

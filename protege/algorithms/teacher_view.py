@@ -7,8 +7,8 @@ from typing import Any, Literal
 
 from torch import Tensor
 
-from protege.algorithms.chunked import student_per_token
 from protege.algorithms.divergences import log_probs, topk_buckets
+from protege.chunked import student_per_token
 from protege.records import RolloutBatch
 
 # How an algorithm over the teacher's distribution asks for it (its `teacher_output` field):
@@ -29,7 +29,7 @@ def paired_per_token(
     student: Any, batch: RolloutBatch, fn: Callable[..., Any], temperature: float = 1.0
 ) -> Any:
     """fn(student_logp, teacher_logp) -> [B,T] tensor(s) on the pair `paired_logprobs`
-    gives, a block of positions at a time (`protege.algorithms.chunked`: the [B,T,S]
+    gives, a block of positions at a time (`protege.chunked`: the [B,T,S]
     log-probs of one block are alive at once, not the batch's)."""
     teacher = teacher_distribution(batch)
     if teacher[0] is not None:

@@ -61,8 +61,9 @@ def per_token(
     """fn(*inputs) -> [B,T] tensor(s), evaluated block by block over the inputs' first two
     dims ([B,T,...] each; None passes through). With one block it is exactly fn(*inputs);
     with more, each block's intermediates are freed after its forward and recomputed in
-    the backward (a non-reentrant checkpoint per block, gradients written into one buffer
-    per input instead of one full-size zero tensor per block)."""
+    the backward (checkpointing by hand: a per-block `torch.utils.checkpoint` would give
+    each block's gradient as one more full-size zero tensor to add up; here every block
+    writes its slice of one gradient buffer per input)."""
     tensors = [x for x in inputs if x is not None]
     if not tensors:
         raise ValueError("per_token needs at least one tensor input")
