@@ -9,7 +9,7 @@ import sys
 
 import torch
 
-from protege.algorithms.registry import Algorithm
+from protege.algorithms.registry import Algorithm, distinct_plans
 from protege.capabilities import config_problem, vllm_models_on_cpu, weight_sync_problem
 from protege.config import Config
 from protege.controller import Controller
@@ -156,7 +156,7 @@ def check_setup(config: Config, algorithm: Algorithm) -> None:
 
 def _check_setup(config: Config, algorithm: Algorithm) -> None:
     check_rules(config.reward.rules)  # a bad rule fails now, not when the reward worker starts
-    plans = [algorithm.plan(k) for k in range(max(config.trainer.steps, 1))]
+    plans = distinct_plans(algorithm, max(config.trainer.steps, 1))
     reason = config_problem(config, plans)
     if reason:
         raise ValueError(reason)
@@ -180,7 +180,8 @@ def check_teachers(config: Config, algorithm: Algorithm) -> None:
     """What the teachers' settings and the algorithm's plans cannot do together: K-V-only
     keys, privileged prompts (protege.privileged), cross-tokenizer with several teachers,
     and the fusion of several token-level teachers (protege.fusion)."""
-    kv = any(algorithm.plan(k).teacher_need == "kv" for k in range(max(config.trainer.steps, 1)))
+    plans = distinct_plans(algorithm, max(config.trainer.steps, 1))
+    kv = any(plan.teacher_need == "kv" for plan in plans)
     for spec in config.teachers:
         if spec.prefix and not kv:
             raise ValueError(
@@ -191,7 +192,6 @@ def check_teachers(config: Config, algorithm: Algorithm) -> None:
                 f"teacher {spec.name!r}: K-V outputs come from an HF teacher model "
                 "(teacher.backend=hf, a model other than 'self')"
             )
-    plans = [algorithm.plan(k) for k in range(max(config.trainer.steps, 1))]
     reason = setup_problem(config, plans, config.trainer.eval_teacher_kl)
     if reason:
         raise ValueError(reason)
@@ -215,7 +215,7 @@ def check_weight_sync(config: Config) -> None:
 
 def read_training_rows(config: Config, algorithm: Algorithm):
     rows = read_jsonl(config.data.train)
-    if any(algorithm.plan(k).source == "dataset" for k in range(config.trainer.steps)):
+    if any(p.source == "dataset" for p in distinct_plans(algorithm, config.trainer.steps)):
         require_completions(
             rows, config.data.train, f"algorithm {algorithm.name!r} (dataset responses)"
         )
