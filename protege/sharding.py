@@ -91,6 +91,7 @@ SHARED_LEARNER_METRICS = frozenset(
         "learner/nonfinite",
         "learner/empty_batch",
         "learner/nonfinite_weights",  # reduced over ranks inside the learner
+        "router/updated",  # fusion.mode=learned: one decision for every rank
     }
 )
 LEARNER_SECONDS = "learner/seconds"
