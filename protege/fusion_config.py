@@ -34,9 +34,15 @@ class RouterConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
+    # the hidden states the router reads: of the student as it was at the start (a frozen
+    # copy: what the router learned about a prompt stays true) or of the live student
+    features: Literal["initial", "live"] = "initial"
     lr: float = Field(1e-2, gt=0)  # Adam learning rate of the router (not the student's)
     width: int = Field(32, ge=1)  # hidden width of the router's MLP
-    entropy_bonus: float = Field(0.0, ge=0)  # + bonus·H(α) rewarded: against early collapse
+    entropy_bonus: float = Field(0.0, ge=0)  # + bonus·H(α) per row: keeps each α soft
+    # + balance·H(ᾱ), ᾱ the batch's mean α: MoE load balancing against routing every row to
+    # one teacher (0: off; set it to 0 when one teacher should own most rows)
+    balance: float = Field(1.0, ge=0)
     warmup_steps: int = Field(0, ge=0)  # steps whose target uses the prior weights (it trains)
     label_weight: float = Field(0.0, ge=0)  # cross-entropy on rows' `fusion.field` labels
 
@@ -44,7 +50,7 @@ class RouterConfig(BaseModel):
 class FusionConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
-    mode: FusionMode = "fixed"  # route by a data field, fixed weights, or confidence
+    mode: FusionMode = "fixed"  # route by a data field, fixed weights, confidence, learned router
     field: str = "teacher"  # mode=route: the data field that names each row's teacher
     default: str | None = None  # mode=route: the teacher of a row without that field
     temperature: float = Field(1.0, gt=0)  # mode=confidence: entropy scale (lower: sharper)

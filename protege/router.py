@@ -14,6 +14,15 @@ whose gradient in the router's logits is w_b (α_b − r_b) with r_bi ∝ α_bi 
 posterior responsibility: α moves toward the teacher that best explains the good answers.
 Rows of weight 0 give no signal; a step with no rewarded row leaves the router untouched.
 
+Against collapse, a load-balancing term (as MoE routers have; here the entropy of the
+batch's mean α, the marginal-entropy term of Krause, Perona & Gomes 2010) is subtracted:
+L − balance·H(ᾱ). Without it the router and the student feed each other: the rows the
+student already answers (on the tiny task: the easier sums below 100) are the only ones
+rewarded, so α drifts to their teacher for every row, the student then learns only that
+teacher's half, and no other row is ever rewarded again. H(ᾱ) is maximal for any split of
+the rows, so it does not soften a router that sends each row to one teacher; it only keeps
+the batch from going to one teacher before the evidence says which rows are whose.
+
 The router reads the student's own last hidden states over the prompt (its mean and its
 last position, which already attends to the whole prompt), under no gradient: the prompt is
 what says which specialist is right, and the router must not reshape the student. Its MLP
@@ -123,8 +132,16 @@ class StepTotals:
 class FusionRouter:
     """The learned router: α [B,n] from prompt features, its optimizer and its state."""
 
-    def __init__(self, hidden_size: int, prior: list[float], options: RouterConfig, device=None):
+    def __init__(
+        self,
+        hidden_size: int,
+        prior: list[float],
+        options: RouterConfig,
+        device=None,
+        reader: nn.Module | None = None,
+    ):
         self.options = options
+        self.reader = reader  # the frozen initial student the features come from (None: live)
         self.net = LearnableRouter(2 * hidden_size, len(prior), 1, width=options.width).to(device)
         self.optimizer = torch.optim.Adam(self.net.parameters(), lr=options.lr)
         self.prior = log_prior(prior).to(device)
@@ -136,9 +153,11 @@ class FusionRouter:
         return torch.log_softmax(self.net.scores(features)[:, 0] + self.prior, dim=-1)
 
     def begin(self, totals: StepTotals) -> None:
-        """Start a learner step: its micro-batches' gradients accumulate until `finish`."""
+        """Start a learner step: its micro-batches' losses are kept until `finish`."""
         self._totals = totals
         self.optimizer.zero_grad(set_to_none=True)
+        self._losses: list[Tensor] = []  # per micro-batch, with the router's graph
+        self._alpha_sums: list[Tensor] = []  # Σ_b α_b per micro-batch, for the balance term
         self._sums = {"router/loss": 0.0, "router/entropy": 0.0, "router/rewarded_rows": 0.0}
         if totals.labelled:
             self._sums["router/agreement"] = 0.0
@@ -146,8 +165,8 @@ class FusionRouter:
     def accumulate(
         self, features: Tensor, sequence_logp: Tensor, rewards: Tensor, labels: Tensor | None
     ) -> Tensor:
-        """One micro-batch: back-propagates its share of the step's router loss; returns the
-        α [B,n] (detached) its fused target uses."""
+        """One micro-batch's share of the step's router loss (applied at `finish`); returns
+        the α [B,n] (detached) its fused target uses."""
         totals = self._totals
         log_alpha = self.log_weights(features)
         weights = reward_weights(rewards)
@@ -161,20 +180,26 @@ class FusionRouter:
             loss = loss - self.options.label_weight * picked.sum() / totals.labelled
             agree = (log_alpha[known].argmax(-1) == labels[known]).sum()
             self._sums["router/agreement"] += float(agree) / totals.labelled
-        if totals.updates:
-            loss.backward()
+        self._losses.append(loss)
+        self._alpha_sums.append(log_alpha.exp().sum(0))
         self._sums["router/loss"] += float(weighted.detach()) / max(totals.weight, 1e-12)
         self._sums["router/entropy"] += float(entropy.detach()) / rows
-        self._sums["router/rewarded_rows"] += float((weights > 0).sum())
+        self._sums["router/rewarded_rows"] += float((rewards > 0).sum())
         return log_alpha.detach().exp()
 
     def finish(self, all_reduce: Callable[[Tensor], Tensor]) -> dict[str, float]:
         """Apply the step's one update (gradients summed over ranks by `all_reduce`); skipped
-        when no row was rewarded or the gradient is not finite (`router/updated` 0)."""
-        params = list(self.net.parameters())
-        flat = torch.cat([_grad(p).flatten() for p in params])
-        flat = all_reduce(flat) if self._totals.updates else flat
-        updated = self._totals.updates and bool(torch.isfinite(flat).all())
+        when no row was rewarded or the gradient is not finite (`router/updated` 0). Every
+        rank calls it (the balance term and the gradient are all-reduced)."""
+        totals, params = self._totals, list(self.net.parameters())
+        updated = totals.updates
+        balance = self._balance(all_reduce) if updated else None
+        if updated:
+            loss = torch.stack([*self._losses, -self.options.balance * balance]).sum()
+            if loss.requires_grad:  # a rank without rows contributes no gradient
+                loss.backward()
+            flat = all_reduce(torch.cat([_grad(p).flatten() for p in params]))
+            updated = bool(torch.isfinite(flat).all())
         if updated:
             offset = 0
             for p in params:
@@ -183,8 +208,18 @@ class FusionRouter:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         metrics = {**self._sums, "router/updated": float(updated)}
-        self._totals = None
+        if balance is not None:
+            metrics["router/batch_entropy"] = float(balance.detach())
+        self._totals, self._losses, self._alpha_sums = None, [], []
         return metrics
+
+    def _balance(self, all_reduce: Callable[[Tensor], Tensor]) -> Tensor:
+        """H(ᾱ), ᾱ = the step's mean α over every rank's rows: its value is global, its
+        gradient flows through this rank's rows only (so the ranks' gradients add up)."""
+        local = sum(self._alpha_sums, torch.zeros_like(self.prior))
+        total = all_reduce(local.detach())
+        mean = (local - local.detach() + total) / max(self._totals.rows, 1.0)
+        return weights_entropy(mean.clamp_min(1e-12).log().unsqueeze(0)).squeeze(0)
 
     # -- state ------------------------------------------------------------------------------
     def state_tensors(self) -> dict[str, Tensor]:
@@ -226,7 +261,9 @@ def _grad(param: Tensor) -> Tensor:
 
 
 def step_totals(
-    rewards: Tensor | None, labels: Tensor | None, reduce: Callable[[float], float]
+    rewards: Tensor | None,
+    labels: Tensor | None,
+    reduce: Callable[[float], float],
 ) -> StepTotals:
     """This step's global normalisers from this rank's shard; `reduce` sums over ranks."""
     if rewards is None:

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from protege.errors import SetupError
+from protege.modeling import load_model
 from protege.records import RolloutBatch
 from protege.router import FusionRouter, prompt_features, sequence_logprobs
 
@@ -19,9 +20,14 @@ def learned_router(config, algorithm, student_config, device) -> FusionRouter | 
     if not several or config.fusion.mode != "learned":
         return None
     prior = [spec.weight for spec in config.teachers]
+    reader = None
+    if config.fusion.router.features == "initial":
+        reader = load_model(config.student.model, config.student.dtype).to(device).eval()
+        reader.requires_grad_(False)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.trainer.seed)
-        return FusionRouter(student_config.hidden_size, prior, config.fusion.router, device)
+        options = config.fusion.router
+        return FusionRouter(student_config.hidden_size, prior, options, device, reader)
 
 
 def routed_weights(
@@ -39,7 +45,8 @@ def routed_weights(
         )
     logprobs = torch.stack([micro.named_teachers[name].logprobs for name in order])
     sequence_logp = sequence_logprobs(logprobs, micro.response_mask)
-    features = prompt_features(module, micro.prompt_ids, micro.prompt_mask)
+    reader = router.reader if router.reader is not None else module
+    features = prompt_features(reader, micro.prompt_ids, micro.prompt_mask)
     if learn:
         alpha = router.accumulate(features, sequence_logp, micro.rewards, micro.teacher_route)
     else:

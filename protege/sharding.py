@@ -92,6 +92,7 @@ SHARED_LEARNER_METRICS = frozenset(
         "learner/empty_batch",
         "learner/nonfinite_weights",  # reduced over ranks inside the learner
         "router/updated",  # fusion.mode=learned: one decision for every rank
+        "router/batch_entropy",  # fusion.mode=learned: of the whole batch's mean α
     }
 )
 LEARNER_SECONDS = "learner/seconds"

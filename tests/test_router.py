@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 
 import pytest
 import torch
@@ -56,7 +57,7 @@ def test_router_loss_and_gradient_match_the_posterior_responsibilities():
     loss = (weights * mixture_nll(log_alpha, sequence_logp)).sum() / weights.sum()
     loss.backward()
     expected_loss, expected_grad = _brute_force(scores.detach(), sequence_logp, rewards)
-    assert float(loss) == pytest.approx(expected_loss, rel=1e-12)
+    assert float(loss.detach()) == pytest.approx(expected_loss, rel=1e-12)
     torch.testing.assert_close(scores.grad, expected_grad, rtol=1e-10, atol=1e-12)
     # the gradient is w (α − r): zero for the unrewarded rows 1 and 4
     posterior = responsibilities(log_alpha.detach(), sequence_logp)
@@ -64,8 +65,9 @@ def test_router_loss_and_gradient_match_the_posterior_responsibilities():
         scores.grad, weights[:, None] * (log_alpha.detach().exp() - posterior) / weights.sum()
     )
     assert scores.grad[[1, 4]].abs().max() == 0
+    probe = scores.detach().clone().requires_grad_()
     assert torch.autograd.gradcheck(
-        lambda s: mixture_nll(torch.log_softmax(s, -1), sequence_logp).sum(), (scores.detach().requires_grad_(),)
+        lambda s: mixture_nll(torch.log_softmax(s, -1), sequence_logp).sum(), (probe,)
     )
 
 
@@ -132,27 +134,59 @@ def test_a_step_without_a_rewarded_row_leaves_the_router_untouched():
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
+class Collective:
+    """An all-reduce (sum) between threads, one per simulated data-parallel rank."""
+
+    def __init__(self, ranks: int):
+        self.barrier, self.slots = threading.Barrier(ranks), [None] * ranks
+
+    def reducer(self, rank: int):
+        def reduce(tensor):
+            self.slots[rank] = tensor.detach().clone()
+            self.barrier.wait()
+            total = sum(self.slots)
+            self.barrier.wait()
+            return total
+
+        return reduce
+
+
 def test_two_ranks_on_halves_update_the_router_as_one_rank_on_the_whole_batch():
-    """The gradient summed over ranks (what the learner's all-reduce does) with the global
-    normalisers gives exactly the single-rank update."""
+    """The losses' global normalisers, the batch-mean α of the balance term and the gradient
+    all-reduced over ranks give exactly the single-rank update."""
     features, sequence_logp, rewards, _ = _synthetic(torch.Generator().manual_seed(3))
     totals = StepTotals(float(reward_weights(rewards).sum()), 32.0, 0.0)
+    options = RouterConfig(entropy_bonus=0.1, balance=0.5)
     routers = []
     for _ in range(3):
         torch.manual_seed(0)
-        routers.append(FusionRouter(HIDDEN, [1.0, 2.0], RouterConfig(entropy_bonus=0.1)))
-    whole, first, second = routers
+        routers.append(FusionRouter(HIDDEN, [1.0, 2.0], options))
+    whole, *ranks = routers
     whole.begin(totals)
     whole.accumulate(features, sequence_logp, rewards, None)
-    whole.finish(lambda flat: flat)
-    first.begin(totals)
-    second.begin(totals)
-    first.accumulate(features[:20], sequence_logp[:20], rewards[:20], None)
-    second.accumulate(features[20:], sequence_logp[20:], rewards[20:], None)
-    other = torch.cat([p.grad.flatten() for p in second.net.parameters()])
-    first.finish(lambda flat: flat + other)
-    for name, value in whole.state_tensors().items():
-        torch.testing.assert_close(first.state_tensors()[name], value, rtol=1e-5, atol=1e-7)
+    expected = whole.finish(lambda flat: flat)
+    collective, results = Collective(2), [None, None]
+
+    def rank(index: int, rows: slice) -> None:
+        ranks[index].begin(totals)
+        for micro in (slice(rows.start, rows.start + 5), slice(rows.start + 5, rows.stop)):
+            ranks[index].accumulate(features[micro], sequence_logp[micro], rewards[micro], None)
+        results[index] = ranks[index].finish(collective.reducer(index))
+
+    threads = [
+        threading.Thread(target=rank, args=(0, slice(0, 20))),
+        threading.Thread(target=rank, args=(1, slice(20, 32))),
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert results[0]["router/batch_entropy"] == pytest.approx(expected["router/batch_entropy"])
+    summed = results[0]["router/loss"] + results[1]["router/loss"]
+    assert summed == pytest.approx(expected["router/loss"], rel=1e-6)
+    for router in ranks:
+        for name, value in whole.state_tensors().items():
+            torch.testing.assert_close(router.state_tensors()[name], value, rtol=1e-5, atol=1e-7)
 
 
 def test_saved_router_state_resumes_the_same_updates(tmp_path):
@@ -264,15 +298,17 @@ def test_learned_run_reports_finite_router_metrics_that_follow_alpha(tmp_path):
 
 def test_a_resumed_learned_run_restores_the_router(tmp_path):
     """Stopped after a checkpoint at step 2 and resumed, step 3 sees the same α (teacher
-    shares, router loss) as the uninterrupted run: the router and its optimizer came back."""
-    whole = _config(tmp_path, "trainer.steps=3", "trainer.save_every=2", out="whole")
+    shares, router loss) as the uninterrupted run: the router and its optimizer came back.
+    (A constant lr: the preset's cosine schedule depends on trainer.steps.)"""
+    same = ("trainer.save_every=2", "learner.lr_schedule=constant")
+    whole = _config(tmp_path, "trainer.steps=3", *same, out="whole")
     build_controller(whole).run()
-    first = _config(tmp_path, "trainer.steps=2", "trainer.save_every=2", out="resumed")
+    first = _config(tmp_path, "trainer.steps=2", *same, out="resumed")
     build_controller(first).run()
     assert (tmp_path / "resumed" / "checkpoints").exists()
     assert list((tmp_path / "resumed" / "checkpoints").rglob(ROUTER_FILE))
     build_controller(
-        _config(tmp_path, "trainer.steps=3", "trainer.save_every=2", "trainer.resume=true", out="resumed")
+        _config(tmp_path, "trainer.steps=3", "trainer.resume=true", *same, out="resumed")
     ).run()
     expected, got = _steps(whole)[-1], _steps(first)[-1]
     assert got["learner/version"] == 3.0

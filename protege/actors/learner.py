@@ -221,7 +221,7 @@ class Learner:
     def _padding_pass(self) -> Tensor:
         """A zero-gradient pass that keeps ZeRO's collectives in step when this rank has
         fewer micro-batches than another."""
-        if self._router is not None:  # the router's prompt forward, as on the other ranks
+        if self._router is not None and self._router.reader is None:  # as the other ranks
             with torch.no_grad():
                 self._engine.module(**_padding_inputs(self._device()))
         logits = self._engine.module(**_padding_inputs(self._device())).logits
