@@ -107,13 +107,13 @@ def run_arm(name: str, steps: int, eval_size: int, seed: int, workdir: str) -> d
 
 
 def router_summary(metrics: Path) -> dict:
-    """fusion.mode=learned: router/agreement over the first and the last 20 steps, and the
-    mean share of `low`; empty for the other arms."""
+    """fusion.mode=learned: the mean router/agreement over the first and the last 20 steps;
+    empty for the other arms."""
     rows = [json.loads(line) for line in metrics.read_text().splitlines()]
     agreement = [r["router/agreement"] for r in rows if "router/agreement" in r]
     if not agreement:
         return {}
-    mean = lambda values: round(sum(values) / len(values), 3)  # noqa: E731
+    mean = lambda values: round(sum(values) / len(values), 3)
     return {"agreement_first": mean(agreement[:20]), "agreement_last": mean(agreement[-20:])}
 
 
@@ -185,8 +185,7 @@ def main() -> None:
     started = time.perf_counter()
     with ProcessPoolExecutor(args.jobs) as pool:
         futures = [
-            pool.submit(run_arm, name, steps, eval_size, args.seed, args.workdir)
-            for name in chosen
+            pool.submit(run_arm, name, steps, eval_size, args.seed, args.workdir) for name in chosen
         ]
         runs = [future.result() for future in futures]
     if args.arms and not args.smoke:

@@ -13,6 +13,7 @@ import torch
 
 from protege.cli import run_example
 from protege.config import load_config
+from protege.config_text import ConfigError
 from protege.data import DataError
 from protege.errors import SetupError
 from protege.fusion_config import RouterConfig
@@ -314,3 +315,28 @@ def test_a_resumed_learned_run_restores_the_router(tmp_path):
     assert got["learner/version"] == 3.0
     for key in ("teacher/low/share", "router/loss", "router/entropy", "learner/loss"):
         assert got[key] == pytest.approx(expected[key], rel=1e-6, abs=1e-9), key
+
+
+def test_router_options_are_strict(tmp_path):
+    with pytest.raises(ConfigError, match="fusion.router.lrr"):
+        _config(tmp_path, "fusion.router.lrr=0.1")
+    with pytest.raises(ConfigError, match="fusion.router.features"):
+        _config(tmp_path, "fusion.router.features=teacher")
+
+
+@pytest.mark.slow
+def test_learned_router_finds_the_split_and_the_student_learns(tmp_path):
+    """150 steps of the preset with fusion.mode=learned: the router's argmax matches the rows'
+    (unread) teacher field on most rows, and the student gains accuracy."""
+    config = _config(
+        tmp_path,
+        "trainer.steps=150",
+        "trainer.batch_size=32",
+        "data.test=builtin:tiny/test",
+        "trainer.eval_size=100",
+    )
+    result = build_controller(config).run()
+    steps = _steps(config)
+    late = [row["router/agreement"] for row in steps[-20:]]
+    assert sum(late) / len(late) > 0.8, late
+    assert result["eval_after/accuracy"] >= result["eval_before/accuracy"] + 0.1, result
