@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import threading
 
 import pytest
@@ -340,3 +341,35 @@ def test_learned_router_finds_the_split_and_the_student_learns(tmp_path):
     late = [row["router/agreement"] for row in steps[-20:]]
     assert sum(late) / len(late) > 0.8, late
     assert result["eval_after/accuracy"] >= result["eval_before/accuracy"] + 0.1, result
+
+
+@pytest.mark.slow  # a local Ray cluster: two data-parallel learners all-reduce the router
+def test_learned_run_over_ray_with_two_learners(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "RAY_ADDRESS": "local"}
+    command = [
+        sys.executable,
+        str(root / "examples" / "multi_teacher.py"),
+        "fusion.mode=learned",
+        "learner.num_workers=2",
+        "trainer.steps=3",
+        "trainer.batch_size=8",
+        "trainer.eval_size=8",
+        "logging.wandb=disabled",
+        f"output_dir={out}",
+    ]
+    done = subprocess.run(
+        command, check=False, cwd=root, env=env, capture_output=True, text=True, timeout=900
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [row for row in rows if "learner/loss" in row]
+    assert [row["learner/version"] for row in steps] == [1.0, 2.0, 3.0]
+    for row in steps:
+        assert math.isfinite(row["router/loss"]) and row["router/updated"] in (0.0, 1.0)
+        assert row["teacher/low/share"] + row["teacher/high/share"] == pytest.approx(1.0)
