@@ -9,7 +9,7 @@ import sys
 
 import torch
 
-from protege.algorithms.registry import Algorithm, distinct_plans
+from protege.algorithms.registry import Algorithm, AlgorithmDefaults, distinct_plans
 from protege.capabilities import config_problem, vllm_models_on_cpu, weight_sync_problem
 from protege.config import Config
 from protege.controller import Controller
@@ -22,8 +22,8 @@ from protege.data import (
 )
 from protege.errors import ProtegeError, SetupError
 from protege.evaluation import Evaluator
-from protege.fusion_config import fusion_problem
-from protege.fusion_data import row_routes
+from protege.fusion_config import fusion_problem, router_problem
+from protege.fusion_data import row_labels, row_routes
 from protege.launch import LocalLauncher
 from protege.metrics_log import MetricsLog
 from protege.modeling import check_same_chat_template, check_same_vocabulary, load_tokenizer
@@ -74,11 +74,15 @@ def build_controller(config: Config) -> Controller:
 
 def teacher_routes(config: Config, algorithm: Algorithm, prompts: PromptSource):
     """Each training row's teacher index when several token-level teachers are routed by a
-    data field (fusion.mode=route), else None; a row naming no known teacher fails here."""
-    routed = config.fusion.mode == "route" and len(config.teachers) > 1
-    if not routed or algorithm.plan(0).teacher_need == "kv":
+    data field (fusion.mode=route), else None; a row naming no known teacher fails here.
+    fusion.mode=learned: the rows' labels, -1 where a row names none (router diagnostics)."""
+    several = len(config.teachers) > 1 and algorithm.plan(0).teacher_need != "kv"
+    names = [t.name for t in config.teachers]
+    if several and config.fusion.mode == "learned":
+        return row_labels(prompts.rows, names, config.fusion)
+    if not several or config.fusion.mode != "route":
         return None
-    return row_routes(prompts.rows, [t.name for t in config.teachers], config.fusion)
+    return row_routes(prompts.rows, names, config.fusion)
 
 
 def check_teacher_tokenizers(config: Config, algorithm: Algorithm, tokenizer, chat: bool) -> None:
@@ -202,7 +206,12 @@ def check_teachers(config: Config, algorithm: Algorithm) -> None:
         )
     if len(config.teachers) > 1 and not kv:  # token-level: fused in the learner
         names, weights = [t.name for t in config.teachers], [t.weight for t in config.teachers]
-        reason = fusion_problem(config.fusion, names, weights, plans)
+        reason = fusion_problem(config.fusion, names, weights, plans) or router_problem(
+            config.fusion,
+            algorithm.name,
+            config.reward.enabled,
+            type(algorithm).advantages is not AlgorithmDefaults.advantages,
+        )
         if reason:
             raise ValueError(reason)
 
