@@ -136,13 +136,16 @@ def fuse_batch(
     temperature: float,
     vocab: int,
     decode: Decoder | None = None,
+    mix: Tensor | None = None,
 ) -> tuple[RolloutBatch, Tensor, list[TeacherPayload]]:
     """(`batch` with the fused target in its standard fields and no named payloads, the
-    [n,B,T] weights, the teachers' payloads with hidden states decoded into logits)."""
+    [n,B,T] weights, the teachers' payloads with hidden states decoded into logits). `mix`:
+    the [n,B,T] weights when the caller has them (fusion.mode=learned: the router's)."""
     names = list(batch.named_teachers)
     payloads = [_decoded(name, batch, decode) for name in names]
     mask = batch.response_mask.bool()
-    mix = token_weights(batch, payloads, fusion, [weights[n] for n in names], temperature)
+    if mix is None:
+        mix = token_weights(batch, payloads, fusion, [weights[n] for n in names], temperature)
     if fusion.mode == "route":
         fields = route_payload(payloads, batch.teacher_route.to(mask.device))
         fields["teacher_hidden"] = None
@@ -174,6 +177,8 @@ def token_weights(
         return route_weights(batch.teacher_route.to(device), len(payloads), shape[1])
     if fusion.mode == "fixed":
         return fixed_weights(weights, shape, device)
+    if fusion.mode == "learned":
+        raise ValueError("fusion.mode=learned: the weights are the learner's router's")
     entropies = torch.stack([entropy(_distribution(p, temperature)) for p in payloads])
     return confidence_weights(entropies, weights, fusion.temperature)
 
@@ -253,11 +258,14 @@ def driver_logprobs(batch: RolloutBatch, config, temperature: float) -> RolloutB
     """At the controller, before `advantages`: the fused log p(y_t) of the sampled tokens in
     `teacher_logprobs` (MiniLLM, OPD and RL+distill read it there). The named payloads stay
     for the learner, which fuses them all. Left out (None) only for confidence weights over
-    hidden states, which only the learner can decode."""
+    hidden states, which only the learner can decode, and for learned weights (the learner's
+    router; `protege.fusion_config.router_problem` refuses algorithms that would need them)."""
     payloads = list(batch.named_teachers.values())
     if not payloads or any(p.logprobs is None for p in payloads):
         return batch
     if config.fusion.mode == "confidence" and any(p.hidden is not None for p in payloads):
+        return batch
+    if config.fusion.mode == "learned":  # the router lives in the learner
         return batch
     weights = [spec.weight for spec in config.teachers]
     mix = token_weights(batch, payloads, config.fusion, weights, temperature)

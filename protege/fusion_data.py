@@ -30,3 +30,17 @@ def row_routes(rows: list[Row], names: list[str], fusion: FusionConfig) -> list[
             )
         routes.append(index[named])
     return routes
+
+
+def row_labels(rows: list[Row], names: list[str], fusion: FusionConfig) -> list[int] | None:
+    """fusion.mode=learned: each row's teacher label from the same field (-1 where a row has
+    none), the router's diagnostic (`router/agreement`) and optional supervision; None when
+    no row has one. A label naming no known teacher is an error, as for routing."""
+    if not any(fusion.field in row.extra for row in rows) and fusion.default is None:
+        return None
+    labelled = [row for row in rows if row.extra.get(fusion.field, fusion.default) is not None]
+    known = iter(row_routes(labelled, names, fusion))
+    return [
+        next(known) if row.extra.get(fusion.field, fusion.default) is not None else -1
+        for row in rows
+    ]

@@ -9,7 +9,7 @@ import sys
 
 import torch
 
-from protege.algorithms.registry import Algorithm
+from protege.algorithms.registry import Algorithm, AlgorithmDefaults, distinct_plans
 from protege.capabilities import config_problem, vllm_models_on_cpu, weight_sync_problem
 from protege.config import Config
 from protege.controller import Controller
@@ -22,8 +22,8 @@ from protege.data import (
 )
 from protege.errors import ProtegeError, SetupError
 from protege.evaluation import Evaluator
-from protege.fusion_config import fusion_problem
-from protege.fusion_data import row_routes
+from protege.fusion_config import fusion_problem, router_problem
+from protege.fusion_data import row_labels, row_routes
 from protege.launch import LocalLauncher
 from protege.metrics_log import MetricsLog
 from protege.modeling import check_same_chat_template, check_same_vocabulary, load_tokenizer
@@ -74,11 +74,15 @@ def build_controller(config: Config) -> Controller:
 
 def teacher_routes(config: Config, algorithm: Algorithm, prompts: PromptSource):
     """Each training row's teacher index when several token-level teachers are routed by a
-    data field (fusion.mode=route), else None; a row naming no known teacher fails here."""
-    routed = config.fusion.mode == "route" and len(config.teachers) > 1
-    if not routed or algorithm.plan(0).teacher_need == "kv":
+    data field (fusion.mode=route), else None; a row naming no known teacher fails here.
+    fusion.mode=learned: the rows' labels, -1 where a row names none (router diagnostics)."""
+    several = len(config.teachers) > 1 and algorithm.plan(0).teacher_need != "kv"
+    names = [t.name for t in config.teachers]
+    if several and config.fusion.mode == "learned":
+        return row_labels(prompts.rows, names, config.fusion)
+    if not several or config.fusion.mode != "route":
         return None
-    return row_routes(prompts.rows, [t.name for t in config.teachers], config.fusion)
+    return row_routes(prompts.rows, names, config.fusion)
 
 
 def check_teacher_tokenizers(config: Config, algorithm: Algorithm, tokenizer, chat: bool) -> None:
@@ -156,7 +160,7 @@ def check_setup(config: Config, algorithm: Algorithm) -> None:
 
 def _check_setup(config: Config, algorithm: Algorithm) -> None:
     check_rules(config.reward.rules)  # a bad rule fails now, not when the reward worker starts
-    plans = [algorithm.plan(k) for k in range(max(config.trainer.steps, 1))]
+    plans = distinct_plans(algorithm, max(config.trainer.steps, 1))
     reason = config_problem(config, plans)
     if reason:
         raise ValueError(reason)
@@ -180,7 +184,8 @@ def check_teachers(config: Config, algorithm: Algorithm) -> None:
     """What the teachers' settings and the algorithm's plans cannot do together: K-V-only
     keys, privileged prompts (protege.privileged), cross-tokenizer with several teachers,
     and the fusion of several token-level teachers (protege.fusion)."""
-    kv = any(algorithm.plan(k).teacher_need == "kv" for k in range(max(config.trainer.steps, 1)))
+    plans = distinct_plans(algorithm, max(config.trainer.steps, 1))
+    kv = any(plan.teacher_need == "kv" for plan in plans)
     for spec in config.teachers:
         if spec.prefix and not kv:
             raise ValueError(
@@ -191,7 +196,6 @@ def check_teachers(config: Config, algorithm: Algorithm) -> None:
                 f"teacher {spec.name!r}: K-V outputs come from an HF teacher model "
                 "(teacher.backend=hf, a model other than 'self')"
             )
-    plans = [algorithm.plan(k) for k in range(max(config.trainer.steps, 1))]
     reason = setup_problem(config, plans, config.trainer.eval_teacher_kl)
     if reason:
         raise ValueError(reason)
@@ -202,7 +206,12 @@ def check_teachers(config: Config, algorithm: Algorithm) -> None:
         )
     if len(config.teachers) > 1 and not kv:  # token-level: fused in the learner
         names, weights = [t.name for t in config.teachers], [t.weight for t in config.teachers]
-        reason = fusion_problem(config.fusion, names, weights, plans)
+        reason = fusion_problem(config.fusion, names, weights, plans) or router_problem(
+            config.fusion,
+            algorithm.name,
+            config.reward.enabled,
+            type(algorithm).advantages is not AlgorithmDefaults.advantages,
+        )
         if reason:
             raise ValueError(reason)
 
@@ -215,7 +224,7 @@ def check_weight_sync(config: Config) -> None:
 
 def read_training_rows(config: Config, algorithm: Algorithm):
     rows = read_jsonl(config.data.train)
-    if any(algorithm.plan(k).source == "dataset" for k in range(config.trainer.steps)):
+    if any(p.source == "dataset" for p in distinct_plans(algorithm, config.trainer.steps)):
         require_completions(
             rows, config.data.train, f"algorithm {algorithm.name!r} (dataset responses)"
         )

@@ -91,6 +91,8 @@ SHARED_LEARNER_METRICS = frozenset(
         "learner/nonfinite",
         "learner/empty_batch",
         "learner/nonfinite_weights",  # reduced over ranks inside the learner
+        "router/updated",  # fusion.mode=learned: one decision for every rank
+        "router/batch_entropy",  # fusion.mode=learned: of the whole batch's mean α
     }
 )
 LEARNER_SECONDS = "learner/seconds"

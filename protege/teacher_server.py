@@ -176,9 +176,10 @@ def check_teacher_servers(
     servers = [spec for spec in config.teachers if spec.on_server]
     if not servers:
         return
+    from protege.algorithms.registry import distinct_plans
     from protege.modeling import load_model_config
 
-    plans = [algorithm.plan(k) for k in range(max(config.trainer.steps, 1))]
+    plans = distinct_plans(algorithm, max(config.trainer.steps, 1))
     topk = max((p.topk for p in plans if p.teacher_need == "topk"), default=0)
     width = load_model_config(config.student.model).vocab_size
     longest = longest_prompt + config.rollout.max_new_tokens

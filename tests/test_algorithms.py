@@ -27,8 +27,8 @@ from protege.algorithms.divergences import (
 )
 from protege.algorithms.gated_dual_kl import restrict_to_teacher_support, step_means
 from protege.algorithms.policy_gradient import clipped_surrogate, token_logprobs
-from protege.algorithms.registry import AlgorithmConfigError
-from protege.records import RolloutBatch, TokenSource
+from protege.algorithms.registry import AlgorithmConfigError, distinct_plans
+from protege.records import RolloutBatch, RolloutPlan, TokenSource
 from protege.student import StudentLogits
 
 VOCAB, TOKENS, PROMPTS = 11, 6, 3
@@ -239,6 +239,46 @@ def test_registered_algorithms_are_frozen_with_a_plan(name):
     plan = algorithm.plan(0)
     assert plan.teacher_need in ("none", "sampled", "topk", "full", "kv")
     assert plan.source in ("student", "dataset", "teacher")
+
+
+@pytest.mark.parametrize("name,kwargs", variants())
+def test_distinct_plans_are_every_plan_of_the_run(name, kwargs):
+    """The start-up checks read `distinct_plans`: it must hold every plan some step uses,
+    each once, in order of first use, and nothing no step uses."""
+    algorithm = make_algorithm(name, kwargs)
+    every = [algorithm.plan(step) for step in range(2000)]
+    assert distinct_plans(algorithm, 2000) == tuple(dict.fromkeys(every))
+    declared = algorithm.plan_variants()
+    if declared is not None:
+        assert set(every) <= set(declared)
+
+
+def test_distinct_plans_of_a_long_run_stop_once_every_variant_is_met():
+    """`trainer.steps=10**7` must not cost a plan per step at start-up."""
+    calls = []
+
+    @dataclasses.dataclass(frozen=True)
+    class Counted(ALGORITHMS["gkd"]):
+        def plan(self, step):
+            calls.append(step)
+            return super().plan(step)
+
+    plans = distinct_plans(Counted(lmbda=0.5), 10**7)
+    assert {plan.source for plan in plans} == {"student", "dataset"}
+    assert len(calls) < 100
+    calls.clear()
+    assert [p.source for p in distinct_plans(Counted(lmbda=1.0), 10**7)] == ["student"]
+    assert calls == [0]
+
+
+def test_distinct_plans_ask_every_step_of_an_algorithm_that_declares_no_variants():
+    class EveryThird:  # a user's algorithm: its plan changes with the step, undeclared
+        def plan(self, step):
+            return RolloutPlan(teacher_need="sampled" if step % 3 else "topk", topk=4)
+
+    assert [p.teacher_need for p in distinct_plans(EveryThird(), 7)] == ["topk", "sampled"]
+    assert distinct_plans(EveryThird(), 1) == (RolloutPlan(teacher_need="topk", topk=4),)
+    assert distinct_plans(EveryThird(), 0) == ()
 
 
 def test_registry_errors_name_the_key():

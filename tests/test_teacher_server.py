@@ -22,7 +22,8 @@ from protege.config import load_config
 from protege.errors import ProtegeError
 from protege.teacher_server import ServerClient, ServerLimits, TeacherServerError
 
-FAST = ServerLimits(timeout_s=0.3, retries=2, concurrency=2, backoff_s=0.05)
+# timeout_s: long enough for a loaded CI machine to answer at once, short enough to wait out
+FAST = ServerLimits(timeout_s=1.0, retries=2, concurrency=2, backoff_s=0.05)
 
 
 class BrokenNetwork:

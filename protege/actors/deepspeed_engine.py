@@ -182,6 +182,15 @@ class TrainingEngine:
         dist.all_reduce(tensor, op=ops[op])
         return float(tensor.item())
 
+    def all_reduce_tensor(self, tensor: Tensor) -> Tensor:
+        """`tensor` summed over data-parallel ranks (a copy; the input is left as it was)."""
+        if self.world_size == 1:
+            return tensor
+        device = get_accelerator().current_device_name()
+        summed = tensor.detach().to(device=device, dtype=torch.float64).clone()
+        dist.all_reduce(summed, op=dist.ReduceOp.SUM)
+        return summed.to(device=tensor.device, dtype=tensor.dtype)
+
     def gathered_state_dict(
         self, keep: Callable[[str], bool] = lambda name: True, prefix: str = ""
     ) -> dict[str, Tensor]:

@@ -35,6 +35,8 @@ from protege.memory import peak_metrics
 from protege.modeling import load_model, load_model_config, load_tokenizer, vocab_size
 from protege.privileged import scored_on_view
 from protege.records import RolloutBatch, RolloutPlan, WeightUpdate, lm_targets
+from protege.router import step_totals
+from protege.router_fusion import learned_router, routed_weights
 from protege.student import StudentForward
 from protege.teacher_head import TeacherHead
 
@@ -82,6 +84,7 @@ class Learner:
         self._teacher_head: TeacherHead | None = None  # loaded for the first hidden states
         self._heads: dict[str, TeacherHead] = {}  # several teachers' heads, by name
         self._vocab: int | None = None  # ids the student's tokenizer emits (top-k fusion)
+        self._router = learned_router(config, self.algorithm, model.config, self._device())
 
     @property
     def version(self) -> int:
@@ -133,9 +136,11 @@ class Learner:
         # ZeRO-2/3 communicate inside forward/backward: every rank runs as many passes.
         count = int(self._engine.all_reduce(len(micro_batches), "max"))
         totals: dict[str, float] = {"learner/loss": 0.0}
+        if self._router is not None:  # fusion.mode=learned: one router update per step
+            self._router.begin(step_totals(batch.rewards, batch.teacher_route, self._summed))
         for index in range(count):
             if index < len(micro_batches):
-                loss, metrics = self._loss_pass(micro_batches[index], step_loss)
+                loss, metrics = self._loss_pass(micro_batches[index], step_loss, learn=True)
             else:
                 loss, metrics = self._padding_pass(), {}
             totals["learner/loss"] += loss.item()
@@ -148,6 +153,8 @@ class Learner:
             for key, value in metrics.items():
                 totals[key] = totals.get(key, 0.0) + value
         result = self._engine.step()
+        if self._router is not None:
+            totals.update(self._router.finish(self._engine.all_reduce_tensor))
         self._version += int(result.applied)
         metrics = self._metrics(batch, result, totals.pop("learner/loss"))
         # An applied step can still overflow the weights (a huge lr): nothing saves them then.
@@ -156,11 +163,15 @@ class Learner:
         )
         return {**metrics, **totals}
 
-    def _loss_pass(self, micro: RolloutBatch, step_loss: StepLoss) -> tuple[Tensor, dict]:
+    def _loss_pass(
+        self, micro: RolloutBatch, step_loss: StepLoss, learn: bool = False
+    ) -> tuple[Tensor, dict]:
+        """The loss of one micro-batch; `learn`: inside a training step (the learned router
+        accumulates its gradient too)."""
         micro = _on_device(micro, self._device())  # the loss reads teacher outputs, masks, ...
         fused = None
         if micro.named_teachers:  # several teachers: one fused target, per micro-batch
-            micro, fused = self._fused(micro)
+            micro, fused = self._fused(micro, learn)
         if micro.teacher_hidden is not None:  # teacher_need "hidden": exact logits, per micro
             micro = self.teacher_head.decode(micro)
         student = StudentForward(
@@ -175,15 +186,18 @@ class Learner:
             metrics = {**metrics, **teacher_metrics(student.logits, micro, *fused)}
         return loss, metrics
 
-    def _fused(self, micro: RolloutBatch) -> tuple[RolloutBatch, tuple]:
+    def _fused(self, micro: RolloutBatch, learn: bool = False) -> tuple[RolloutBatch, tuple]:
         """`micro` with its teachers' outputs fused into the standard fields (protege.fusion),
         and what the per-teacher metrics read."""
         temperature = self.algorithm.plan(micro.step).temperature
         if self._vocab is None:
             self._vocab = emitted_ids(self.config.student.model, vocab_size(self._model))
         weights = {spec.name: spec.weight for spec in self.config.teachers}
+        mix = None
+        if self._router is not None:
+            mix = routed_weights(self._router, self._engine.module, micro, self.config, learn)
         fused, mix, payloads = fuse_batch(
-            micro, self.config.fusion, weights, temperature, self._vocab, self._decode_hidden
+            micro, self.config.fusion, weights, temperature, self._vocab, self._decode_hidden, mix
         )
         return fused, (list(micro.named_teachers), payloads, mix, temperature)
 
@@ -211,8 +225,14 @@ class Learner:
     def _padding_pass(self) -> Tensor:
         """A zero-gradient pass that keeps ZeRO's collectives in step when this rank has
         fewer micro-batches than another."""
+        if self._router is not None and self._router.reader is None:  # as the other ranks
+            with torch.no_grad():
+                self._engine.module(**_padding_inputs(self._device()))
         logits = self._engine.module(**_padding_inputs(self._device())).logits
         return logits.sum() * 0.0
+
+    def _summed(self, local: float) -> float:
+        return self._engine.all_reduce(local, "sum")
 
     def _global_count(self, known: float | None, local: float) -> float:
         if known is not None:
@@ -327,12 +347,16 @@ class Learner:
         self._require_finite_weights(path)
         state = {"version": self._version, "torch_rng": torch.get_rng_state()}
         self._engine.save_checkpoint(path, state)
+        if self._router is not None and self.rank == 0:  # identical on every rank
+            self._router.save(path)
 
     def load_checkpoint(self, path: str) -> None:
         """DeepSpeed unpickles its files (torch.load(weights_only=False)): load only a
         checkpoint whose manifest was verified (`protege.checkpoint.verify`)."""
         state = self._engine.load_checkpoint(path)
         self._version = int(state["version"])
+        if self._router is not None:
+            self._router.load(path)
         torch.set_rng_state(state["torch_rng"])
 
     def save_final(self, path: str) -> None:

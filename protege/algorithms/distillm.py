@@ -59,7 +59,16 @@ class DistiLLM(AlgorithmDefaults):
         check(self.topk >= 1, "topk", f"must be >= 1, got {self.topk}")
 
     def plan(self, step: int) -> RolloutPlan:
-        on_policy = random.Random(self.seed * 1_000_003 + step).random() < self.lmbda
+        return self._plan(random.Random(self.seed * 1_000_003 + step).random() < self.lmbda)
+
+    def plan_variants(self) -> tuple[RolloutPlan, ...]:
+        return tuple(
+            self._plan(on)
+            for on in (True, False)
+            if (on and self.lmbda > 0) or (not on and self.lmbda < 1)
+        )
+
+    def _plan(self, on_policy: bool) -> RolloutPlan:
         return RolloutPlan(
             source="student" if on_policy else "dataset",
             teacher_need=self.teacher_output,

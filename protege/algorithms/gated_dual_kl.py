@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from protege.algorithms.divergences import kl_from_logprobs, masked_mean
-from protege.algorithms.registry import AlgorithmDefaults, check, register
+from protege.algorithms.registry import AlgorithmDefaults, ConstantPlan, check, register
 from protege.algorithms.teacher_view import TeacherOutput, paired_per_token
 from protege.records import RewriteSpec, RolloutBatch, RolloutPlan, TokenSource
 
@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
 @register("gated_dual_kl")
 @dataclass(frozen=True)
-class GatedDualKL(AlgorithmDefaults):
+class GatedDualKL(ConstantPlan, AlgorithmDefaults):
     """D_t = KL(q_θ‖p_T) per token or per reasoning step (tokens up to `step_delimiter_id`);
     gate λ_t = 1[D_t < τ] (hard) or σ(a·(τ − D_t)) (soft); loss λ_t·KL(q‖p) + (1−λ_t)·KL(p‖q).
     Tokens the teacher rewrote during sampling always take forward KL."""

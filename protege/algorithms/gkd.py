@@ -12,7 +12,7 @@ from torch import Tensor
 from protege.algorithms.cross_tokenizer import CrossTokenizer, cross_tokenizer_loss
 from protege.algorithms.divergences import jsd_from_logprobs, masked_mean
 from protege.algorithms.policy_gradient import sampled_logprobs
-from protege.algorithms.registry import AlgorithmDefaults, check, register
+from protege.algorithms.registry import AlgorithmDefaults, ConstantPlan, check, register
 from protege.algorithms.teacher_view import TeacherOutput, paired_per_token
 from protege.records import RolloutBatch, RolloutPlan
 
@@ -63,7 +63,16 @@ class GKD(AlgorithmDefaults):
             )
 
     def plan(self, step: int) -> RolloutPlan:
-        on_policy = random.Random(self.seed * 1_000_003 + step).random() < self.lmbda
+        return self._plan(random.Random(self.seed * 1_000_003 + step).random() < self.lmbda)
+
+    def plan_variants(self) -> tuple[RolloutPlan, ...]:
+        return tuple(
+            self._plan(on)
+            for on in (True, False)
+            if (on and self.lmbda > 0) or (not on and self.lmbda < 1)
+        )
+
+    def _plan(self, on_policy: bool) -> RolloutPlan:
         source = "student" if on_policy else ("teacher" if self.seq_kd else "dataset")
         return RolloutPlan(
             source=source,
@@ -86,7 +95,7 @@ class GKD(AlgorithmDefaults):
 
 @register("sft")
 @dataclass(frozen=True)
-class SFT(AlgorithmDefaults):
+class SFT(ConstantPlan, AlgorithmDefaults):
     """Plain next-token NLL on dataset responses (a baseline; needs no teacher)."""
 
     def plan(self, step: int) -> RolloutPlan:

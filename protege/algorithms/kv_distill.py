@@ -23,7 +23,13 @@ from torch import Tensor
 
 from protege.algorithms.divergences import masked_mean
 from protege.algorithms.policy_gradient import sampled_logprobs
-from protege.algorithms.registry import AlgorithmDefaults, ModuleContext, check, register
+from protege.algorithms.registry import (
+    AlgorithmDefaults,
+    ConstantPlan,
+    ModuleContext,
+    check,
+    register,
+)
 from protege.kv.extract import KVSpec
 from protege.kv.layer_align import proportional_layer_map
 from protege.kv.loss import LossWeights, layer_weights
@@ -39,7 +45,7 @@ KV_MODULE = "kv"  # the name of the `KVTargets` module among the algorithm's mod
 
 @register("kv_distill")
 @dataclass(frozen=True)
-class KVDistill(AlgorithmDefaults):
+class KVDistill(ConstantPlan, AlgorithmDefaults):
     """Students learn the teachers' per-layer K/V caches, fused, plus a small answer CE."""
 
     reads_teachers: ClassVar[float] = math.inf  # fuses any number of teachers

@@ -11,7 +11,7 @@ from torch import Tensor
 from protege.algorithms.advantages import future_returns, whiten
 from protege.algorithms.divergences import kl_from_logprobs, masked_mean
 from protege.algorithms.policy_gradient import clipped_surrogate, next_token_nll, sampled_logprobs
-from protege.algorithms.registry import AlgorithmDefaults, check, register
+from protege.algorithms.registry import AlgorithmDefaults, ConstantPlan, check, register
 from protege.algorithms.teacher_view import TeacherOutput, paired_per_token, require
 from protege.chunked import chunk_tokens_for
 from protege.records import RolloutBatch, RolloutPlan
@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
 @register("minillm")
 @dataclass(frozen=True)
-class MiniLLM(AlgorithmDefaults):
+class MiniLLM(ConstantPlan, AlgorithmDefaults):
     """Policy gradient on the per-token reward r_t = log p_T(y_t) − log q_θ(y_t).
 
     * long-term part: PPO-clipped surrogate on R_{t+1} = Σ_{i>t} γ^{i−t−1} r_i,

@@ -14,7 +14,7 @@ from protege.algorithms.policy_gradient import (
     importance_sampled_pg,
     sampled_logprobs,
 )
-from protege.algorithms.registry import AlgorithmDefaults, check, register
+from protege.algorithms.registry import AlgorithmDefaults, ConstantPlan, check, register
 from protege.algorithms.teacher_view import require
 from protege.records import RolloutBatch, RolloutPlan
 
@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
 @register("opd")
 @dataclass(frozen=True)
-class OPD(AlgorithmDefaults):
+class OPD(ConstantPlan, AlgorithmDefaults):
     """Per-token advantage A_t = −(log q_old(y_t) − log p_T(y_t)) (discounted over future
     tokens when `gamma` > 0), trained with an importance-sampled policy gradient against the
     behaviour log-probs (PPO-clipped when `clip_eps` is set). Whitening the advantages over

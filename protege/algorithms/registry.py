@@ -20,6 +20,9 @@ Every algorithm is a frozen dataclass whose fields are its hyper-parameters (val
   (an adaptive algorithm bakes its current parameters into it; default: the algorithm);
 * `observe(metrics)` — the controller feeds every step's learner metrics back;
 * `state_dict()` / `load_state_dict(state)` — the adaptive state, JSON only, checkpointed.
+* `plan_variants()` — every plan `plan(step)` can return, when the algorithm knows them
+  (`ConstantPlan`: one), so the start-up checks over all steps (`distinct_plans`) stop as
+  soon as they have met each; None (default): they ask every step.
 The controller's instance is the only stateful one.
 """
 
@@ -98,6 +101,29 @@ class AlgorithmDefaults:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state:
             raise ValueError(f"{type(self).__name__} keeps no state, got {sorted(state)}")
+
+    def plan_variants(self) -> tuple[RolloutPlan, ...] | None:
+        return None
+
+
+class ConstantPlan:
+    """For algorithms whose plan is the same at every step (list it before AlgorithmDefaults)."""
+
+    def plan_variants(self) -> tuple[RolloutPlan, ...]:
+        return (self.plan(0),)  # type: ignore[attr-defined]
+
+
+def distinct_plans(algorithm: Algorithm, steps: int) -> tuple[RolloutPlan, ...]:
+    """The distinct plans of steps 0 … steps−1, in order of first use. A run may ask for
+    `trainer.steps=10**7`: asking every step would cost minutes and a plan object per step,
+    so the walk stops once it has met every one of the algorithm's `plan_variants()`."""
+    variants = getattr(algorithm, "plan_variants", lambda: None)()
+    seen: dict[RolloutPlan, None] = {}
+    for step in range(steps):
+        seen.setdefault(algorithm.plan(step), None)
+        if variants is not None and len(seen) >= len(set(variants)):
+            break
+    return tuple(seen)
 
 
 ALGORITHMS: dict[str, type] = {}

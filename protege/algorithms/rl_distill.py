@@ -13,7 +13,7 @@ from torch import Tensor
 from protege.algorithms.advantages import broadcast_to_tokens, group_normalised, leave_one_out
 from protege.algorithms.divergences import jsd_from_logprobs, masked_mean, sampled_reverse_kl
 from protege.algorithms.policy_gradient import clipped_surrogate, sampled_logprobs
-from protege.algorithms.registry import AlgorithmDefaults, check, register
+from protege.algorithms.registry import AlgorithmDefaults, ConstantPlan, check, register
 from protege.algorithms.teacher_view import TeacherOutput, paired_per_token, require
 from protege.records import RolloutBatch, RolloutPlan
 
@@ -35,7 +35,7 @@ class MovingBaseline:
 
 @register("rl_distill")
 @dataclass(frozen=True)
-class RLDistill(AlgorithmDefaults):
+class RLDistill(ConstantPlan, AlgorithmDefaults):
     """Reward policy gradient mixed with distillation by α (constant or scheduled).
 
     The distillation term is either the sampled-token reverse-KL advantage −(log q − log p)

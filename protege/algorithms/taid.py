@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from protege.algorithms.divergences import kl_from_logprobs, masked_mean
-from protege.algorithms.registry import AlgorithmDefaults, check, register
+from protege.algorithms.registry import AlgorithmDefaults, ConstantPlan, check, register
 from protege.algorithms.teacher_view import TeacherOutput, paired_per_token
 from protege.records import RolloutBatch, RolloutPlan, Source
 
@@ -117,7 +117,7 @@ class _TAIDState:
 
 @register("taid")
 @dataclass(frozen=True)
-class TAID(AlgorithmDefaults):
+class TAID(ConstantPlan, AlgorithmDefaults):
     """TAID with the paper's adaptive t (defaults from the authors' code: t_start = 0.4,
     t_end = 1, α = 5e-4, β = 0.99). `total_steps` is N, the run's length, for the linear
     floor. The paper trains on dataset responses (`source: dataset`); here the default is

@@ -120,8 +120,11 @@ class LearnableRouter(nn.Module):
         """hidden [B,T,hidden], mask [B,T] -> α [B,L_out,n] (L_out = layers or 1)."""
         m = mask.to(hidden.dtype)[..., None]
         pooled = (hidden.detach() * m).sum(1) / m.sum(1).clamp_min(1.0)
-        logits = self.net(pooled).view(-1, self.outputs, self.num_teachers)
-        return logits.softmax(-1)
+        return self.scores(pooled).softmax(-1)
+
+    def scores(self, features: Tensor) -> Tensor:
+        """The logits of α from already pooled features. [B,hidden] -> [B,L_out,n]."""
+        return self.net(features).view(-1, self.outputs, self.num_teachers)
 
 
 def attention_fusion_weights(
