@@ -177,6 +177,16 @@ class LearnerConfig(Section):
     )
     num_cpus: float = Field(0.5, ge=0)  # Ray resources of each rank
     num_gpus: float = Field(0.0, ge=0)  # GPUs of each rank
+    # positions per block of the loss's vocabulary-wide divergences (recomputed in the
+    # backward, not kept); auto: 2^22 vocabulary entries a block; 0: the whole micro-batch
+    loss_chunk_tokens: int | Literal["auto"] = "auto"
+
+    @field_validator("loss_chunk_tokens")
+    @classmethod
+    def _chunk_not_negative(cls, tokens: int | str) -> int | str:
+        if isinstance(tokens, int) and tokens < 0:
+            raise ValueError("must be >= 0 or 'auto' (0: no chunking)")
+        return tokens
 
     @field_validator("lr")
     @classmethod

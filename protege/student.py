@@ -5,6 +5,10 @@ sequences. Reading `student.logits` runs one forward; `student.hidden`, `student
 `student.queries` come from the same forward when asked for first (`student.want(...)`),
 else each triggers one more forward that also produces everything asked for before.
 `student.forward_extra(ids, mask)` runs the student on another batch (pre-training text).
+`student.per_token(fn, *payload)` evaluates a per-position function of the logits (a
+divergence, log q(y)) a block of positions at a time, recomputed in the backward
+(`protege.chunked`; `learner.loss_chunk_tokens`), so the loss keeps no
+vocabulary-wide intermediates for the backward.
 `student.modules` are the algorithm's trainable modules (projectors, routers), trained by
 the same engine as the student.
 
@@ -20,6 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from protege.chunked import ChunkSetting, PerToken, chunk_tokens_for, per_token
 from protege.modeling import sequence_inputs
 from protege.records import RolloutBatch
 
@@ -35,8 +40,10 @@ class StudentForward:
         batch: RolloutBatch,
         modules: Mapping[str, nn.Module] | None = None,
         config: Any = None,
+        chunk_tokens: ChunkSetting = "auto",
     ):
         self._module, self._batch, self._config = module, batch, config
+        self.chunk_tokens = chunk_tokens  # positions per block of `per_token` (0: one block)
         self._modules = modules if modules is not None else nn.ModuleDict()
         self._wanted: set[str] = set()
         self._out: dict[str, Any] = {}
@@ -69,6 +76,12 @@ class StudentForward:
         """[B,T,V]: position t predicts `batch.response_ids[:, t]`."""
         width = self._batch.response_ids.shape[1]
         return self._get("logits")[:, -(width + 1) : -1]
+
+    def per_token(self, fn: PerToken, *payload: Tensor | None) -> Any:
+        """fn(self.logits, *payload) -> [B,T] tensor(s), evaluated a block of positions at
+        a time (`protege.chunked`): each payload is [B,T,...] over the response
+        positions (teacher outputs, token ids), fn treats positions independently."""
+        return _per_token(fn, self.logits, payload, self.chunk_tokens)
 
     @property
     def sequence_mask(self) -> Tensor:
@@ -144,6 +157,11 @@ class StudentForward:
         return {"logits": out.logits, "hidden": out.hidden, "kv": out.kv, "queries": out.queries}
 
 
+def _per_token(fn: PerToken, logits: Tensor, payload: tuple, setting: ChunkSetting) -> Any:
+    chunk_tokens = chunk_tokens_for(setting, logits.shape[-1])
+    return per_token(fn, (logits, *payload), chunk_tokens)
+
+
 def _device(module: nn.Module) -> torch.device:
     return next(module.parameters()).device
 
@@ -152,9 +170,19 @@ class StudentLogits:
     """A student view over response logits computed elsewhere (tests, scoring saved
     outputs): only `logits` is available."""
 
-    def __init__(self, logits: Tensor, modules: Mapping[str, nn.Module] | None = None):
+    def __init__(
+        self,
+        logits: Tensor,
+        modules: Mapping[str, nn.Module] | None = None,
+        chunk_tokens: ChunkSetting = "auto",
+    ):
         self.logits = logits
         self.modules = modules if modules is not None else nn.ModuleDict()
+        self.chunk_tokens = chunk_tokens
+
+    def per_token(self, fn: PerToken, *payload: Tensor | None) -> Any:
+        """As `StudentForward.per_token`."""
+        return _per_token(fn, self.logits, payload, self.chunk_tokens)
 
     def want(self, *names: str) -> StudentLogits:
         return self

@@ -175,7 +175,11 @@ class Learner:
         if micro.teacher_hidden is not None:  # teacher_need "hidden": exact logits, per micro
             micro = self.teacher_head.decode(micro)
         student = StudentForward(
-            self._engine.module, micro, self._trained.extras, config=self._model.config
+            self._engine.module,
+            micro,
+            self._trained.extras,
+            config=self._model.config,
+            chunk_tokens=self.config.learner.loss_chunk_tokens,
         )
         loss, metrics = step_loss.loss(student, micro)
         if fused is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import random
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -10,7 +11,7 @@ from torch import Tensor
 
 from protege.algorithms.divergences import masked_mean, skew_forward_kl, skew_reverse_kl
 from protege.algorithms.registry import AlgorithmDefaults, check, register
-from protege.algorithms.teacher_view import TeacherOutput, paired_logprobs
+from protege.algorithms.teacher_view import TeacherOutput, paired_per_token
 from protege.records import RolloutBatch, RolloutPlan
 
 SkewDivergence = Literal["skew_forward", "skew_reverse"]
@@ -77,8 +78,8 @@ class DistiLLM(AlgorithmDefaults):
 
     def loss(self, student: Any, batch: RolloutBatch) -> tuple[Tensor, dict[str, float]]:
         """Token mean of the skew divergence; `student.logits` [B,T,V] predict the responses."""
-        student_logp, teacher_logp = paired_logprobs(student.logits, batch, self.temperature)
         skew = skew_forward_kl if self.divergence == "skew_forward" else skew_reverse_kl
-        per_token = skew(student_logp, teacher_logp, self.alpha)  # [B,T]
+        divergence = functools.partial(skew, alpha=self.alpha)
+        per_token = paired_per_token(student, batch, divergence, self.temperature)  # [B,T]
         loss = masked_mean(per_token, batch.response_mask, batch.normaliser())
         return loss, {f"distillm/{self.divergence}": loss.item()}

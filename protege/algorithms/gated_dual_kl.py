@@ -3,6 +3,7 @@ teacher, forward KL (and optionally a teacher rewrite) where it has drifted away
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
@@ -11,7 +12,7 @@ from torch import Tensor
 
 from protege.algorithms.divergences import kl_from_logprobs, masked_mean
 from protege.algorithms.registry import AlgorithmDefaults, ConstantPlan, check, register
-from protege.algorithms.teacher_view import TeacherOutput, paired_logprobs
+from protege.algorithms.teacher_view import TeacherOutput, paired_per_token
 from protege.records import RewriteSpec, RolloutBatch, RolloutPlan, TokenSource
 
 if TYPE_CHECKING:
@@ -72,17 +73,9 @@ class GatedDualKL(ConstantPlan, AlgorithmDefaults):
         )
 
     def loss(self, student: StudentForward, batch: RolloutBatch) -> tuple[Tensor, dict[str, float]]:
-        student_logits = student.logits
         mask, count = batch.response_mask, batch.normaliser()
-        student_logp, teacher_logp = paired_logprobs(student_logits, batch, self.temperature)
-        if self.support_topk is not None:
-            if batch.teacher_logits is None:  # top-k buckets: the last one is the tail, not a token
-                student_logp, teacher_logp = student_logp[..., :-1], teacher_logp[..., :-1]
-            student_logp, teacher_logp = restrict_to_teacher_support(
-                student_logp, teacher_logp, self.support_topk
-            )
-        reverse = kl_from_logprobs(student_logp, teacher_logp)
-        forward = kl_from_logprobs(teacher_logp, student_logp)
+        both = functools.partial(self._both_kls, topk_buckets=batch.teacher_logits is None)
+        reverse, forward = paired_per_token(student, batch, both, self.temperature)  # [B,T] each
         distance = self._distance(reverse.detach(), batch)
         easy = self._gate(distance)
         if batch.token_source is not None:
@@ -96,6 +89,20 @@ class GatedDualKL(ConstantPlan, AlgorithmDefaults):
             "gated/reverse_part": masked_mean(easy * reverse, mask, count).item(),
             "gated/forward_part": masked_mean((1 - easy) * forward, mask, count).item(),
         }
+
+    def _both_kls(
+        self, student_logp: Tensor, teacher_logp: Tensor, topk_buckets: bool
+    ) -> tuple[Tensor, Tensor]:
+        """(KL(q‖p_T), KL(p_T‖q)) per position, on the teacher's top `support_topk` entries
+        when set. [...,S] -> 2×[...]."""
+        if self.support_topk is not None:
+            if topk_buckets:  # top-k buckets: the last one is the tail, not a token
+                student_logp, teacher_logp = student_logp[..., :-1], teacher_logp[..., :-1]
+            student_logp, teacher_logp = restrict_to_teacher_support(
+                student_logp, teacher_logp, self.support_topk
+            )
+        reverse = kl_from_logprobs(student_logp, teacher_logp)
+        return reverse, kl_from_logprobs(teacher_logp, student_logp)
 
     def _distance(self, reverse: Tensor, batch: RolloutBatch) -> Tensor:
         if self.clip_kl is not None:

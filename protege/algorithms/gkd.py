@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import random
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -10,9 +11,9 @@ from torch import Tensor
 
 from protege.algorithms.cross_tokenizer import CrossTokenizer, cross_tokenizer_loss
 from protege.algorithms.divergences import jsd_from_logprobs, masked_mean
-from protege.algorithms.policy_gradient import token_logprobs
+from protege.algorithms.policy_gradient import sampled_logprobs
 from protege.algorithms.registry import AlgorithmDefaults, ConstantPlan, check, register
-from protege.algorithms.teacher_view import TeacherOutput, paired_logprobs
+from protege.algorithms.teacher_view import TeacherOutput, paired_per_token
 from protege.records import RolloutBatch, RolloutPlan
 
 if TYPE_CHECKING:
@@ -82,13 +83,12 @@ class GKD(AlgorithmDefaults):
         )
 
     def loss(self, student: StudentForward, batch: RolloutBatch) -> tuple[Tensor, dict[str, float]]:
-        student_logits = student.logits
         if self.cross_tokenizer != "none":
             return cross_tokenizer_loss(
-                student_logits, batch, self.cross_tokenizer, self.beta, self.temperature
+                student.logits, batch, self.cross_tokenizer, self.beta, self.temperature
             )
-        student_logp, teacher_logp = paired_logprobs(student_logits, batch, self.temperature)
-        per_token = jsd_from_logprobs(student_logp, teacher_logp, self.beta)
+        jsd = functools.partial(jsd_from_logprobs, beta=self.beta)
+        per_token = paired_per_token(student, batch, jsd, self.temperature)  # [B,T]
         loss = masked_mean(per_token, batch.response_mask, batch.normaliser())
         return loss, {"gkd/jsd": loss.item()}
 
@@ -102,7 +102,6 @@ class SFT(ConstantPlan, AlgorithmDefaults):
         return RolloutPlan(source="dataset", teacher_need="none")
 
     def loss(self, student: StudentForward, batch: RolloutBatch) -> tuple[Tensor, dict[str, float]]:
-        student_logits = student.logits
-        nll = -token_logprobs(student_logits, batch.response_ids)
+        nll = -sampled_logprobs(student, batch.response_ids)
         loss = masked_mean(nll, batch.response_mask, batch.normaliser())
         return loss, {"sft/nll": loss.item()}

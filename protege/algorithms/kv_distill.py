@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 from torch import Tensor
 
 from protege.algorithms.divergences import masked_mean
-from protege.algorithms.policy_gradient import token_logprobs
+from protege.algorithms.policy_gradient import sampled_logprobs
 from protege.algorithms.registry import (
     AlgorithmDefaults,
     ConstantPlan,
@@ -198,5 +198,5 @@ class KVDistill(ConstantPlan, AlgorithmDefaults):
     @staticmethod
     def _answer_ce(student: StudentForward, batch: RolloutBatch) -> Tensor:
         """NLL of the response tokens, summed and divided by the global token count."""
-        nll = -token_logprobs(student.logits, batch.response_ids)
+        nll = -sampled_logprobs(student, batch.response_ids)
         return masked_mean(nll, batch.response_mask, batch.normaliser())

@@ -10,9 +10,10 @@ from torch import Tensor
 
 from protege.algorithms.advantages import future_returns, whiten
 from protege.algorithms.divergences import kl_from_logprobs, masked_mean
-from protege.algorithms.policy_gradient import clipped_surrogate, next_token_nll, token_logprobs
+from protege.algorithms.policy_gradient import clipped_surrogate, next_token_nll, sampled_logprobs
 from protege.algorithms.registry import AlgorithmDefaults, ConstantPlan, check, register
-from protege.algorithms.teacher_view import TeacherOutput, paired_logprobs, require
+from protege.algorithms.teacher_view import TeacherOutput, paired_per_token, require
+from protege.chunked import chunk_tokens_for
 from protege.records import RolloutBatch, RolloutPlan
 
 if TYPE_CHECKING:
@@ -90,19 +91,18 @@ class MiniLLM(ConstantPlan, AlgorithmDefaults):
         return batch.replace(advantages=returns, importance_weights=weights)
 
     def loss(self, student: StudentForward, batch: RolloutBatch) -> tuple[Tensor, dict[str, float]]:
-        student_logits = student.logits
         require(batch, "advantages", "importance_weights", "student_logprobs")
         mask, count = batch.response_mask, batch.normaliser()
         weights = batch.importance_weights
         per_token = torch.zeros_like(weights)
         metrics: dict[str, float] = {}
         if self.long_term:
-            logq = token_logprobs(student_logits, batch.response_ids)
+            logq = sampled_logprobs(student, batch.response_ids)
             pg = clipped_surrogate(logq, batch.student_logprobs, batch.advantages, self.clip_eps)
             per_token = per_token + weights * pg
             metrics["minillm/pg_loss"] = masked_mean(weights * pg, mask, count).item()
         if self.single_step:
-            single = kl_from_logprobs(*paired_logprobs(student_logits, batch))
+            single = paired_per_token(student, batch, kl_from_logprobs)
             per_token = per_token + self.single_step_coef * weights * single
             metrics["minillm/single_step"] = masked_mean(weights * single, mask, count).item()
         loss = masked_mean(per_token, mask, count)
@@ -119,5 +119,6 @@ class MiniLLM(ConstantPlan, AlgorithmDefaults):
         """This shard's share of the token-mean NLL of the step's pre-training text."""
         ids, mask = batch.pretrain_ids, batch.pretrain_mask
         logits = student.forward_extra(ids, mask)
-        nll = next_token_nll(logits, ids.to(logits.device), mask.to(logits.device))
+        chunk = chunk_tokens_for(student.chunk_tokens, logits.shape[-1])
+        nll = next_token_nll(logits, ids.to(logits.device), mask.to(logits.device), chunk)
         return nll / max(batch.pretrain_normaliser(), 1.0)

@@ -12,7 +12,7 @@ from protege.algorithms.divergences import masked_mean, sampled_reverse_kl
 from protege.algorithms.policy_gradient import (
     clipped_surrogate,
     importance_sampled_pg,
-    token_logprobs,
+    sampled_logprobs,
 )
 from protege.algorithms.registry import AlgorithmDefaults, ConstantPlan, check, register
 from protege.algorithms.teacher_view import require
@@ -52,10 +52,9 @@ class OPD(ConstantPlan, AlgorithmDefaults):
         return batch.replace(advantages=advantages.masked_fill(~batch.response_mask, 0.0))
 
     def loss(self, student: StudentForward, batch: RolloutBatch) -> tuple[Tensor, dict[str, float]]:
-        student_logits = student.logits
         require(batch, "advantages", "behaviour_logprobs", "student_logprobs", "teacher_logprobs")
         mask, count = batch.response_mask, batch.normaliser()
-        logq = token_logprobs(student_logits, batch.response_ids)
+        logq = sampled_logprobs(student, batch.response_ids)
         if self.clip_eps is None:
             per_token = importance_sampled_pg(logq, batch.behaviour_logprobs, batch.advantages)
         else:

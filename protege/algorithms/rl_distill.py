@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
@@ -11,9 +12,9 @@ from torch import Tensor
 
 from protege.algorithms.advantages import broadcast_to_tokens, group_normalised, leave_one_out
 from protege.algorithms.divergences import jsd_from_logprobs, masked_mean, sampled_reverse_kl
-from protege.algorithms.policy_gradient import clipped_surrogate, token_logprobs
+from protege.algorithms.policy_gradient import clipped_surrogate, sampled_logprobs
 from protege.algorithms.registry import AlgorithmDefaults, ConstantPlan, check, register
-from protege.algorithms.teacher_view import TeacherOutput, paired_logprobs, require
+from protege.algorithms.teacher_view import TeacherOutput, paired_per_token, require
 from protege.records import RolloutBatch, RolloutPlan
 
 if TYPE_CHECKING:
@@ -129,10 +130,9 @@ class RLDistill(ConstantPlan, AlgorithmDefaults):
         return leave_one_out(rewards, batch.group_ids)
 
     def loss(self, student: StudentForward, batch: RolloutBatch) -> tuple[Tensor, dict[str, float]]:
-        student_logits = student.logits
         require(batch, "advantages", "student_logprobs")
         mask, count = batch.response_mask, batch.normaliser()
-        logq = token_logprobs(student_logits, batch.response_ids)
+        logq = sampled_logprobs(student, batch.response_ids)
         pg = clipped_surrogate(logq, batch.student_logprobs, batch.advantages, self.clip_eps)
         loss = masked_mean(pg, mask, count)
         # alpha weighted by this micro-batch's share of the tokens: summed over micro-batches
@@ -143,7 +143,8 @@ class RLDistill(ConstantPlan, AlgorithmDefaults):
             "rl_distill/alpha": self.alpha_at(batch.step) * share,
         }
         if self.distill == "analytic":
-            divergence = jsd_from_logprobs(*paired_logprobs(student_logits, batch), self.beta)
+            jsd = functools.partial(jsd_from_logprobs, beta=self.beta)
+            divergence = paired_per_token(student, batch, jsd)
             distill = masked_mean(divergence, mask, count)
             loss = loss + self.alpha_at(batch.step) * distill
             metrics["rl_distill/divergence"] = distill.item()

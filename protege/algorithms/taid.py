@@ -8,6 +8,7 @@ rises faster while the objective is falling fast (§3.2, Algorithm 1).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,7 +18,7 @@ from torch import Tensor
 
 from protege.algorithms.divergences import kl_from_logprobs, masked_mean
 from protege.algorithms.registry import AlgorithmDefaults, ConstantPlan, check, register
-from protege.algorithms.teacher_view import TeacherOutput, paired_logprobs
+from protege.algorithms.teacher_view import TeacherOutput, paired_per_token
 from protege.records import RolloutBatch, RolloutPlan, Source
 
 LOSS_METRIC = "taid/loss"
@@ -96,8 +97,8 @@ class TAIDStepLoss:
 
     def loss(self, student: Any, batch: RolloutBatch) -> tuple[Tensor, dict[str, float]]:
         """Token mean of KL(p_t ‖ q_θ); `student.logits` [B,T,V] predict the responses."""
-        student_logp, teacher_logp = paired_logprobs(student.logits, batch, self.temperature)
-        per_token = taid_divergence(student_logp, teacher_logp, self.t)  # [B,T]
+        divergence = functools.partial(taid_divergence, t=self.t)
+        per_token = paired_per_token(student, batch, divergence, self.temperature)  # [B,T]
         loss = masked_mean(per_token, batch.response_mask, batch.normaliser())
         # t weighted by this micro-batch's share of the tokens, so the summed metric reads t.
         share = batch.num_response_tokens / max(batch.normaliser(), 1.0)
