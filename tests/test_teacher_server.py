@@ -164,7 +164,7 @@ def server_overrides(url: str) -> list[str]:
         f"teacher.url={url}",
         "teacher.model=big",
         "teacher.retries=1",
-        "teacher.timeout_s=0.5",
+        "teacher.timeout_s=2.0",
     ]
 
 
