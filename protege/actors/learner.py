@@ -8,12 +8,9 @@ behind `protege.actors.deepspeed_engine`; this module never imports it.
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import functools
 import math
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -22,7 +19,15 @@ from transformers import PreTrainedModel
 
 from protege.actors.step_result import StepResult
 from protege.actors.teacher import emitted_ids, rows_within_budget, teacher_outputs
-from protege.algorithms.registry import ModuleContext, StepLoss
+from protege.actors.trained import (
+    StudentWithModules,
+    build_algorithm_modules,
+    eval_mode,
+    local_lm_targets,
+    on_device,
+    padding_inputs,
+)
+from protege.algorithms.registry import StepLoss
 from protege.capabilities import (
     HIDDEN_NOT_FROM_SELF_TEACHER,
     NCCL_NOT_WITH_LORA,
@@ -32,9 +37,9 @@ from protege.config import Config
 from protege.fusion import fuse_batch, teacher_metrics
 from protege.lora import wrap_with_lora as _with_lora
 from protege.memory import peak_metrics
-from protege.modeling import load_model, load_model_config, load_tokenizer, vocab_size
+from protege.modeling import load_model, load_tokenizer, vocab_size
 from protege.privileged import scored_on_view
-from protege.records import RolloutBatch, RolloutPlan, WeightUpdate, lm_targets
+from protege.records import RolloutBatch, RolloutPlan, WeightUpdate
 from protege.router import step_totals
 from protege.router_fusion import learned_router, routed_weights
 from protege.student import StudentForward
@@ -68,7 +73,7 @@ class Learner:
         if config.student.lora.enabled:
             model = _with_lora(model, config.student.lora, seed=config.trainer.seed)
         self._model = model  # the (peft-wrapped) student; forwards go through the engine
-        extras = _algorithm_modules(self.algorithm, config, model.config)
+        extras = build_algorithm_modules(self.algorithm, config, model.config)
         self._trained = StudentWithModules(model, extras)
         self._engine = TrainingEngine(
             self._trained,
@@ -123,7 +128,7 @@ class Learner:
         batch = batch.replace(
             token_count=self._global_count(batch.token_count, batch.num_response_tokens),
             pretrain_token_count=self._global_count(
-                batch.pretrain_token_count, _local_lm_targets(batch)
+                batch.pretrain_token_count, local_lm_targets(batch)
             ),
         )
         if batch.normaliser() == 0:
@@ -168,7 +173,7 @@ class Learner:
     ) -> tuple[Tensor, dict]:
         """The loss of one micro-batch; `learn`: inside a training step (the learned router
         accumulates its gradient too)."""
-        micro = _on_device(micro, self._device())  # the loss reads teacher outputs, masks, ...
+        micro = on_device(micro, self._device())  # the loss reads teacher outputs, masks, ...
         fused = None
         if micro.named_teachers:  # several teachers: one fused target, per micro-batch
             micro, fused = self._fused(micro, learn)
@@ -227,8 +232,8 @@ class Learner:
         fewer micro-batches than another."""
         if self._router is not None and self._router.reader is None:  # as the other ranks
             with torch.no_grad():
-                self._engine.module(**_padding_inputs(self._device()))
-        logits = self._engine.module(**_padding_inputs(self._device())).logits
+                self._engine.module(**padding_inputs(self._device()))
+        logits = self._engine.module(**padding_inputs(self._device())).logits
         return logits.sum() * 0.0
 
     def _summed(self, local: float) -> float:
@@ -262,7 +267,7 @@ class Learner:
         """log q_θ(y_t) [B,T] of the batch's responses under the learner's weights, from a
         teacher-forced forward (the sampler's `student_logprobs` should equal it)."""
         plan = RolloutPlan(teacher_need="sampled")
-        with _eval_mode(self._engine.module), torch.no_grad():
+        with eval_mode(self._engine.module), torch.no_grad():
             scored = teacher_outputs(
                 self._engine.module, batch, plan, self.config.learner.micro_batch_size
             )
@@ -270,7 +275,7 @@ class Learner:
 
     def self_scored(self, batch: RolloutBatch, plan: RolloutPlan) -> RolloutBatch:
         """`batch` with the teacher outputs `plan` asks for computed by the student itself."""
-        with _eval_mode(self._engine.module), torch.no_grad():
+        with eval_mode(self._engine.module), torch.no_grad():
             return teacher_outputs(
                 self._engine.module, batch, plan, self.config.learner.micro_batch_size
             )
@@ -286,13 +291,13 @@ class Learner:
         """Teacher outputs from the student's own base model (LoRA adapter disabled)."""
         if not self.lora:
             raise ValueError(SELF_TEACHER_NEEDS_LORA)
-        with self._model.disable_adapter(), _eval_mode(self._engine.module):
+        with self._model.disable_adapter(), eval_mode(self._engine.module):
             return scored_on_view(batch, plan, self._teacher_pass(plan))
 
     def score_live(self, batch: RolloutBatch, plan: RolloutPlan) -> RolloutBatch:
         """Teacher outputs from the student's current weights (adapter on), no gradient: a
         live self-teacher, on its privileged prompt (protege.privileged)."""
-        with _eval_mode(self._engine.module):
+        with eval_mode(self._engine.module):
             return scored_on_view(batch, plan, self._teacher_pass(plan))
 
     def _teacher_pass(self, plan: RolloutPlan):
@@ -390,75 +395,3 @@ class Learner:
         copy = _with_lora(load_model(student.model, student.dtype), student.lora, seed=0)
         set_peft_model_state_dict(copy, self._adapter_state_dict())
         return copy.merge_and_unload()
-
-
-def _on_device(batch: RolloutBatch, device: torch.device) -> RolloutBatch:
-    if device.type == "cpu":
-        return batch
-    tensors = {
-        f.name: getattr(batch, f.name).to(device, non_blocking=True)
-        for f in dataclasses.fields(batch)
-        if isinstance(getattr(batch, f.name), Tensor)
-    }
-    named = {
-        name: payload.map(lambda t: t.to(device, non_blocking=True))
-        for name, payload in batch.named_teachers.items()
-    }
-    return batch.replace(**tensors, named_teachers=named)
-
-
-def _local_lm_targets(batch: RolloutBatch) -> float:
-    return 0.0 if batch.pretrain_mask is None else float(lm_targets(batch.pretrain_mask).sum())
-
-
-class StudentWithModules(torch.nn.Module):
-    """What the engine trains: the student and the algorithm's modules. Its forward is the
-    student's; the modules are called by the loss (`StudentForward.modules`)."""
-
-    def __init__(self, student: torch.nn.Module, extras: dict[str, torch.nn.Module]):
-        super().__init__()
-        self.student = student
-        self.extras = torch.nn.ModuleDict(extras)
-
-    def forward(self, **inputs):
-        return self.student(**inputs)
-
-
-def _algorithm_modules(algorithm, config: Config, student_config) -> dict[str, torch.nn.Module]:
-    """The algorithm's trainable modules, built the same on every rank (seeded)."""
-    teachers = tuple(
-        None if spec.is_self or spec.on_server else load_model_config(spec.model)
-        for spec in config.teachers
-    )
-    context = ModuleContext(
-        student_config,
-        teachers,
-        tuple(t.name for t in config.teachers),
-        config.trainer.seed,
-        student_model=config.student.model,
-        teacher_models=tuple(t.model for t in config.teachers),
-        train_data=config.data.train,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.trainer.seed)
-        return dict(algorithm.modules(context))
-
-
-def _padding_inputs(device: torch.device) -> dict[str, Tensor]:
-    one = torch.zeros(1, 1, dtype=torch.long, device=device)
-    return {
-        "input_ids": one,
-        "attention_mask": torch.ones_like(one),
-        "position_ids": one,
-        "use_cache": False,
-    }
-
-
-@contextlib.contextmanager
-def _eval_mode(module: torch.nn.Module) -> Iterator[None]:
-    was_training = module.training
-    module.eval()
-    try:
-        yield
-    finally:
-        module.train(was_training)
