@@ -144,7 +144,9 @@ def breakdown_markdown(report: dict) -> str:
         )
     rss = sum(row["rss_gib"] for row in report["tree_breakdown"])
     pss = sum(row["pss_gib"] for row in report["tree_breakdown"])
-    lines.append(f"| | **all {len(report['tree_breakdown'])} processes** | **{rss:.2f}** | **{pss:.2f}** | |")
+    lines.append(
+        f"| | **all {len(report['tree_breakdown'])} processes** | **{rss:.2f}** | **{pss:.2f}** | |"
+    )
     return "\n".join(lines) + "\n"
 
 

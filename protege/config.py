@@ -140,6 +140,8 @@ class RolloutConfig(Section):
     # The (single, HF) teacher scores each shard inside the sampler that wrote it: one call
     # per shard, no teacher actor, no object-store hop (protege.colocation says what it needs).
     colocate_teacher: bool = False
+    # the samplers' weights (the learner keeps student.dtype); null: student.dtype
+    dtype: Literal["float32", "bfloat16", "float16"] | None = None
 
 
 class RewardRule(Section):

@@ -228,7 +228,7 @@ def _spawn_samplers(config: Any, launcher: Launcher) -> list[Any]:
             config.student.model,
             rollout,
             teacher,
-            config.student.dtype,
+            rollout.dtype or config.student.dtype,  # the learner keeps student.dtype
             config.trainer.seed + 1000 * i,
             lora,
         )

@@ -119,11 +119,14 @@ def test_a_colocated_shard_passes_the_teacher_client_without_a_second_call(tmp_p
     assert pipeline.gather(plain, prompts).teacher_logprobs is None
 
 
-def test_a_colocated_run_trains_with_the_separate_runs_losses(tmp_path):
-    """Same seeds, same shards, same teacher outputs: every step's loss is the same number."""
+@pytest.mark.parametrize("staleness", [0, 1])
+def test_a_colocated_run_trains_with_the_separate_runs_losses(tmp_path, staleness):
+    """Same seeds, same shards, same teacher outputs: every step's loss is the same number,
+    synchronous and pipelined (each worker on its own thread)."""
     losses = []
     for colocate in (False, True):
-        run = config("gkd", tmp_path / str(colocate), "trainer.steps=4", colocate=colocate)
+        steps = ("trainer.steps=4", f"trainer.max_staleness={staleness}")
+        run = config("gkd", tmp_path / str(colocate), *steps, colocate=colocate)
         build_controller(run).run()
         rows = (Path(run.output_dir) / "metrics.jsonl").read_text().splitlines()
         losses.append([json.loads(r)["learner/loss"] for r in rows if "learner/loss" in r])
@@ -184,6 +187,7 @@ def test_the_cli_prints_the_refusal_and_exits_2(tmp_path):
             "trainer.workers=local",
             f"output_dir={tmp_path}",
         ],
+        check=False,
         capture_output=True,
         text=True,
         timeout=120,
@@ -197,7 +201,7 @@ def test_the_client_of_a_colocated_teacher_calls_the_samplers_scorer():
     calls = []
 
     class Handle:
-        class score:  # noqa: N801 - Ray's calling convention: handle.method.remote(...)
+        class score:  # Ray's calling convention: handle.method.remote(...)
             @staticmethod
             def remote(shard, plan):
                 calls.append(shard)
@@ -208,3 +212,19 @@ def test_the_client_of_a_colocated_teacher_calls_the_samplers_scorer():
 
     assert client.score(["a", "b"], RolloutPlan(teacher_need="sampled")) == ["a", "b"]
     assert calls == ["a", "b"]
+
+
+def test_rollout_dtype_casts_the_samplers_student_only(tmp_path):
+    """`rollout.dtype=bfloat16` halves the sampler's copy of the student (a memory knob);
+    the learner keeps float32 and its updates load into the bfloat16 copy."""
+    run = config("gkd", tmp_path, "rollout.dtype=bfloat16", "trainer.steps=2", colocate=True)
+    controller = build_controller(run)
+    controller.run()
+    sampler = controller.pipeline.samplers[0]._target.sampler
+    learner = controller.pipeline.learners[0]._target
+    assert {p.dtype for p in sampler.student.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in learner.model.parameters()} == {torch.float32}
+    assert sampler.version == 2
+    trained = dict(learner.model.named_parameters())
+    for name, param in sampler.student.named_parameters():  # the last update, cast
+        assert torch.equal(param, trained[name].detach().to(torch.bfloat16)), name

@@ -90,6 +90,7 @@ def test_a_colocated_ray_shard_equals_the_separate_teachers_and_no_teacher_actor
     assert roles == {"learner", "rollout"}  # no `teacher-<name>` actor was spawned
     assert any(title.startswith("ray::ColocatedSampler") for title in processes), processes
     assert not any("TeacherScorer" in title for title in processes), processes
+    assert not any(title.startswith("ray::IDLE") for title in processes), processes  # no prestart
     assert colocated.extras["teacher/seconds"] > 0
 
 
