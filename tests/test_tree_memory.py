@@ -9,7 +9,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from tree_memory import breakdown_markdown, role_of, run_metered  # noqa: E402
+from tree_memory import breakdown_markdown, role_of, run_metered
 
 SITE = "/usr/lib/python3.11/site-packages/ray"
 
