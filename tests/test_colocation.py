@@ -228,3 +228,25 @@ def test_rollout_dtype_casts_the_samplers_student_only(tmp_path):
     trained = dict(learner.model.named_parameters())
     for name, param in sampler.student.named_parameters():  # the last update, cast
         assert torch.equal(param, trained[name].detach().to(torch.bfloat16)), name
+
+
+def test_a_checkpoint_of_a_separate_teacher_run_resumes_colocated(tmp_path):
+    """Where the teacher runs is not part of the training state: a run checkpointed with its
+    own teacher resumes with the teacher colocated, and its losses are the uninterrupted
+    run's."""
+    whole = config("gkd", tmp_path / "whole", "trainer.steps=4", colocate=False)
+    build_controller(whole).run()
+    cut = tmp_path / "cut"
+    build_controller(
+        config("gkd", cut, "trainer.steps=2", "trainer.save_every=2", colocate=False)
+    ).run()
+    resumed = config(
+        "gkd", cut, "trainer.steps=4", "trainer.save_every=2", "trainer.resume=true", colocate=True
+    )
+    build_controller(resumed).run()
+
+    def losses(out) -> list[float]:
+        rows = (Path(out) / "metrics.jsonl").read_text().splitlines()
+        return [json.loads(r)["learner/loss"] for r in rows if "learner/loss" in r]
+
+    assert losses(cut) == losses(whole.output_dir)
