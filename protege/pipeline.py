@@ -2,7 +2,8 @@
 
 Stage calls take and return per-shard futures (Ray ObjectRefs, or in-process Futures /
 values) and never block: a shard goes from its sampler to each teacher and the rewarder
-without a stop at the driver. `gather` is the one wait of a rollout, `wait_train` the one
+without a stop at the driver; a colocated teacher (`rollout.colocate_teacher`) scores it
+inside the sampler's `generate` call, and its client passes the shard on untouched. `gather` is the one wait of a rollout, `wait_train` the one
 wait of an update. Training and evaluation use the same calls. The seconds the driver
 waits and the seconds workers report are added up per phase for the step's accounting.
 
