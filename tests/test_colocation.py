@@ -177,6 +177,7 @@ def test_kv_outputs_are_refused(tmp_path):
         build_controller(config("kv_distill", tmp_path, colocate=True))
 
 
+@pytest.mark.slow  # a fresh interpreter importing torch: ~10 s
 def test_the_cli_prints_the_refusal_and_exits_2(tmp_path):
     done = subprocess.run(
         [
