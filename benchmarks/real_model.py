@@ -13,7 +13,10 @@ seconds per step by phase, and peak RSS.
     python benchmarks/real_model.py --pair runs/smollm2            # ~15 min on 2 cores
     python benchmarks/real_model.py --pair runs/smollm2 --smoke    # 2 steps, GKD only
     python benchmarks/real_model.py --pair runs/smollm2 --workers ray --algorithms gkd
-Writes benchmarks/results/real_model.{md,json} (real_model_ray.{md,json} with --workers ray).
+    python benchmarks/real_model.py --pair runs/smollm2 --workers ray --algorithms gkd \
+        --steps 3 --eval-size 4 --colocate --teacher-dtype bfloat16 --tag coloc_bf16
+Writes benchmarks/results/real_model.{md,json} (real_model_ray.{md,json} with --workers ray;
+real_model_<workers>_<tag> with --tag), with the per-process breakdown at the memory peak.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 ALGORITHMS = ("gkd", "opd", "gated_dual_kl", "minillm")
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from tree_memory import run_metered
+from tree_memory import breakdown_markdown, run_metered
 
 PHASES = ("time/step", "time/rollout", "time/teacher", "time/learner", "time/sync")
 
@@ -55,6 +58,9 @@ def overrides(pair: Path, out: Path, args) -> list[str]:
         "logging.progress=false",
         f"output_dir={out}",
         "trainer.overwrite=true",
+        f"rollout.colocate_teacher={str(args.colocate).lower()}",
+        f"teacher.dtype={args.teacher_dtype}",
+        *args.extra,
     ]
 
 
@@ -102,7 +108,9 @@ def markdown(runs: list[dict], args) -> str:
     head = (
         f"SmolLM2-135M-Instruct teacher -> layer-pruned student, {args.steps} steps of "
         f"{args.batch} prompts x {args.new_tokens} new tokens, lr {args.lr}, "
-        f"{args.eval_size} held-out prompts, trainer.workers={args.workers}; KL per token "
+        f"{args.eval_size} held-out prompts, trainer.workers={args.workers}, "
+        f"rollout.colocate_teacher={str(args.colocate).lower()}, teacher.dtype="
+        f"{args.teacher_dtype}{''.join(' ' + e for e in args.extra)}; KL per token "
         "(nats), median seconds per step; memory summed over every process of the job "
         "(RSS counts shared pages once per process; PSS splits them).\n\n"
         "| algorithm | reverse KL before → after | forward KL before → after | response length "
@@ -122,7 +130,13 @@ def markdown(runs: list[dict], args) -> str:
             f"{s['time/learner']:.2f}) | {', '.join(f'{x:.1f}' for x in run['eval_seconds'])} "
             f"| {run['tree_peak_rss_gib']:.2f} ({run['tree_peak_pss_gib']:.2f}) |"
         )
-    return head + "\n".join(lines) + "\n"
+    breakdowns = [
+        f"\n{run['algorithm']}: each process when the RSS sum peaked (peak PSS sum "
+        f"{run['tree_peak_pss_gib']:.2f} GiB, over {run['tree_processes']} processes)\n\n"
+        + breakdown_markdown(run)
+        for run in runs
+    ]
+    return head + "\n".join(lines) + "\n" + "".join(breakdowns)
 
 
 def main() -> None:
@@ -142,6 +156,10 @@ def main() -> None:
     parser.add_argument("--work", default="runs/real_model")
     parser.add_argument("--workers", choices=("local", "ray"), default="local")
     parser.add_argument("--smoke", action="store_true", help="2 steps of GKD, 8 eval prompts")
+    parser.add_argument("--colocate", action="store_true", help="rollout.colocate_teacher=true")
+    parser.add_argument("--teacher-dtype", default="float32", help="teacher.dtype")
+    parser.add_argument("--tag", help="results file suffix (real_model_<workers>_<tag>)")
+    parser.add_argument("--extra", nargs="*", default=[], help="more key=value overrides")
     args = parser.parse_args()
     if args.smoke:
         args.steps, args.eval_size, args.algorithms = 2, 8, ["gkd"]
@@ -159,6 +177,7 @@ def main() -> None:
     if not args.smoke:
         RESULTS.mkdir(parents=True, exist_ok=True)
         name = "real_model" if args.workers == "local" else f"real_model_{args.workers}"
+        name = f"{name}_{args.tag}" if args.tag else name
         (RESULTS / f"{name}.md").write_text(table)
         (RESULTS / f"{name}.json").write_text(
             json.dumps({"args": vars(args), "runs": runs}, indent=1)

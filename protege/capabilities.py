@@ -319,9 +319,12 @@ def config_problem(config: Config, plans: Sequence[RolloutPlan]) -> str | None:
             reason = teacher_problem(teacher.backend, plan)
             if reason:
                 return cannot_run("teacher", teacher.backend, reason)
+    from protege.colocation import colocation_problem  # import-free, like this module
+
     return (
         weight_sync_problem(config)
         or self_teacher_problem(config, plans)
         or lora_problem(config)
         or server_config_problem(config, plans)
+        or colocation_problem(config, plans)
     )

@@ -137,6 +137,11 @@ class RolloutConfig(Section):
     weight_sync: Literal["object_store", "nccl"] = "object_store"  # vLLM: how weights arrive
     num_cpus: float = Field(0.25, ge=0)  # Ray resources of each sampler
     num_gpus: float = Field(0.0, ge=0)  # GPUs of each sampler (fractions colocate roles)
+    # The (single, HF) teacher scores each shard inside the sampler that wrote it: one call
+    # per shard, no teacher actor, no object-store hop (protege.colocation says what it needs).
+    colocate_teacher: bool = False
+    # the samplers' weights (the learner keeps student.dtype); null: student.dtype
+    dtype: Literal["float32", "bfloat16", "float16"] | None = None
 
 
 class RewardRule(Section):

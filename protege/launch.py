@@ -191,10 +191,11 @@ def spawn_roles(config: Any, launcher: Launcher, master_port: int) -> Roles:
 
     learners = _spawn_learners(config, launcher, master_port)
     samplers = _spawn_samplers(config, launcher)
-    by_placement = {"samplers": samplers, "learner": learners, "live": learners}
+    by_placement = {"samplers": samplers, "colocated": samplers, "learner": learners}
+    by_placement["live"] = learners
     teachers = []
     for spec in config.teachers:
-        placement = place_teacher(spec)
+        placement = place_teacher(spec, config.rollout.colocate_teacher)
         handles = by_placement.get(placement) or _spawn_teacher(spec, launcher, config)
         teachers.append(TeacherClient(spec.name, placement, handles, is_privileged(spec)))
     roles = Roles(learners, samplers, teachers, _spawn_rewarders(config, launcher))
@@ -214,6 +215,8 @@ def _spawn_learners(config: Any, launcher: Launcher, master_port: int) -> list[A
 
 
 def _spawn_samplers(config: Any, launcher: Launcher) -> list[Any]:
+    """The rollout workers; with `rollout.colocate_teacher` each holds the teacher's scorer
+    too (protege.actors.colocated), built from the arguments a teacher actor would get."""
     from protege.actors.backends import sampler_class
 
     n, rollout = config.rollout.num_workers, config.rollout
@@ -225,18 +228,33 @@ def _spawn_samplers(config: Any, launcher: Launcher) -> list[Any]:
             config.student.model,
             rollout,
             teacher,
-            config.student.dtype,
+            rollout.dtype or config.student.dtype,  # the learner keeps student.dtype
             config.trainer.seed + 1000 * i,
             lora,
         )
         for i in range(n)
     ]
     resources = [Resources(rollout.num_cpus, rollout.num_gpus)] * n
-    restarts = config.trainer.worker_restarts
-    return launcher.spawn("rollout", sampler_class(rollout.backend), resources, args, restarts)
+    restarts, cls = config.trainer.worker_restarts, sampler_class(rollout.backend)
+    if rollout.colocate_teacher:  # one teacher, checked by protege.colocation
+        from protege.actors.colocated import ColocatedSampler
+
+        scorer = teacher_worker(config.teacher, config)
+        args = [(cls, sampler_args, *scorer) for sampler_args in args]
+        cls = ColocatedSampler
+    return launcher.spawn("rollout", cls, resources, args, restarts)
 
 
 def _spawn_teacher(spec: Any, launcher: Launcher, config: Any) -> list[Any]:
+    cls, args = teacher_worker(spec, config)
+    resources = [Resources(spec.num_cpus, spec.num_gpus)] * spec.num_workers
+    restarts, replicas = config.trainer.worker_restarts, [args] * spec.num_workers
+    return launcher.spawn(f"teacher-{spec.name}", cls, resources, replicas, restarts)
+
+
+def teacher_worker(spec: Any, config: Any) -> tuple[type, tuple]:
+    """The scorer class of teacher `spec` and its constructor arguments (in its own actors,
+    or colocated with the samplers)."""
     from protege.actors.backends import teacher_class
 
     cls, args = teacher_class(spec.backend), (spec.model, spec.dtype, spec.micro_batch_size)
@@ -251,9 +269,7 @@ def _spawn_teacher(spec: Any, launcher: Launcher, config: Any) -> list[Any]:
         from protege.teacher_server import limits_for
 
         args = (*args, spec.url, limits_for(spec), spec.name)
-    resources = [Resources(spec.num_cpus, spec.num_gpus)] * spec.num_workers
-    restarts, replicas = config.trainer.worker_restarts, [args] * spec.num_workers
-    return launcher.spawn(f"teacher-{spec.name}", cls, resources, replicas, restarts)
+    return cls, args
 
 
 def _spawn_rewarders(config: Any, launcher: Launcher) -> list[Any]:

@@ -2,7 +2,8 @@
 
 Stage calls take and return per-shard futures (Ray ObjectRefs, or in-process Futures /
 values) and never block: a shard goes from its sampler to each teacher and the rewarder
-without a stop at the driver. `gather` is the one wait of a rollout, `wait_train` the one
+without a stop at the driver; a colocated teacher (`rollout.colocate_teacher`) scores it
+inside the sampler's `generate` call, and its client passes the shard on untouched. `gather` is the one wait of a rollout, `wait_train` the one
 wait of an update. Training and evaluation use the same calls. The seconds the driver
 waits and the seconds workers report are added up per phase for the step's accounting.
 
@@ -24,6 +25,7 @@ from typing import Any, TypeVar
 
 from protege.config import Config
 from protege.launch import Launcher, LocalLauncher, WorkerDied, spawn_roles
+from protege.memory import peak_metrics
 from protege.records import PromptBatch, RolloutBatch, RolloutPlan
 from protege.sharding import (
     LEARNER_SECONDS,
@@ -32,6 +34,7 @@ from protege.sharding import (
     reduce_learner_metrics,
     split_prompts,
 )
+from protege.teachers import scoring_plan
 
 # Worker-side seconds each rollout stage reports in the batch's extras, by phase name.
 WORKER_SECONDS = {"rollout": "rollout/seconds", "teacher": "teacher/seconds"}
@@ -47,15 +50,18 @@ class Shard:
     ref: Any
     redo: Callable[[], Any]
     min_version: int = 0  # the weights its sampler was sent; older ones: it was restarted
+    scored_by: tuple[str, ...] = ()  # teachers that scored it in its sampler (colocated)
 
     @classmethod
-    def of(cls, submit: Callable[[], Any], min_version: int = 0) -> Shard:
-        return cls(submit(), submit, min_version)
+    def of(
+        cls, submit: Callable[[], Any], min_version: int = 0, scored_by: tuple[str, ...] = ()
+    ) -> Shard:
+        return cls(submit(), submit, min_version, scored_by)
 
     def then(self, stage: Callable[[Any], Any]) -> Shard:
         """This shard passed on to one more stage (which takes and returns a future)."""
         redo = self.redo
-        return Shard(stage(self.ref), lambda: stage(redo()), self.min_version)
+        return Shard(stage(self.ref), lambda: stage(redo()), self.min_version, self.scored_by)
 
 
 @dataclass
@@ -83,16 +89,31 @@ class Pipeline:
         self.warn: Callable[[str], None] = _warn
 
     # -- stages: futures in, futures out ---------------------------------------------------
-    def generate(self, prompts: PromptBatch, plan: RolloutPlan) -> list[Shard]:
-        """One shard per sampler: sampled responses, or the dataset's own."""
+    def generate(self, prompts: PromptBatch, plan: RolloutPlan, score: bool = True) -> list[Shard]:
+        """One shard per sampler: sampled responses, or the dataset's own. A colocated
+        teacher (rollout.colocate_teacher) scores each sampled shard in the same call, unless
+        `score` is False."""
         parts = split_prompts(prompts, len(self.samplers))
         if plan.source == "dataset":
             refs = [self.launcher.put(dataset_batch(part, self.version)) for part in parts]
             return [Shard(ref, lambda ref=ref: ref) for ref in refs]
+        extra, scored_by = self._colocated_scoring(plan) if score else ((), ())
         return [
-            Shard.of(functools.partial(s.generate.remote, part, plan), self.sent_version)
+            Shard.of(
+                functools.partial(s.generate.remote, part, plan, *extra),
+                self.sent_version,
+                scored_by,
+            )
             for s, part in zip(self.samplers, parts)
         ]
+
+    def _colocated_scoring(self, plan: RolloutPlan) -> tuple[tuple, tuple[str, ...]]:
+        """(the extra `generate` argument: the colocated teacher's plan, the teachers it
+        scores for), or nothing when no teacher is colocated or the plan needs none."""
+        client = next((t for t in self.teachers if t.placement == "colocated"), None)
+        if client is None or plan.teacher_need == "none":
+            return (), ()
+        return (client.own_plan(scoring_plan(plan, self.teachers, client)),), (client.name,)
 
     def reward(self, shards: list[Shard]) -> list[Shard]:
         if not self.rewarders:
@@ -125,7 +146,8 @@ class Pipeline:
         self._add("time/wait_learner", time.perf_counter() - started)
         self._add("time/learner", metrics.get(LEARNER_SECONDS, 0.0))
         self.version = int(metrics["learner/version"])
-        return {**metrics, "rollout/staleness": float(pending.staleness)}
+        driver = peak_metrics("driver")  # the controller's own process (no model)
+        return {**metrics, **driver, "rollout/staleness": float(pending.staleness)}
 
     def resolve(self, shards: list[Any]) -> list[RolloutBatch]:
         """A rollout's shards fetched (also to keep them in a checkpoint); a shard whose
@@ -192,7 +214,8 @@ class Pipeline:
 
     # -- blocking compositions of the stages (evaluation) -------------------------------
     def sample(self, prompts: PromptBatch, plan: RolloutPlan) -> RolloutBatch:
-        return self.gather(self.generate(prompts, plan), prompts)
+        """Sampled only: evaluation scores what it needs with `score`."""
+        return self.gather(self.generate(prompts, plan, score=False), prompts)
 
     def score(self, batch: RolloutBatch, plan: RolloutPlan) -> RolloutBatch:
         """`batch` scored by the first teacher (evaluation's KL to the teacher)."""

@@ -39,6 +39,7 @@ FREE_KEYS = (
     "trainer.ray_address",
     "trainer.worker_restarts",
     "trainer.placement_timeout_s",
+    "rollout.colocate_teacher",  # where the teacher runs, not what it computes
     "trainer.eval_",
     "data.test",
 )

@@ -7,7 +7,11 @@ Where a teacher runs is decided once, when the run is built (`place_teacher`):
 * `learner` — LoRA self-distillation on HF: the learner scores with the adapter off (every
   data-parallel rank joins, ZeRO-3 gathers are collective; rank 0 answers);
 * `live` — a live self-teacher (`live: true`): the learner scores with its current weights
-  (adapter on), so the teacher is synced every step by construction.
+  (adapter on), so the teacher is synced every step by construction;
+* `colocated` — `rollout.colocate_teacher`: each sampler holds the teacher's scorer and
+  scores the shards it writes in the same call (`protege.actors.colocated`); a shard made
+  that way passes this client untouched, any other (dataset responses, evaluation) is
+  scored by the samplers' scorers, shard i by sampler i mod n.
 A privileged teacher (its own prompt, protege.privileged) is scored wherever it runs: the
 client names its prompt in the plan, and the scorer reads that prompt from the batch.
 No other module asks whether a teacher is the student itself.
@@ -21,13 +25,14 @@ from typing import Any, Literal
 from protege.config import TeacherConfig
 from protege.records import RolloutPlan
 
-Placement = Literal["actors", "samplers", "learner", "live"]
+Placement = Literal["actors", "samplers", "learner", "live", "colocated"]
 
 
-def place_teacher(spec: TeacherConfig) -> Placement:
-    """Where `spec` is scored (see the module docstring)."""
+def place_teacher(spec: TeacherConfig, colocate: bool = False) -> Placement:
+    """Where `spec` is scored (see the module docstring); `colocate`: rollout.colocate_teacher
+    (for the one HF teacher protege.colocation accepts)."""
     if not spec.is_self:
-        return "actors"
+        return "colocated" if colocate else "actors"
     if spec.live:
         return "live"
     return "samplers" if spec.backend == "vllm" else "learner"
@@ -48,17 +53,22 @@ class TeacherClient:
         worker died); a plain future or batch comes back as a future."""
         if plan.teacher_need == "none":
             return shards
-        if self.privileged:
-            plan = replace(plan, teacher_prompt=self.name)
+        plan = self.own_plan(plan)
         return [
-            shard.then(lambda ref, i=i: self._score_one(i, ref, plan))
+            shard
+            if self.name in getattr(shard, "scored_by", ())  # colocated: scored when sampled
+            else shard.then(lambda ref, i=i: self._score_one(i, ref, plan))
             if hasattr(shard, "then")
             else self._score_one(i, shard, plan)
             for i, shard in enumerate(shards)
         ]
 
+    def own_plan(self, plan: RolloutPlan) -> RolloutPlan:
+        """`plan` as this teacher scores it: a privileged teacher reads its own prompt."""
+        return replace(plan, teacher_prompt=self.name) if self.privileged else plan
+
     def _score_one(self, index: int, shard: Any, plan: RolloutPlan) -> Any:
-        if self.placement == "actors":
+        if self.placement in ("actors", "colocated"):  # a scorer, or a sampler holding one
             return self.handles[index % len(self.handles)].score.remote(shard, plan)
         if self.placement == "samplers":
             return self.handles[index % len(self.handles)].score_as_teacher.remote(shard, plan)

@@ -233,6 +233,6 @@ def test_every_role_reports_its_peak_memory_in_a_run(tmp_path):
     argv = ["trainer.workers=local", "trainer.steps=1", "trainer.batch_size=4", "data.test=null"]
     argv += ["logging.wandb=disabled", "logging.progress=false", f"output_dir={tmp_path}"]
     rows = []
-    build_controller(load_config("gkd", argv)).run(on_step=lambda k, row: rows.append(row))
-    for role in ("rollout", "teacher", "learner"):
+    build_controller(load_config("rl_distill", argv)).run(on_step=lambda k, row: rows.append(row))
+    for role in ("rollout", "teacher", "learner", "reward", "driver"):
         assert 0.05 < rows[0][f"memory/{role}_peak_gib"] < 64

@@ -20,6 +20,7 @@ from transformers import (
 
 from protege.capabilities import reward_labels_problem
 from protege.config import RewardConfig, RewardModel
+from protege.memory import peak_metrics
 from protege.modeling import load_tokenizer, resolve_path
 from protege.records import RolloutBatch
 from protege.rewards import RULES, check_rules
@@ -52,7 +53,7 @@ class RewardScorer:
             return batch
         started = time.perf_counter()
         scored = self._score(batch)
-        seconds = {"reward/seconds": time.perf_counter() - started}
+        seconds = {"reward/seconds": time.perf_counter() - started, **peak_metrics("reward")}
         return scored.replace(extras={**scored.extras, **seconds})
 
     def _score(self, batch: RolloutBatch) -> RolloutBatch:

@@ -245,6 +245,11 @@ class HFSampler:
             self._teacher = self._load_teacher(self.teacher_model)
         return Decoder(*self._teacher)
 
+    def share_teacher(self, model: torch.nn.Module) -> None:
+        """Decode with `model` as the teacher replica: a colocated scorer's frozen copy
+        (protege.actors.colocated), so the process holds the teacher once, in its dtype."""
+        self._teacher = (model, None)
+
     def _load_teacher(self, name: str) -> Replica:
         if name == SELF_TEACHER:
             if self.peft_model is None:

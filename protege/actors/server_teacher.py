@@ -22,6 +22,7 @@ from protege.actors.teacher import named_extras, payload_bytes
 from protege.actors.vllm_engine import outputs_from_scores, real_tokens, tail_logprob
 from protege.capabilities import SERVER_TEACHER_NEEDS_URL, cannot_run, teacher_problem
 from protege.config import SELF_TEACHER
+from protege.memory import peak_metrics
 from protege.records import RolloutBatch, RolloutPlan
 from protege.teacher_payload import attach_outputs
 from protege.teacher_server import (
@@ -83,6 +84,7 @@ class ServerTeacherScorer:
             "teacher/tokens": batch.num_response_tokens,
             "teacher/payload_bytes": float(payload_bytes(scored)),
             "teacher/server_retries": float(self.client.retried - retried),
+            **peak_metrics("teacher"),  # the client's process (the model runs on the server)
         }
         if plan.store_as is not None:  # several teachers, scored one after the other
             extras.update(named_extras(batch.extras, extras, plan.store_as))
