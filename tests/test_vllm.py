@@ -233,6 +233,54 @@ def test_teacher_scorer_matches_hf(head32_dirs):
         vllm_teacher.score(batch, RolloutPlan(teacher_need="full"))
 
 
+def test_a_privileged_vllm_teacher_scores_its_own_prompt_like_hf(head32_dirs):
+    """A teacher shown another prompt (protege.privileged): the vLLM scorer reads the teacher's
+    prompt, then the student's response, exactly as the HF scorer does; the same prompt as
+    the student's gives the ordinary scores."""
+    from protege.actors.teacher import TeacherScorer
+    from protege.actors.vllm_teacher import VLLMTeacherScorer
+    from protege.teacher_prompts import TeacherPrompts
+
+    tokenizer = load_tokenizer(head32_dirs["teacher"])
+    prompts = prompt_batch(tokenizer)
+    hinted = prompt_batch(
+        tokenizer, [f"{a};{p}" for a, p in zip(["46", "15", "100", "60"], PROMPTS)]
+    )
+    answers = tokenizer(
+        ["46<eos>", "15<eos>", "100<eos>", "6"],
+        return_tensors="pt",
+        padding=True,
+        padding_side="right",
+        add_special_tokens=False,
+    )
+    batch = RolloutBatch(
+        prompts.prompt_ids,
+        prompts.prompt_mask,
+        answers["input_ids"],
+        answers["attention_mask"].bool(),
+    )
+    views = {
+        "hint": TeacherPrompts({"teacher": hinted.prompt_ids}, {"teacher": hinted.prompt_mask}),
+        "same": TeacherPrompts({"teacher": prompts.prompt_ids}, {"teacher": prompts.prompt_mask}),
+    }
+    vllm_teacher = VLLMTeacherScorer(head32_dirs["teacher"], micro_batch_size=3)
+    hf_teacher = TeacherScorer(head32_dirs["teacher"])
+    plan = RolloutPlan(teacher_need="topk", topk=4, teacher_prompt="teacher")
+    ordinary = vllm_teacher.score(batch, RolloutPlan(teacher_need="topk", topk=4))
+    mask = batch.response_mask
+    for name, view in views.items():
+        viewed = batch.replace(teacher_prompts=view)
+        got, want = vllm_teacher.score(viewed, plan), hf_teacher.score(viewed, plan)
+        assert torch.allclose(got.teacher_logprobs, want.teacher_logprobs, atol=LOGPROB_TOL)
+        assert torch.equal(got.teacher_topk_ids[mask], want.teacher_topk_ids[mask])
+        assert torch.allclose(
+            got.teacher_topk_logprobs[mask], want.teacher_topk_logprobs[mask], atol=LOGPROB_TOL
+        )
+        assert torch.equal(got.prompt_ids, batch.prompt_ids)  # handed back as the student's
+        change = (got.teacher_logprobs - ordinary.teacher_logprobs).abs().max()
+        assert change > 1e-3 if name == "hint" else change <= LOGPROB_TOL, (name, change)
+
+
 def test_broadcast_source_metadata_matches_what_it_sends(head32_dirs):
     """The NCCL path's weight source declares exactly the (name, shape, dtype) sequence it
     then yields — vLLM's receivers allocate from the declaration (CPU check of the GPU path)."""
