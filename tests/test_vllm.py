@@ -54,6 +54,23 @@ def prompt_batch(tokenizer, texts=PROMPTS, step: int = 0) -> PromptBatch:
     )
 
 
+def with_answers(tokenizer, prompts: PromptBatch) -> RolloutBatch:
+    """The prompts with fixed responses (right-padded; the last one without <eos>)."""
+    answers = tokenizer(
+        ["46<eos>", "15<eos>", "100<eos>", "6"],
+        return_tensors="pt",
+        padding=True,
+        padding_side="right",
+        add_special_tokens=False,
+    )
+    return RolloutBatch(
+        prompts.prompt_ids,
+        prompts.prompt_mask,
+        answers["input_ids"],
+        answers["attention_mask"].bool(),
+    )
+
+
 def hf_logprobs(model: torch.nn.Module, batch: RolloutBatch) -> torch.Tensor:
     """log q(y_t) [B,T] by one teacher-forced HF forward, 0 where masked."""
     with torch.no_grad():
@@ -199,19 +216,7 @@ def test_teacher_scorer_matches_hf(head32_dirs):
 
     tokenizer = load_tokenizer(head32_dirs["teacher"])
     prompts = prompt_batch(tokenizer)
-    answers = tokenizer(
-        ["46<eos>", "15<eos>", "100<eos>", "6"],
-        return_tensors="pt",
-        padding=True,
-        padding_side="right",
-        add_special_tokens=False,
-    )
-    batch = RolloutBatch(
-        prompts.prompt_ids,
-        prompts.prompt_mask,
-        answers["input_ids"],
-        answers["attention_mask"].bool(),
-    )
+    batch = with_answers(tokenizer, prompts)
     vllm_teacher = VLLMTeacherScorer(head32_dirs["teacher"], micro_batch_size=3)
     hf_teacher = TeacherScorer(head32_dirs["teacher"])
     assert vllm_teacher.vocab_size == hf_teacher.vocab_size
@@ -246,19 +251,7 @@ def test_a_privileged_vllm_teacher_scores_its_own_prompt_like_hf(head32_dirs):
     hinted = prompt_batch(
         tokenizer, [f"{a};{p}" for a, p in zip(["46", "15", "100", "60"], PROMPTS)]
     )
-    answers = tokenizer(
-        ["46<eos>", "15<eos>", "100<eos>", "6"],
-        return_tensors="pt",
-        padding=True,
-        padding_side="right",
-        add_special_tokens=False,
-    )
-    batch = RolloutBatch(
-        prompts.prompt_ids,
-        prompts.prompt_mask,
-        answers["input_ids"],
-        answers["attention_mask"].bool(),
-    )
+    batch = with_answers(tokenizer, prompts)
     views = {
         "hint": TeacherPrompts({"teacher": hinted.prompt_ids}, {"teacher": hinted.prompt_mask}),
         "same": TeacherPrompts({"teacher": prompts.prompt_ids}, {"teacher": prompts.prompt_mask}),

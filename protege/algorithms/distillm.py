@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import functools
-import random
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from torch import Tensor
 
 from protege.algorithms.divergences import masked_mean, skew_forward_kl, skew_reverse_kl
-from protege.algorithms.registry import AlgorithmDefaults, check, register
+from protege.algorithms.registry import AlgorithmDefaults, MixedPolicyPlan, check, register
 from protege.algorithms.teacher_view import TeacherOutput, paired_per_token
 from protege.records import RolloutBatch, RolloutPlan
 
@@ -19,7 +18,7 @@ SkewDivergence = Literal["skew_forward", "skew_reverse"]
 
 @register("distillm")
 @dataclass(frozen=True)
-class DistiLLM(AlgorithmDefaults):
+class DistiLLM(MixedPolicyPlan, AlgorithmDefaults):
     """Token-level α-skew divergence between teacher p_T and student q_θ (DistiLLM §3.1):
 
     * skew_forward: SKL^(α) = KL(p_T ‖ α·p_T + (1−α)·q_θ)
@@ -57,16 +56,6 @@ class DistiLLM(AlgorithmDefaults):
         check(0.0 <= self.lmbda <= 1.0, "lmbda", f"must be in [0, 1], got {self.lmbda}")
         check(self.temperature > 0, "temperature", f"must be > 0, got {self.temperature}")
         check(self.topk >= 1, "topk", f"must be >= 1, got {self.topk}")
-
-    def plan(self, step: int) -> RolloutPlan:
-        return self._plan(random.Random(self.seed * 1_000_003 + step).random() < self.lmbda)
-
-    def plan_variants(self) -> tuple[RolloutPlan, ...]:
-        return tuple(
-            self._plan(on)
-            for on in (True, False)
-            if (on and self.lmbda > 0) or (not on and self.lmbda < 1)
-        )
 
     def _plan(self, on_policy: bool) -> RolloutPlan:
         return RolloutPlan(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import random
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -12,7 +11,13 @@ from torch import Tensor
 from protege.algorithms.cross_tokenizer import CrossTokenizer, cross_tokenizer_loss
 from protege.algorithms.divergences import jsd_from_logprobs, masked_mean
 from protege.algorithms.policy_gradient import sampled_logprobs
-from protege.algorithms.registry import AlgorithmDefaults, ConstantPlan, check, register
+from protege.algorithms.registry import (
+    AlgorithmDefaults,
+    ConstantPlan,
+    MixedPolicyPlan,
+    check,
+    register,
+)
 from protege.algorithms.teacher_view import TeacherOutput, paired_per_token
 from protege.records import RolloutBatch, RolloutPlan
 
@@ -22,7 +27,7 @@ if TYPE_CHECKING:
 
 @register("gkd")
 @dataclass(frozen=True)
-class GKD(AlgorithmDefaults):
+class GKD(MixedPolicyPlan, AlgorithmDefaults):
     """Generalized knowledge distillation.
 
     With probability `lmbda` a step trains on the student's own samples (on-policy), else
@@ -61,16 +66,6 @@ class GKD(AlgorithmDefaults):
                 f"must be 'topk' with cross_tokenizer (the teacher ships its distribution at "
                 f"aligned spans, top-k + tail), got {self.teacher_output!r}",
             )
-
-    def plan(self, step: int) -> RolloutPlan:
-        return self._plan(random.Random(self.seed * 1_000_003 + step).random() < self.lmbda)
-
-    def plan_variants(self) -> tuple[RolloutPlan, ...]:
-        return tuple(
-            self._plan(on)
-            for on in (True, False)
-            if (on and self.lmbda > 0) or (not on and self.lmbda < 1)
-        )
 
     def _plan(self, on_policy: bool) -> RolloutPlan:
         source = "student" if on_policy else ("teacher" if self.seq_kd else "dataset")

@@ -29,6 +29,7 @@ The controller's instance is the only stateful one.
 from __future__ import annotations
 
 import dataclasses
+import random
 import types
 import typing
 from collections.abc import Callable
@@ -111,6 +112,21 @@ class ConstantPlan:
 
     def plan_variants(self) -> tuple[RolloutPlan, ...]:
         return (self.plan(0),)  # type: ignore[attr-defined]
+
+
+class MixedPolicyPlan:
+    """For algorithms that train a step on the student's own samples with probability
+    `lmbda`, drawn per step from `seed` (GKD, DistiLLM); they build a step's plan in
+    `_plan(on_policy)`."""
+
+    def plan(self, step: int) -> RolloutPlan:
+        draw = random.Random(self.seed * 1_000_003 + step).random()  # type: ignore[attr-defined]
+        return self._plan(draw < self.lmbda)  # type: ignore[attr-defined]
+
+    def plan_variants(self) -> tuple[RolloutPlan, ...]:
+        lmbda = self.lmbda  # type: ignore[attr-defined]
+        kinds = [on for on, possible in ((True, lmbda > 0), (False, lmbda < 1)) if possible]
+        return tuple(self._plan(on) for on in kinds)  # type: ignore[attr-defined]
 
 
 def distinct_plans(algorithm: Algorithm, steps: int) -> tuple[RolloutPlan, ...]:
