@@ -27,18 +27,18 @@ import dataclasses
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from fresh_process import clean_env, report, run_fresh
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_MODE", "disabled")
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
-RESULT_PREFIX = "RESULT "
 PAYLOADS = ("full", "topk")
 CHUNKS = ("0", "auto")  # learner.loss_chunk_tokens: off, the default budget
 
@@ -174,13 +174,9 @@ def vocabulary_bytes_held(learner, batch, setting, vocab: int) -> int:
 
 
 def run_isolated(name: str, args: argparse.Namespace, folder: Path, extra: list[str]) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(args.threads)}
+    env = clean_env(PYTHONPATH=str(ROOT), OMP_NUM_THREADS=str(args.threads))
     command = [sys.executable, __file__, *extra, f"--folder={folder}", *forwarded(args)]
-    done = subprocess.run(command, check=False, env=env, capture_output=True, text=True)
-    for line in done.stdout.splitlines():
-        if line.startswith(RESULT_PREFIX):
-            return json.loads(line[len(RESULT_PREFIX) :])
-    raise RuntimeError(f"{name} failed:\n{done.stderr[-4000:]}")
+    return run_fresh(name, command, env, timeout=3600)
 
 
 def forwarded(args: argparse.Namespace) -> list[str]:
@@ -286,10 +282,10 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse(argv)
     if args.prepare:
         prepare(args, Path(args.folder))
-        print(RESULT_PREFIX + "{}", flush=True)
+        report({})
         return {}
     if args.run:
-        print(RESULT_PREFIX + json.dumps(run_one(args)), flush=True)
+        report(run_one(args))
         return {}
     if not (args.pair / "teacher").is_dir():
         raise SystemExit(f"no pair in {args.pair}: run scripts/build_smollm2_pair.py --out ...")

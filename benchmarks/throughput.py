@@ -26,11 +26,12 @@ import pickle
 import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from fresh_process import clean_env, report, run_fresh
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -42,17 +43,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # protege from this checkout
 
 RESULTS = Path(__file__).resolve().parent / "results"
-RESULT_PREFIX = "RESULT "
-# torch.distributed rendezvous variables a parent may hold (a learner set them): with them
-# accelerate would try to join a process group.
-DISTRIBUTED_ENV = (
-    "RANK",
-    "LOCAL_RANK",
-    "WORLD_SIZE",
-    "LOCAL_WORLD_SIZE",
-    "MASTER_ADDR",
-    "MASTER_PORT",
-)
 PHASES = (
     "time/rollout",
     "time/teacher",
@@ -436,15 +426,7 @@ def run_isolated(name: str, args: argparse.Namespace) -> dict:
     group left by protege's learner made accelerate wrap TRL's model in DDP), and each Ray
     run starts its own local Ray instance."""
     command = [sys.executable, __file__, "--run", name, *_forwarded(args)]
-    env = {k: v for k, v in os.environ.items() if k not in DISTRIBUTED_ENV}
-    env["RAY_ADDRESS"] = "local"
-    done = subprocess.run(
-        command, env=env, capture_output=True, text=True, check=False, timeout=1200
-    )
-    for line in done.stdout.splitlines():
-        if line.startswith(RESULT_PREFIX):
-            return json.loads(line[len(RESULT_PREFIX) :])
-    raise RuntimeError(f"{name} failed:\n{done.stderr[-4000:]}")
+    return run_fresh(name, command, clean_env(RAY_ADDRESS="local"), timeout=1200)
 
 
 def _forwarded(args: argparse.Namespace) -> list[str]:
@@ -483,7 +465,7 @@ def main(argv: list[str] | None = None) -> dict:
         args.trl_threads = [1]
     torch.set_num_threads(1)
     if args.run:
-        print(RESULT_PREFIX + json.dumps(run_one(args.run, args)), flush=True)
+        report(run_one(args.run, args))
         return {"run": args.run}
     runs: dict[str, list[dict]] = {}
     for _ in range(args.repeats):  # interleaved: slow phases of a shared machine hit every run

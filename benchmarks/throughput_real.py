@@ -34,11 +34,12 @@ import os
 import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from fresh_process import clean_env, report, run_fresh
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
@@ -46,12 +47,9 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
-RESULT_PREFIX = "RESULT "
 VLLM_PYTHON = Path(
     os.environ.get("VLLM_VENV", Path.home() / ".cache" / "protege" / "venv-vllm"), "bin", "python"
 )
-# rendezvous variables a parent may hold: accelerate would try to join their process group
-DISTRIBUTED_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR")
 CORES = os.cpu_count() or 1
 RUNS: dict[str, dict] = {
     "TRL DistillationTrainer": {"trainer": "distillation", "threads": CORES},
@@ -323,17 +321,10 @@ def run_one(name: str, args: argparse.Namespace) -> dict:
 def run_isolated(name: str, args: argparse.Namespace) -> dict:
     spec = RUNS[name]
     python = str(VLLM_PYTHON) if spec.get("backend") == "vllm" else sys.executable
-    env = {k: v for k, v in os.environ.items() if k not in DISTRIBUTED_ENV}
-    env |= {"RAY_ADDRESS": "local", "OMP_NUM_THREADS": str(spec["threads"])}
-    env["PYTHONPATH"] = str(ROOT)
+    threads = str(spec["threads"])
+    env = clean_env(RAY_ADDRESS="local", OMP_NUM_THREADS=threads, PYTHONPATH=str(ROOT))
     command = [python, __file__, "--run", name, *forwarded(args)]
-    done = subprocess.run(
-        command, check=False, env=env, capture_output=True, text=True, timeout=1800
-    )
-    for line in done.stdout.splitlines():
-        if line.startswith(RESULT_PREFIX):
-            return json.loads(line[len(RESULT_PREFIX) :])
-    raise RuntimeError(f"{name} failed:\n{done.stderr[-4000:]}")
+    return run_fresh(name, command, env, timeout=1800)
 
 
 def forwarded(args: argparse.Namespace) -> list[str]:
@@ -448,7 +439,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     args = parse(argv)
     if args.run:
-        print(RESULT_PREFIX + json.dumps(run_one(args.run, args)), flush=True)
+        report(run_one(args.run, args))
         return {}
     if not (args.pair / "teacher").is_dir():
         raise SystemExit(f"no pair in {args.pair}: run scripts/build_smollm2_pair.py --out ...")
