@@ -43,3 +43,19 @@ def tiny_dirs(tmp_path_factory) -> dict[str, str]:
         tokenizer.save_pretrained(dirs[name])
     dirs["tokenizer"] = dirs["student"]
     return dirs
+
+
+@pytest.fixture(scope="module")
+def own_ray_instance():
+    """One protege-started Ray instance for a module (RayLauncher reuses it); the module
+    asks for it with `pytest.mark.usefixtures("own_ray_instance")`."""
+    import ray
+
+    from protege.actors.ray_actors import init_ray
+
+    saved = os.environ.get("RAY_ADDRESS")
+    os.environ["RAY_ADDRESS"] = "local"
+    init_ray()
+    yield
+    ray.shutdown()
+    os.environ.pop("RAY_ADDRESS") if saved is None else os.environ.update(RAY_ADDRESS=saved)

@@ -16,23 +16,12 @@ import pytest
 import ray
 import torch
 
-from protege.actors.ray_actors import init_ray
 from protege.config import load_config
 from protege.modeling import resolve_path
 from protege.run import build_controller
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("own_ray_instance")]
 TEACHER_FIELDS = ("teacher_logprobs", "teacher_topk_ids", "teacher_topk_logprobs")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def ray_instance():
-    saved = os.environ.get("RAY_ADDRESS")
-    os.environ["RAY_ADDRESS"] = "local"
-    init_ray()
-    yield
-    ray.shutdown()
-    os.environ.pop("RAY_ADDRESS") if saved is None else os.environ.update(RAY_ADDRESS=saved)
 
 
 def make_config(out, *overrides: str, workers: str = "ray", colocate: bool = True):

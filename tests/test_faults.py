@@ -16,23 +16,11 @@ import signal
 import pytest
 import ray
 
-from protege.actors.ray_actors import init_ray
 from protege.config import load_config
 from protege.controller import WorkerLost
 from protege.run import build_controller
 
-pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module", autouse=True)
-def ray_instance():
-    """One protege-started Ray instance for the module (RayLauncher reuses it)."""
-    saved = os.environ.get("RAY_ADDRESS")
-    os.environ["RAY_ADDRESS"] = "local"
-    init_ray()
-    yield
-    ray.shutdown()
-    os.environ.pop("RAY_ADDRESS") if saved is None else os.environ.update(RAY_ADDRESS=saved)
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("own_ray_instance")]
 
 
 def make_config(preset: str, out, *overrides: str, workers: str = "ray"):
