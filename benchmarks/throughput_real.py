@@ -76,6 +76,12 @@ RUNS: dict[str, dict] = {
         "threads": 1,
         "backend": "vllm",
     },
+    "protege in-process pipelined, vLLM-CPU sampler": {
+        "workers": "local",
+        "staleness": 1,
+        "threads": 1,
+        "backend": "vllm",
+    },
 }
 SMOKE_RUNS = ("TRL DistillationTrainer", "protege in-process sync", "protege Ray pipelined")
 PHASES = ("time/rollout", "time/teacher", "time/learner", "time/sync", "time/overhead")

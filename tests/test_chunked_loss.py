@@ -207,8 +207,8 @@ def _held_bytes(fn, inputs) -> int:
 @pytest.mark.parametrize("payload", ["full", "topk"])
 def test_chunking_keeps_no_vocabulary_copies_for_the_backward(payload, beta):
     """On [3,64,4096] GKD: unchunked, autograd keeps [B,T,V] float32 copies for the
-    backward (log-softmax outputs, exps, JSD's mixture); chunked, only [B,T] tensors beside
-    the inputs (the logits, the teacher's payload), whatever the payload and β."""
+    backward (the log-softmax output, the divergence's gradient terms); chunked, only [B,T]
+    tensors beside the inputs (the logits, the teacher's payload), whatever the payload and β."""
     student, batch = _pair(rows=3, tokens=64, vocab=4096)
     if payload == "topk":
         values, ids = log_probs(batch.teacher_logits).topk(16, dim=-1)
@@ -224,7 +224,7 @@ def test_chunking_keeps_no_vocabulary_copies_for_the_backward(payload, beta):
         return _held_bytes(lambda: algorithm.loss(view, batch), inputs)
 
     whole, chunked = held(0), held(32)
-    assert whole >= copy * (4 if (payload, beta) == ("full", 0.5) else 1)
+    assert whole >= copy
     assert chunked <= 16 * 1024  # a few [B,T] tensors, nothing [B,T,V]
 
 

@@ -12,6 +12,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from protege.algorithms.divergence_kernels import JSDFromLogprobs, KLFromLogprobs
+
 
 def log_probs(logits: Tensor, temperature: float = 1.0) -> Tensor:
     """Log-softmax of temperature-scaled logits, computed in float32 at least."""
@@ -24,12 +26,10 @@ def log_probs(logits: Tensor, temperature: float = 1.0) -> Tensor:
 def kl_from_logprobs(p_logp: Tensor, q_logp: Tensor) -> Tensor:
     """KL(p‖q) summed over the last dim. [...,V] log-probs -> [...].
 
-    Terms where p = 0 are exactly 0 (also where q = 0), and their gradient is 0, not NaN:
-    the difference is masked before the product (a single `where` after it leaks NaN).
+    Terms where p = 0 are exactly 0 (also where q = 0), and their gradient is 0, not NaN.
+    The gradient is written out (`divergence_kernels`), not traced through autograd.
     """
-    support = p_logp > -math.inf
-    diff = torch.where(support, p_logp - q_logp, torch.zeros_like(p_logp))
-    return (p_logp.exp() * diff).sum(-1)
+    return KLFromLogprobs.apply(p_logp, q_logp)
 
 
 def jsd_from_logprobs(student_logp: Tensor, teacher_logp: Tensor, beta: float) -> Tensor:
@@ -45,12 +45,7 @@ def jsd_from_logprobs(student_logp: Tensor, teacher_logp: Tensor, beta: float) -
         return kl_from_logprobs(teacher_logp, student_logp)
     if beta == 1.0:
         return kl_from_logprobs(student_logp, teacher_logp)
-    mixture_logp = _safe_logsumexp(
-        torch.stack([teacher_logp + math.log(beta), student_logp + math.log1p(-beta)]), dim=0
-    )
-    return beta * kl_from_logprobs(teacher_logp, mixture_logp) + (1 - beta) * kl_from_logprobs(
-        student_logp, mixture_logp
-    )
+    return JSDFromLogprobs.apply(student_logp, teacher_logp, beta)
 
 
 def _safe_logsumexp(values: Tensor, dim: int) -> Tensor:
