@@ -19,6 +19,7 @@ from transformers import (
 from transformers.utils import logging as hf_logging
 
 from protege.errors import SetupError
+from protege.onednn_head import fast_output_head
 from protege.records import RolloutBatch
 
 BUILTIN_PREFIX = "builtin:"
@@ -122,7 +123,8 @@ def load_frozen_model(
     scorer and the sampler's decoding instead of holding two."""
     key = (str(Path(resolve_path(name)).resolve()), dtype, str(device))
     if key not in _FROZEN:
-        _FROZEN[key] = load_model(name, dtype, device).eval().requires_grad_(False)
+        model = load_model(name, dtype, device).eval().requires_grad_(False)
+        _FROZEN[key] = fast_output_head(model)
     return _FROZEN[key]
 
 

@@ -36,6 +36,7 @@ from protege.modeling import (
     load_tokenizer,
     response_logits,
 )
+from protege.onednn_head import fast_output_head
 from protege.records import PromptBatch, RolloutBatch, RolloutPlan, TokenSource, WeightUpdate
 
 Replica = tuple[torch.nn.Module, Callable | None]  # (model, context factory switching LoRA off)
@@ -58,7 +59,9 @@ class HFSampler:
         self.rollout = rollout
         self.dtype = dtype
         self.tokenizer = load_tokenizer(student_model)
-        self.student = load_model(student_model, dtype).eval().requires_grad_(False)
+        self.student = fast_output_head(
+            load_model(student_model, dtype).eval().requires_grad_(False)
+        )
         # peft injects the adapter into `student` in place; its forward then uses it (B = 0:
         # the identity until the first update). Adapter tensors load through `peft_model`.
         lora_on = lora is not None and lora.enabled
