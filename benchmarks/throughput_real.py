@@ -21,7 +21,7 @@ forward and student training on prompt + response. Utilisation = those FLOPs per
 the machine's fp32 matmul peak with all its cores, measured in the same run.
 
     python scripts/build_smollm2_pair.py --out runs/smollm2
-    python benchmarks/throughput_real.py --pair runs/smollm2           # ~30 min on 2 cores
+    python benchmarks/throughput_real.py --pair runs/smollm2           # ~45 min on 2 cores
     python benchmarks/throughput_real.py --pair runs/smollm2 --smoke   # 2 steps of 3 runs
 Writes benchmarks/results/throughput_real.{md,json} (throughput_real_<tag> with --tag).
 """
