@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "benchmarks" / "results"
 
-from protege.onednn_head import OneDNNLinear, fast_output_head
+from protege.onednn_head import OneDNNLinear
 
 
 def seconds(fn, repeats: int) -> float:
@@ -94,7 +94,6 @@ def rollout_seconds(pair: Path, repeats: int) -> dict:
     for name, cls in (("onednn", type(head)), ("mkl", torch.nn.Linear)):
         head.__class__ = cls
         timed[name] = seconds(lambda: sampler.generate(prompts, RolloutPlan()), repeats)
-    fast_output_head(sampler.student)
     return {
         "onednn_s": timed["onednn"],
         "mkl_s": timed["mkl"],

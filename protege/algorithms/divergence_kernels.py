@@ -51,11 +51,8 @@ class KLFromLogprobs(torch.autograd.Function):
         p = p_logp.exp()
         terms = masked_product(p, p_logp, torch.sub(p_logp, q_logp))
         wants_p, wants_q = ctx.needs_input_grad[:2]
-        if wants_p:
-            terms_plus_p = terms + p  # ∂/∂log p, before the upstream gradient
-            ctx.save_for_backward(terms_plus_p, p if wants_q else None)
-        else:
-            ctx.save_for_backward(None, p if wants_q else None)
+        # ∂/∂log p and ∂/∂log q before the upstream gradient (the latter negated)
+        ctx.save_for_backward(terms + p if wants_p else None, p if wants_q else None)
         return terms.sum(-1)
 
     @staticmethod
