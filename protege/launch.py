@@ -81,6 +81,8 @@ def resource_problem(
 
 
 class Launcher(Protocol):
+    serializes: bool  # whether a call's result is copied out of the worker as it returns
+
     def spawn(
         self,
         role: str,
@@ -138,6 +140,8 @@ def _resolve(value: Any) -> Any:
 class LocalLauncher:
     """Workers in this process. With `threads`, each runs on its own thread, so submitted
     rollouts overlap training (the pipelined loop); without, every call runs at once."""
+
+    serializes = False  # a result is the worker's own object, shared with the caller
 
     def __init__(self, threads: bool = False):
         self.threads = threads

@@ -203,7 +203,7 @@ class Pipeline:
                 "a restarted vLLM engine cannot rejoin the NCCL weight "
                 "broadcast; use rollout.weight_sync=object_store to survive sampler restarts",
             )
-        exported = [rank.export_weights.remote() for rank in self.learners]  # ZeRO-3: all
+        exported = self._export_weights()
         loads = [s.load_weights.remote(exported[0]) for s in self.samplers]
         self._loads = []  # superseded (and failed, on the restarted sampler)
         self.launcher.get([*loads, *exported[1:]])
@@ -247,14 +247,22 @@ class Pipeline:
         if self.nccl_sync:  # every rank gathers (ZeRO-3), rank 0 broadcasts to the engines
             self.version = self._on_all_learners(lambda rank: rank.broadcast_weights.remote())
         else:
-            exported = [rank.export_weights.remote() for rank in self.learners]  # ZeRO-3: all
+            exported = self._export_weights()
             self._loads = [s.load_weights.remote(exported[0]) for s in self.samplers]
+            version = self.learners[0].weights_version.remote()  # the exported one: queued after
             if wait:
-                self.version = self.sent_version = self.launcher.get(exported[0]).version
+                self.version = self.sent_version = self.launcher.get(version)
                 self.wait_sync()
             self.launcher.get(exported[1:])
         self._add("time/sync", time.perf_counter() - started)
         return self.version
+
+    def _export_weights(self) -> list[Any]:
+        """Every learner rank's export (ZeRO-3 gathers are collective; rank 0's is sent). A
+        serializing launcher copies the live weights into its object store as the call
+        returns, so the learner hands them out uncopied there; in-process it snapshots them."""
+        snapshot = not self.launcher.serializes
+        return [rank.export_weights.remote(snapshot=snapshot) for rank in self.learners]
 
     def wait_sync(self) -> None:
         """Wait for (and surface errors of) the samplers' last weight loads; a sampler that

@@ -24,7 +24,7 @@ from protege.teacher_payload import (
     unflatten_named,
 )
 from protege.teacher_prompts import TeacherPrompts, concat_prompts, from_flat
-from protege.tensor_pack import pack_tensors, unpack_tensors
+from protege.tensor_pack import pack_tensors, tensor_buffers, tensors_from_buffers, unpack_tensors
 
 TeacherNeed = Literal["none", "sampled", "topk", "full", "hidden", "kv"]
 Source = Literal["student", "dataset", "teacher"]
@@ -108,8 +108,8 @@ class WeightUpdate:
     tensors: dict[str, Tensor]  # name -> CPU tensor (peft adapter names when lora_only)
     lora_only: bool = False
 
-    def __reduce__(self):
-        return _unpack_weights, (self.version, pack_tensors(self.tensors), self.lora_only)
+    def __reduce__(self):  # each tensor's bytes as they are: tensor_pack.tensor_buffers
+        return _unpack_weights, (self.version, tensor_buffers(self.tensors), self.lora_only)
 
 
 @dataclass(frozen=True)
@@ -377,8 +377,9 @@ def _pad_to_common(values: list[Tensor], left: bool) -> list[Tensor]:
 
 
 # -- wire format -------------------------------------------------------------------------
-def _unpack_weights(version: int, packed: tuple, lora_only: bool) -> WeightUpdate:
-    return WeightUpdate(version=version, tensors=unpack_tensors(*packed), lora_only=lora_only)
+def _unpack_weights(version: int, buffers: list, lora_only: bool) -> WeightUpdate:
+    tensors = tensors_from_buffers(buffers)
+    return WeightUpdate(version=version, tensors=tensors, lora_only=lora_only)
 
 
 def _unpack_batch(packed: tuple, rest: dict) -> RolloutBatch:

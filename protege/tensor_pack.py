@@ -5,11 +5,17 @@ each: a storage object, a rebuild call); a batch or a state dict holds dozens. P
 them into one uint8 buffer makes pickling one memcpy, and Ray ships the buffer out of
 band (pickle protocol 5) without a further copy. Measured on the tiny student's state
 dict (27 tensors): dumps 1.9 ms -> 0.08 ms, loads 4.8 ms -> 0.3 ms.
+
+Weight updates are larger (a 65M-parameter student is 0.25 GiB), and a packed copy of them
+was the Ray learner's memory peak: `tensor_buffers` instead hands each tensor's own bytes
+to pickle, which Ray writes into the object store without a copy in between, and
+`tensors_from_buffers` reads them back in place.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from torch import Tensor
@@ -47,3 +53,30 @@ def unpack_tensors(
         size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
         out[name] = flat[offset : offset + size].view(dtype).view(shape)
     return out
+
+
+Buffers = list[tuple[str, torch.dtype, tuple[int, ...], object]]
+
+
+def tensor_buffers(tensors: dict[str, Tensor]) -> Buffers:
+    """[(name, dtype, shape, numpy uint8 view of the tensor's bytes)]: no copy of a
+    contiguous CPU tensor, so pickle protocol 5 (Ray) ships each out of band as it is."""
+    return [
+        (name, t.dtype, tuple(t.shape), _bytes_of(t.detach().cpu().contiguous()).numpy())
+        for name, t in tensors.items()
+    ]
+
+
+def tensors_from_buffers(buffers: Buffers) -> dict[str, Tensor]:
+    """Inverse of `tensor_buffers`, in place: a buffer Ray received is read-only shared
+    memory, so the tensors are for reading (copying into a model), never for writing."""
+    out = {}
+    with warnings.catch_warnings():  # torch warns that a read-only array becomes a tensor
+        warnings.simplefilter("ignore", UserWarning)
+        for name, dtype, shape, array in buffers:
+            out[name] = torch.from_numpy(array).view(dtype).view(shape)
+    return out
+
+
+def _bytes_of(tensor: Tensor) -> Tensor:
+    return tensor.reshape(-1).view(torch.uint8)

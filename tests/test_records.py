@@ -215,6 +215,26 @@ def test_records_pickle_through_one_buffer_and_come_back_equal():
     assert all(torch.equal(update.tensors[k], again.tensors[k]) for k in update.tensors)
 
 
+def test_a_weight_update_pickles_each_tensor_out_of_band_without_a_copy():
+    """Ray writes out-of-band buffers straight into its object store: the update must hand
+    over the weights' own bytes (a packed copy was the Ray learner's memory peak)."""
+    import pickle
+
+    import numpy as np
+
+    from protege.records import WeightUpdate
+
+    weights = {"w": torch.randn(64, 32), "h": torch.randn(8).to(torch.bfloat16), "s": torch.ones(())}
+    buffers = []
+    data = pickle.dumps(WeightUpdate(4, weights), protocol=5, buffer_callback=buffers.append)
+    assert len(buffers) == len(weights) and len(data) < 1024
+    for buffer, tensor in zip(buffers, weights.values()):
+        view = np.frombuffer(buffer.raw(), dtype=np.uint8)
+        assert np.shares_memory(view, tensor.view(-1).view(torch.uint8).numpy())
+    back = pickle.loads(data, buffers=[b.raw() for b in buffers])
+    assert all(torch.equal(back.tensors[k], v) and back.tensors[k].dtype == v.dtype for k, v in weights.items())
+
+
 def test_shards_combine_peak_memory_by_maximum_and_seconds_by_sum():
     def shard(rows: int, peak: float) -> RolloutBatch:
         ids = torch.zeros(rows, 2, dtype=torch.long)

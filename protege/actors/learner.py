@@ -305,14 +305,20 @@ class Learner:
         return lambda view: teacher_outputs(self._engine.module, view, plan, size)
 
     # -- weights and checkpoints ----------------------------------------------------------
-    def export_weights(self) -> WeightUpdate:
+    def export_weights(self, snapshot: bool = True) -> WeightUpdate:
         """Weights for the samplers: the full state dict (HF names), or with LoRA only the
-        adapter (peft names). Under ZeRO-3 every rank must call it."""
+        adapter (peft names). Under ZeRO-3 every rank must call it. `snapshot=False` hands out
+        the live CPU weights uncopied, for a caller that serializes the update before the next
+        step (a Ray actor's result is written to the object store as the call returns)."""
         if self.lora:
             return WeightUpdate(
                 version=self._version, tensors=self._adapter_state_dict(), lora_only=True
             )
-        return WeightUpdate(version=self._version, tensors=self.state_dict())
+        return WeightUpdate(version=self._version, tensors=self.state_dict(copy=snapshot))
+
+    def weights_version(self) -> int:
+        """`version`, as a call: queued after an `export_weights`, the version it exported."""
+        return self._version
 
     def init_weight_broadcast(self, samplers: list, receivers: list[int]) -> None:
         """Join the NCCL group with the vLLM rollout engines (`rollout.weight_sync=nccl`):
@@ -333,10 +339,11 @@ class Learner:
         self._broadcast.send(self._version)
         return self._version
 
-    def state_dict(self) -> dict[str, Tensor]:
+    def state_dict(self, copy: bool = True) -> dict[str, Tensor]:
         """Every weight of the live student as full CPU tensors (peft names with LoRA); under
-        ZeRO-3 every rank must call it."""
-        return self._engine.gathered_state_dict(prefix=STUDENT)
+        ZeRO-3 every rank must call it. `copy=False`: the live CPU weights where they are on
+        the CPU (see DeepSpeedEngine.gathered_state_dict)."""
+        return self._engine.gathered_state_dict(prefix=STUDENT, copy=copy)
 
     def _adapter_state_dict(self) -> dict[str, Tensor]:
         from peft import get_peft_model_state_dict
@@ -377,7 +384,7 @@ class Learner:
         elif self.lora:
             self._model.save_pretrained(out, state_dict=self._adapter_state_dict())
         else:
-            self._model.save_pretrained(out, state_dict=self.state_dict())
+            self._model.save_pretrained(out, state_dict=self.state_dict(copy=False))
         load_tokenizer(self.config.student.model).save_pretrained(out)
 
     def _require_finite_weights(self, path: str) -> None:

@@ -99,6 +99,8 @@ class RayLauncher:
     """Builds workers as Ray actors; `get`/`put` are ray.get/ray.put, a dead actor's error
     raised as WorkerDied naming its role."""
 
+    serializes = True  # a result is in the object store once its call has returned
+
     def __init__(self, address: str | None = None, placement_timeout_s: float = 300.0) -> None:
         init_ray(address)
         self.placement_timeout_s = placement_timeout_s
