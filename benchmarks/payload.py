@@ -19,7 +19,8 @@ others (top-k with the default k = 64), whose value is compared with full logits
 
 Step times are fp32 on this machine's CPU (bf16 matmuls on a CPU are ~10× slower than fp32,
 so they would time the CPU, not the payload); the bytes of hidden states from a bf16
-teacher — the GPU case — are measured by scoring the batch once more with the teacher in bf16.
+teacher — the GPU case — are measured by scoring the batch once more with the teacher in bf16
+(its states cast to bf16, as a GPU computes them: this CPU computes a bf16 teacher in fp32).
 
     python benchmarks/payload.py            # the table -> benchmarks/results/payload.{md,json}
     python benchmarks/payload.py --smoke    # small vocabularies, one repeat (the test runs it)
@@ -178,6 +179,9 @@ def measure_vocabulary(vocab: int, teacher: str, student: str, args, scratch: st
             row["jsd_relative_error"] = abs(row["jsd"] - full_jsd) / full_jsd
     bf16 = TeacherScorer(teacher, dtype="bfloat16", micro_batch_size=BATCH_ROWS)
     hidden_bf16 = bf16.score(batch, RolloutPlan(teacher_need="hidden"))
+    # a CPU without bfloat16 arithmetic computes (and ships) float32 states (protege.cpu_bf16);
+    # a GPU's bf16 teacher ships them in bf16
+    hidden_bf16 = hidden_bf16.replace(teacher_hidden=hidden_bf16.teacher_hidden.to(torch.bfloat16))
     config = scorer.model.config
     return {
         "vocab": vocab,

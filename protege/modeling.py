@@ -18,6 +18,7 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
+from protege.cpu_bf16 import bf16_storage, stores_only
 from protege.errors import SetupError
 from protege.onednn_head import fast_output_head
 from protege.records import RolloutBatch
@@ -118,12 +119,15 @@ _FROZEN: dict[tuple[str, str, str], PreTrainedModel] = {}
 def load_frozen_model(
     name: str, dtype: str = "float32", device: str | torch.device = "cpu"
 ) -> PreTrainedModel:
-    """A read-only copy (eval mode, no gradients) of the model at `name`, loaded once per
+    """A read-only copy (eval mode, no gradients) of the model at `name` (bfloat16 weights
+    computed in float32 on a CPU without bfloat16 arithmetic: protege.cpu_bf16), loaded once per
     process: in-process runs (`trainer.workers=local`) share one teacher between the teacher
     scorer and the sampler's decoding instead of holding two."""
     key = (str(Path(resolve_path(name)).resolve()), dtype, str(device))
     if key not in _FROZEN:
         model = load_model(name, dtype, device).eval().requires_grad_(False)
+        if stores_only(DTYPES[dtype], device):  # no bfloat16 arithmetic on this CPU
+            model = bf16_storage(model)
         _FROZEN[key] = fast_output_head(model)
     return _FROZEN[key]
 

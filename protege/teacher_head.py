@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from protege.cpu_bf16 import compute_dtype
 from protege.modeling import DTYPES, load_model, load_model_config, resolve_path
 from protege.records import RolloutBatch
 
@@ -51,7 +52,11 @@ class TeacherHead:
         the head's tensors from safetensors (the input embedding when the model ties them);
         other checkpoints load the whole model once and keep its head."""
         tensors = _read_head(name) or _head_of_model(name, dtype)
-        weight, bias = (None if t is None else t.to(device, DTYPES[dtype]) for t in tensors)
+        rounded = DTYPES[dtype]  # the head computes as the teacher's does (protege.cpu_bf16)
+        computed = compute_dtype(rounded, device)
+        weight, bias = (
+            None if t is None else t.to(device, rounded).to(computed) for t in tensors
+        )
         return cls(weight, bias, name)
 
     @property

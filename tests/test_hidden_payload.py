@@ -20,6 +20,7 @@ from protege.actors.teacher import TeacherScorer, payload_bytes
 from protege.algorithms.divergences import forward_kl, generalized_jsd, reverse_kl
 from protege.algorithms.teacher_view import paired_logprobs
 from protege.config import config_from_dict, load_config
+from protege.cpu_bf16 import compute_dtype
 from protege.errors import SetupError
 from protege.records import RolloutBatch, RolloutPlan, concat
 from protege.run import build_controller, check_setup
@@ -117,13 +118,19 @@ def test_hidden_states_are_the_head_input_and_cost_d_bytes_per_token(tiny_dirs):
     torch.testing.assert_close(out.teacher_logprobs, full.teacher_logprobs, atol=0, rtol=0)
     tokens = batch.response_ids.numel()
     assert payload_bytes(out) == tokens * (4 + 4 * width)
-    # bf16 teacher: bf16 states, as its own head reads them; the bf16 head decodes them
-    bf16 = TeacherScorer(tiny_dirs["teacher"], dtype="bfloat16").score(batch, HIDDEN)
-    assert bf16.teacher_hidden.dtype == torch.bfloat16
-    assert payload_bytes(bf16) == tokens * (4 + 2 * width)
+    # bf16 teacher: states in the dtype its own head reads them (float32 on a CPU that only
+    # stores bfloat16: protege.cpu_bf16); the learner's head of it decodes them to its logits
+    bf16_teacher = TeacherScorer(tiny_dirs["teacher"], dtype="bfloat16")
+    bf16 = bf16_teacher.score(batch, HIDDEN)
+    read_as = compute_dtype(torch.bfloat16, "cpu")
+    assert bf16.teacher_hidden.dtype == read_as
+    assert payload_bytes(bf16) == tokens * (4 + read_as.itemsize * width)
     head = TeacherHead.load(tiny_dirs["teacher"], "bfloat16")
     decoded = head.decode(bf16).teacher_logits
     mask = batch.response_mask
+    own = bf16_teacher.score(batch, FULL).teacher_logits
+    exact = 1e-5 if read_as == torch.float32 else 2e-2
+    torch.testing.assert_close(decoded[mask], own[mask], atol=exact, rtol=exact)
     torch.testing.assert_close(decoded[mask], full.teacher_logits[mask], atol=0.1, rtol=0.05)
     # hidden rows travel and concatenate like every other per-row field
     halves = concat([out.select(slice(0, 1)), out.select(slice(1, 3))])
@@ -329,5 +336,5 @@ def test_records_round_trip_hidden_states(tiny_dirs, tmp_path):
     tensors: dict = {}
     fields = json.loads(json.dumps(_split(out, "x", tensors)))
     restored = _join(RolloutBatch, fields, tensors)
-    assert restored.teacher_hidden.dtype == torch.bfloat16
+    assert restored.teacher_hidden.dtype == compute_dtype(torch.bfloat16, "cpu")
     assert dataclasses.fields(restored) and torch.equal(restored.teacher_hidden, out.teacher_hidden)
