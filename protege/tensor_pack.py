@@ -59,22 +59,34 @@ Buffers = list[tuple[str, torch.dtype, tuple[int, ...], object]]
 
 
 def tensor_buffers(tensors: dict[str, Tensor]) -> Buffers:
-    """[(name, dtype, shape, numpy uint8 view of the tensor's bytes)]: no copy of a
-    contiguous CPU tensor, so pickle protocol 5 (Ray) ships each out of band as it is."""
-    return [
-        (name, t.dtype, tuple(t.shape), _bytes_of(t.detach().cpu().contiguous()).numpy())
-        for name, t in tensors.items()
-    ]
+    """[(name, dtype, shape, numpy uint8 view of the tensor's bytes, or the name of an
+    earlier entry that is the same tensor)]: no copy of a contiguous CPU tensor, so pickle
+    protocol 5 (Ray) ships each out of band as it is, and a tensor listed under two names
+    (a head tied to the input embedding) once."""
+    out, seen = [], {}
+    for name, tensor in tensors.items():
+        t = tensor.detach().cpu().contiguous()
+        key = (t.data_ptr(), t.dtype, tuple(t.shape))
+        if t.numel() and key in seen:
+            out.append((name, t.dtype, tuple(t.shape), seen[key]))
+            continue
+        seen[key] = name
+        out.append((name, t.dtype, tuple(t.shape), _bytes_of(t).numpy()))
+    return out
 
 
 def tensors_from_buffers(buffers: Buffers) -> dict[str, Tensor]:
-    """Inverse of `tensor_buffers`, in place: a buffer Ray received is read-only shared
-    memory, so the tensors are for reading (copying into a model), never for writing."""
+    """Inverse of `tensor_buffers`, in place (a tensor sent once under two names comes back
+    as one tensor under both): a buffer Ray received is read-only shared memory, so the
+    tensors are for reading (copying into a model), never for writing."""
     out = {}
     with warnings.catch_warnings():  # torch warns that a read-only array becomes a tensor
         warnings.simplefilter("ignore", UserWarning)
-        for name, dtype, shape, array in buffers:
-            out[name] = torch.from_numpy(array).view(dtype).view(shape)
+        for name, dtype, shape, data in buffers:
+            if isinstance(data, str):
+                out[name] = out[data]
+            else:
+                out[name] = torch.from_numpy(data).view(dtype).view(shape)
     return out
 
 

@@ -204,6 +204,7 @@ class TrainingEngine:
     def gathered_items(
         self, keep: Callable[[str], bool], prefix: str = "", copy: bool = True
     ) -> Iterator[tuple[str, Tensor]]:
+        copies: dict[tuple, Tensor] = {}  # a weight listed twice (a tied head) is copied once
         for name, value in self._engine.module.state_dict(keep_vars=True).items():
             if not name.startswith(prefix):
                 continue
@@ -214,7 +215,10 @@ class TrainingEngine:
                 with deepspeed.zero.GatheredParameters([value], modifier_rank=None):
                     yield name, _on_cpu(value, copy=True)  # the gathered storage is freed
             else:
-                yield name, _on_cpu(value, copy)
+                key = (value.device, value.data_ptr(), value.dtype, tuple(value.shape))
+                if key not in copies or not value.numel():
+                    copies[key] = _on_cpu(value, copy)
+                yield name, copies[key]
 
     def save_checkpoint(self, path: str, client_state: dict[str, Any]) -> None:
         """Model, optimizer, LR schedule and `client_state`; every rank must call it."""
