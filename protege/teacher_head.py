@@ -54,9 +54,7 @@ class TeacherHead:
         tensors = _read_head(name) or _head_of_model(name, dtype)
         rounded = DTYPES[dtype]  # the head computes as the teacher's does (protege.cpu_bf16)
         computed = compute_dtype(rounded, device)
-        weight, bias = (
-            None if t is None else t.to(device, rounded).to(computed) for t in tensors
-        )
+        weight, bias = (None if t is None else t.to(device, rounded).to(computed) for t in tensors)
         return cls(weight, bias, name)
 
     @property
