@@ -100,7 +100,12 @@ def check_compatible(
             )
     if manifest.config_hash == config_hash(config):
         return
-    changes = config_changes(manifest.config, saved_config(config))
+    now = saved_config(config)
+    added = keys_added(manifest.config, now)
+    if added:  # an older protege wrote the checkpoint: nothing to compare them with
+        listed = "; ".join(f"{key}={value!r}" for key, value in added)
+        warn(f"{checkpoint} predates these settings, which take this run's values: {listed}")
+    changes = config_changes(manifest.config, now)
     if not changes:
         return
     listed = "; ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in changes)
@@ -129,15 +134,34 @@ def config_hash(config: Config) -> str:
 
 
 def config_changes(saved: dict[str, Any], now: dict[str, Any]) -> list[tuple[str, Any, Any]]:
-    """(dotted key, saved value, new value) for every key outside FREE_KEYS that differs."""
+    """(dotted key, saved value, new value) for every key outside FREE_KEYS that differs,
+    except keys the checkpoint predates (`keys_added`)."""
     old, new = flatten(saved), flatten(now)
-    keys = sorted(k for k in old.keys() | new.keys() if not _free(k))
+    newer = {key for key, _ in keys_added(saved, now)}
+    keys = sorted(k for k in old.keys() | new.keys() if not _free(k) and k not in newer)
     missing = "<unset>"
     return [
         (k, old.get(k, missing), new.get(k, missing))
         for k in keys
         if old.get(k, missing) != new.get(k, missing)
     ]
+
+
+def keys_added(saved: dict[str, Any], now: dict[str, Any]) -> list[tuple[str, Any]]:
+    """(dotted key, new value) for the settings outside FREE_KEYS that this config has and
+    the checkpoint lacks because an older protege wrote it: a field its section did not
+    have yet. A new entry of a list section (another teacher) is a change, not this."""
+    old, new = flatten(saved), flatten(now)
+    return [(k, new[k]) for k in sorted(new.keys() - old.keys()) if not _free(k) and _newer(k, old)]
+
+
+def _newer(key: str, old: dict[str, Any]) -> bool:
+    parts = key.split(".")
+    for cut in range(len(parts) - 1, -1, -1):  # the deepest section the checkpoint has
+        section = ".".join(parts[:cut])
+        if not section or any(k.startswith(section + ".") for k in old):
+            return not parts[cut].isdigit()  # below it: a field, or a new list entry
+    return True
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:

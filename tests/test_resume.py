@@ -152,6 +152,25 @@ def test_changed_hyperparameters_resume_with_resume_allow_changes(finished_run, 
     assert list(losses(out)) == [0, 1, 2, 3, 4]
 
 
+def test_a_checkpoint_that_predates_a_setting_resumes_and_names_it(finished_run, tmp_path, capsys):
+    """An older protege wrote no `learner.loss_chunk_tokens`: resuming takes this run's value
+    and says so, without asking for trainer.resume_allow_changes (a changed one still does)."""
+    out = copy_of(finished_run, tmp_path)
+    for manifest in (out / "checkpoints").glob("step_*/manifest.json"):
+        record = json.loads(manifest.read_text())
+        del record["config"]["learner"]["loss_chunk_tokens"]
+        manifest.write_text(json.dumps(record))
+    with pytest.raises(CheckpointError, match="learner.lr: 0.001 -> 0.5"):
+        build_controller(local(out, "trainer.steps=5", "trainer.resume=true", "learner.lr=0.5"))
+    build_controller(local(out, "trainer.steps=5", "trainer.resume=true")).run()
+    err = capsys.readouterr().err
+    assert (
+        "predates these settings, which take this run's values: learner.loss_chunk_tokens='auto'"
+        in err
+    )
+    assert list(losses(out)) == [0, 1, 2, 3, 4]
+
+
 def test_a_tampered_checkpoint_is_skipped_for_the_previous_one(finished_run, tmp_path, capsys):
     out = copy_of(finished_run, tmp_path)
     model_file = next((out / "checkpoints" / "step_0000004" / "learner").rglob("*model_states.pt"))
@@ -237,6 +256,11 @@ def test_the_change_list_ignores_run_length_logging_and_explicit_defaults():
         ("learner.lr", 0.001, 0.01),
         ("teachers.0.dtype", "float32", "bfloat16"),
     ]
+    two = load_config(
+        None, ["teachers=[{model: builtin:tiny/teacher}, {model: builtin:tiny/teacher, name: b}]"]
+    )
+    added = [key for key, *_ in config_changes(saved, saved_config(two))]
+    assert added and all(key.startswith("teachers.1.") for key in added)  # a new entry: changed
 
 
 def test_a_stop_signal_checkpoints_after_the_step_and_the_resume_matches_an_unstopped_run(
