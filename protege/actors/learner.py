@@ -342,7 +342,7 @@ class Learner:
     def state_dict(self, copy: bool = True) -> dict[str, Tensor]:
         """Every weight of the live student as full CPU tensors (peft names with LoRA); under
         ZeRO-3 every rank must call it. `copy=False`: the live CPU weights where they are on
-        the CPU (see DeepSpeedEngine.gathered_state_dict)."""
+        the CPU (see TrainingEngine.gathered_state_dict)."""
         return self._engine.gathered_state_dict(prefix=STUDENT, copy=copy)
 
     def _adapter_state_dict(self) -> dict[str, Tensor]:
