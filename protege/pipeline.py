@@ -249,8 +249,8 @@ class Pipeline:
         else:
             exported = self._export_weights()
             self._loads = [s.load_weights.remote(exported[0]) for s in self.samplers]
-            version = self.learners[0].weights_version.remote()  # the exported one: queued after
-            if wait:
+            if wait:  # queued right behind the export: the version it exported
+                version = self.learners[0].weights_version.remote()
                 self.version = self.sent_version = self.launcher.get(version)
                 self.wait_sync()
             self.launcher.get(exported[1:])

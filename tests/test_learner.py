@@ -277,6 +277,13 @@ def test_exported_weights_load_into_a_plain_hf_model(tiny_dirs, zero_stage):
     update = learner.export_weights()
     assert update.version == 1 and not update.lora_only
     assert all(t.device.type == "cpu" for t in update.tensors.values())
+    if zero_stage == 0:  # the snapshot copies the tied head once, apart from the live weight
+        head, embedding = (
+            update.tensors["lm_head.weight"],
+            update.tensors["model.embed_tokens.weight"],
+        )
+        assert head is embedding
+        assert head.data_ptr() != learner.model.get_output_embeddings().weight.data_ptr()
     fresh = load_model(tiny_dirs["student"])
     fresh.load_state_dict(update.tensors, strict=True)
     with warnings.catch_warnings():

@@ -18,7 +18,7 @@ import functools
 import logging
 import math
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import deepspeed
@@ -204,8 +204,10 @@ class TrainingEngine:
     def gathered_items(
         self, keep: Callable[[str], bool], prefix: str = "", copy: bool = True
     ) -> Iterator[tuple[str, Tensor]]:
-        copies: dict[tuple, Tensor] = {}  # a weight listed twice (a tied head) is copied once
-        for name, value in self._engine.module.state_dict(keep_vars=True).items():
+        values = self._engine.module.state_dict(keep_vars=True)
+        tied = _listed_twice(values.values())
+        copies: dict[tuple, Tensor] = {}  # a tied weight (listed twice) is copied once
+        for name, value in values.items():
             if not name.startswith(prefix):
                 continue
             name = name[len(prefix) :]
@@ -214,11 +216,10 @@ class TrainingEngine:
             if hasattr(value, "ds_id"):  # a ZeRO-3 partitioned parameter
                 with deepspeed.zero.GatheredParameters([value], modifier_rank=None):
                     yield name, _on_cpu(value, copy=True)  # the gathered storage is freed
-            else:
-                key = (value.device, value.data_ptr(), value.dtype, tuple(value.shape))
-                if key not in copies or not value.numel():
-                    copies[key] = _on_cpu(value, copy)
-                yield name, copies[key]
+            elif _identity(value) in tied:
+                yield name, copies.setdefault(_identity(value), _on_cpu(value, copy))
+            else:  # streamed: nothing is kept once the caller moves on
+                yield name, _on_cpu(value, copy)
 
     def save_checkpoint(self, path: str, client_state: dict[str, Any]) -> None:
         """Model, optimizer, LR schedule and `client_state`; every rank must call it."""
@@ -287,6 +288,20 @@ def _skip_shm_comm_op() -> None:
     builder = get_accelerator().get_op_builder("ShareMemCommBuilder")
     if builder is not None:
         deepspeed.ops.__compatible_ops__[builder.NAME] = False
+
+
+def _identity(value: Tensor) -> tuple:
+    return (value.device, value.data_ptr(), value.dtype, tuple(value.shape))
+
+
+def _listed_twice(values: Iterable[Tensor]) -> set[tuple]:
+    """The identities of tensors a state dict lists under more than one name."""
+    seen: set[tuple] = set()
+    twice: set[tuple] = set()
+    for value in values:
+        key = _identity(value)
+        (twice if key in seen else seen).add(key)
+    return twice
 
 
 def _on_cpu(value: Tensor, copy: bool) -> Tensor:

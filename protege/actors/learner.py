@@ -307,14 +307,10 @@ class Learner:
     # -- weights and checkpoints ----------------------------------------------------------
     def export_weights(self, snapshot: bool = True) -> WeightUpdate:
         """Weights for the samplers: the full state dict (HF names), or with LoRA only the
-        adapter (peft names). Under ZeRO-3 every rank must call it. `snapshot=False` hands out
-        the live CPU weights uncopied, for a caller that serializes the update before the next
-        step (a Ray actor's result is written to the object store as the call returns)."""
-        if self.lora:
-            return WeightUpdate(
-                version=self._version, tensors=self._adapter_state_dict(), lora_only=True
-            )
-        return WeightUpdate(version=self._version, tensors=self.state_dict(copy=snapshot))
+        adapter (peft names); under ZeRO-3 every rank must call it. `snapshot=False`: the live
+        weights uncopied, for a caller that serializes them at once (a Ray actor's result)."""
+        tensors = self._adapter_state_dict() if self.lora else self.state_dict(copy=snapshot)
+        return WeightUpdate(version=self._version, tensors=tensors, lora_only=self.lora)
 
     def weights_version(self) -> int:
         """`version`, as a call: queued after an `export_weights`, the version it exported."""
@@ -341,8 +337,7 @@ class Learner:
 
     def state_dict(self, copy: bool = True) -> dict[str, Tensor]:
         """Every weight of the live student as full CPU tensors (peft names with LoRA); under
-        ZeRO-3 every rank must call it. `copy=False`: the live CPU weights where they are on
-        the CPU (see TrainingEngine.gathered_state_dict)."""
+        ZeRO-3 every rank must call it. `copy=False`: TrainingEngine.gathered_state_dict's."""
         return self._engine.gathered_state_dict(prefix=STUDENT, copy=copy)
 
     def _adapter_state_dict(self) -> dict[str, Tensor]:
